@@ -1,0 +1,411 @@
+//! Channel paths, globs and read selectors.
+//!
+//! A `ChannelPath` is `/` or `/seg/seg/...` where a segment is 1..=64 bytes of `[0-9a-z._-]`,
+//! other than `.` and `..`; the whole path is at most 255 bytes and 32 segments deep (protocol
+//! page, "Channels"). A value of this type has passed those checks, so code below it (the
+//! storage layout in particular) may rely on them: no path built from a channel can escape the
+//! data directory.
+//!
+//! A `Selector` is what a read asks for: one channel, a `*` glob (`/rooms/*/chat`) or a subtree
+//! (`/rooms/**`: the channel and everything below it).
+
+use std::fmt;
+
+pub const PATH_BYTES_MAX: usize = 255;
+pub const SEGMENT_BYTES_MAX: usize = 64;
+pub const DEPTH_MAX: usize = 32;
+
+/// A checked channel path, normalised (leading `/`, no trailing `/` except the root).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChannelPath(Box<str>);
+
+/// Why a path, glob or selector was refused; the text is the one-line reason a client sees.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathError {
+    #[error("invalid path: longer than 255 bytes")]
+    TooLong,
+    #[error("invalid path: deeper than 32 segments")]
+    TooDeep,
+    #[error("invalid path: empty segment")]
+    EmptySegment,
+    #[error("invalid path: segment longer than 64 bytes")]
+    SegmentTooLong,
+    #[error("invalid path: '.' and '..' are not channel names")]
+    DotSegment,
+    #[error("invalid path: byte {0:#04x} is not one of [0-9a-z._-/]")]
+    BadByte(u8),
+    #[error("invalid glob path")]
+    InvalidGlob,
+}
+
+fn is_segment_byte(b: u8) -> bool {
+    b.is_ascii_digit() || b.is_ascii_lowercase() || matches!(b, b'.' | b'_' | b'-')
+}
+
+/// Trims white space, adds a missing leading `/`, removes one trailing `/` (protocol page,
+/// "Normalisation"). Returns the normalised text, which may still be invalid.
+fn normalise(text: &str) -> String {
+    let trimmed = text.trim();
+    let mut out = String::with_capacity(trimmed.len() + 1);
+    if !trimmed.starts_with('/') {
+        out.push('/');
+    }
+    out.push_str(trimmed);
+    if out.len() > 1 && out.ends_with('/') {
+        out.pop();
+    }
+    out
+}
+
+/// Checks one segment; `*` is allowed only when `allow_star` and only as the whole segment.
+fn check_segment(seg: &str, allow_star: bool) -> Result<(), PathError> {
+    if seg.is_empty() {
+        return Err(PathError::EmptySegment);
+    }
+    if seg == "*" && allow_star {
+        return Ok(());
+    }
+    if seg.contains('*') {
+        return Err(if allow_star {
+            PathError::InvalidGlob
+        } else {
+            PathError::BadByte(b'*')
+        });
+    }
+    if seg.len() > SEGMENT_BYTES_MAX {
+        return Err(PathError::SegmentTooLong);
+    }
+    if seg == "." || seg == ".." {
+        return Err(PathError::DotSegment);
+    }
+    match seg.bytes().find(|b| !is_segment_byte(*b)) {
+        Some(b) => Err(PathError::BadByte(b)),
+        None => Ok(()),
+    }
+}
+
+/// Checks an already normalised path; `allow_star` admits whole-segment `*`.
+fn check_normalised(path: &str, allow_star: bool) -> Result<(), PathError> {
+    if path.len() > PATH_BYTES_MAX {
+        return Err(PathError::TooLong);
+    }
+    if path == "/" {
+        return Ok(());
+    }
+    let rest = path.strip_prefix('/').ok_or(PathError::EmptySegment)?;
+    let mut depth = 0;
+    for seg in rest.split('/') {
+        depth += 1;
+        if depth > DEPTH_MAX {
+            return Err(PathError::TooDeep);
+        }
+        check_segment(seg, allow_star)?;
+    }
+    Ok(())
+}
+
+impl ChannelPath {
+    /// The root channel `/`.
+    pub fn root() -> ChannelPath {
+        ChannelPath("/".into())
+    }
+
+    /// Normalises and checks a path that is written to (or read as one channel).
+    pub fn parse(text: &str) -> Result<ChannelPath, PathError> {
+        let path = normalise(text);
+        check_normalised(&path, false)?;
+        Ok(ChannelPath(path.into_boxed_str()))
+    }
+
+    /// Checks a path that must already be in normal form, byte for byte (as stored on disk).
+    pub fn parse_exact(text: &str) -> Result<ChannelPath, PathError> {
+        if text.len() > 1 && text.ends_with('/') {
+            return Err(PathError::EmptySegment);
+        }
+        check_normalised(text, false)?;
+        Ok(ChannelPath(text.into()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_root(&self) -> bool {
+        &*self.0 == "/"
+    }
+
+    /// The segments, outermost first; empty for the root.
+    pub fn segments(&self) -> impl Iterator<Item = &str> {
+        self.0.split('/').filter(|s| !s.is_empty())
+    }
+
+    pub fn depth(&self) -> usize {
+        self.segments().count()
+    }
+
+    /// The ancestor at `depth` segments (itself when it is not deeper).
+    pub fn truncated(&self, depth: usize) -> ChannelPath {
+        if self.depth() <= depth {
+            return self.clone();
+        }
+        let cut = self
+            .0
+            .match_indices('/')
+            .nth(depth)
+            .map_or(self.0.len(), |(i, _)| i);
+        if cut == 0 {
+            ChannelPath::root()
+        } else {
+            ChannelPath(self.0[..cut].into())
+        }
+    }
+
+    /// This path, then each ancestor up to and including `/`.
+    pub fn ancestors(&self) -> impl Iterator<Item = &str> {
+        let path: &str = &self.0;
+        let mut next = Some(path);
+        std::iter::from_fn(move || {
+            let current = next?;
+            next = match current.rfind('/') {
+                _ if current == "/" => None,
+                Some(0) => Some("/"),
+                Some(i) => Some(&current[..i]),
+                None => None,
+            };
+            Some(current)
+        })
+    }
+
+    /// Whether `other` is this channel or below it.
+    pub fn contains(&self, other: &str) -> bool {
+        is_in_subtree(&self.0, other)
+    }
+}
+
+/// Whether `path` equals `root` or lies below it.
+pub fn is_in_subtree(root: &str, path: &str) -> bool {
+    if root == "/" {
+        return true;
+    }
+    match path.strip_prefix(root) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+impl fmt::Display for ChannelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ChannelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChannelPath({})", &self.0)
+    }
+}
+
+impl AsRef<str> for ChannelPath {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A path whose segments may be `*` (exactly one segment each).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct ChannelGlob {
+    text: Box<str>,
+    /// `None` stands for `*`.
+    segments: Vec<Option<Box<str>>>,
+}
+
+impl ChannelGlob {
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    pub fn matches(&self, path: &str) -> bool {
+        let mut given = path.split('/').filter(|s| !s.is_empty());
+        for want in &self.segments {
+            match (want, given.next()) {
+                (_, None) => return false,
+                (None, Some(_)) => {}
+                (Some(w), Some(g)) if **w == *g => {}
+                _ => return false,
+            }
+        }
+        given.next().is_none()
+    }
+
+    /// The longest prefix without a `*`: every match lies in this subtree.
+    pub fn literal_prefix(&self) -> ChannelPath {
+        let mut out = String::new();
+        for seg in &self.segments {
+            match seg {
+                Some(s) => {
+                    out.push('/');
+                    out.push_str(s);
+                }
+                None => break,
+            }
+        }
+        if out.is_empty() {
+            ChannelPath::root()
+        } else {
+            ChannelPath(out.into_boxed_str())
+        }
+    }
+
+    pub fn depth(&self) -> usize {
+        self.segments.len()
+    }
+}
+
+/// What a read asks for.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub enum Selector {
+    /// Exactly one channel's own events.
+    Channel(ChannelPath),
+    /// Every channel matching a `*` glob, merged by id.
+    Glob(ChannelGlob),
+    /// The channel and its whole subtree, merged by id.
+    Subtree(ChannelPath),
+}
+
+impl Selector {
+    /// Parses a read path: a channel, a path with whole `*` segments, or one ending in `/**`.
+    /// `**` elsewhere, `x*` and a trailing `/` on a glob are `invalid glob path`.
+    pub fn parse(text: &str) -> Result<Selector, PathError> {
+        let trimmed = text.trim();
+        if let Some(prefix) = trimmed.strip_suffix("/**") {
+            if prefix.contains('*') {
+                return Err(PathError::InvalidGlob);
+            }
+            let root = if prefix.is_empty() {
+                ChannelPath::root()
+            } else {
+                ChannelPath::parse_exact(&normalise(prefix))?
+            };
+            return Ok(Selector::Subtree(root));
+        }
+        if trimmed == "**" {
+            return Ok(Selector::Subtree(ChannelPath::root()));
+        }
+        if !trimmed.contains('*') {
+            return ChannelPath::parse(trimmed).map(Selector::Channel);
+        }
+        if trimmed.ends_with('/') {
+            return Err(PathError::InvalidGlob);
+        }
+        let path = normalise(trimmed);
+        check_normalised(&path, true)?;
+        let segments = path
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(|s| if s == "*" { None } else { Some(s.into()) })
+            .collect();
+        Ok(Selector::Glob(ChannelGlob {
+            text: path.into_boxed_str(),
+            segments,
+        }))
+    }
+
+    /// Whether an event of channel `path` is selected.
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            Selector::Channel(c) => c.as_str() == path,
+            Selector::Glob(g) => g.matches(path),
+            Selector::Subtree(root) => root.contains(path),
+        }
+    }
+
+    /// A subtree that holds every selected channel.
+    pub fn scope(&self) -> ChannelPath {
+        match self {
+            Selector::Channel(c) | Selector::Subtree(c) => c.clone(),
+            Selector::Glob(g) => g.literal_prefix(),
+        }
+    }
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Selector::Channel(c) => write!(f, "{c}"),
+            Selector::Glob(g) => f.write_str(g.as_str()),
+            Selector::Subtree(c) if c.is_root() => f.write_str("/**"),
+            Selector::Subtree(c) => write!(f, "{c}/**"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, expected: Result<&str, PathError>) {
+        let got = ChannelPath::parse(input);
+        assert_eq!(
+            got.as_ref().map(|p| p.as_str()),
+            expected.as_ref().map(|s| *s),
+            "input {input:?}"
+        );
+    }
+
+    #[test]
+    fn parse_table() {
+        check("/rooms/abc/chat", Ok("/rooms/abc/chat"));
+        check("  rooms/abc/ ", Ok("/rooms/abc"));
+        check("/", Ok("/"));
+        check("", Ok("/"));
+        check("/...", Ok("/..."));
+        check("/.x", Ok("/.x"));
+        check("/a//b", Err(PathError::EmptySegment));
+        check("/a//", Err(PathError::EmptySegment));
+        check("/a/../b", Err(PathError::DotSegment));
+        check("/.", Err(PathError::DotSegment));
+        check("/A", Err(PathError::BadByte(b'A')));
+        check("/a b", Err(PathError::BadByte(b' ')));
+        check("/a%2e", Err(PathError::BadByte(b'%')));
+        check("/a@1", Err(PathError::BadByte(b'@')));
+        check("/a\0", Err(PathError::BadByte(0)));
+        check("/é", Err(PathError::BadByte(0xc3)));
+        check("/a*", Err(PathError::BadByte(b'*')));
+        check(&format!("/{}", "a".repeat(65)), Err(PathError::SegmentTooLong));
+        check(&"/a".repeat(33), Err(PathError::TooDeep));
+        check(&"/abcdefgh".repeat(32), Err(PathError::TooLong));
+    }
+
+    #[test]
+    fn ancestors_walk_to_root() {
+        let p = ChannelPath::parse("/a/b/c").unwrap();
+        assert_eq!(p.ancestors().collect::<Vec<_>>(), ["/a/b/c", "/a/b", "/a", "/"]);
+        assert_eq!(ChannelPath::root().ancestors().collect::<Vec<_>>(), ["/"]);
+    }
+
+    #[test]
+    fn truncated_gives_stream_prefix() {
+        let p = ChannelPath::parse("/a/b/c").unwrap();
+        assert_eq!(p.truncated(0).as_str(), "/");
+        assert_eq!(p.truncated(1).as_str(), "/a");
+        assert_eq!(p.truncated(2).as_str(), "/a/b");
+        assert_eq!(p.truncated(5).as_str(), "/a/b/c");
+    }
+
+    #[test]
+    fn selectors() {
+        let s = Selector::parse("/rooms/*/chat").unwrap();
+        assert!(s.matches("/rooms/a/chat"));
+        assert!(!s.matches("/rooms/a/chat/x"));
+        assert!(!s.matches("/rooms/chat"));
+        assert_eq!(s.scope().as_str(), "/rooms");
+        let t = Selector::parse("/rooms/**").unwrap();
+        assert!(t.matches("/rooms") && t.matches("/rooms/a/b") && !t.matches("/roomsx"));
+        assert_eq!(Selector::parse("/**").unwrap(), Selector::Subtree(ChannelPath::root()));
+        assert_eq!(Selector::parse("/a/**/b"), Err(PathError::InvalidGlob));
+        assert_eq!(Selector::parse("/a/x*"), Err(PathError::InvalidGlob));
+        assert_eq!(Selector::parse("/a/*/"), Err(PathError::InvalidGlob));
+        assert_eq!(Selector::parse("/*/**"), Err(PathError::InvalidGlob));
+        assert!(matches!(Selector::parse("/a/"), Ok(Selector::Channel(_))));
+    }
+}

@@ -1,0 +1,405 @@
+//! Group commit: the sequencer that hands out ids, and the writer thread that writes, syncs and
+//! publishes.
+//!
+//! An append takes its stream's lock, then the sequencer's lock just long enough to get the next
+//! id and put the stream on the dirty list, then encodes its record into the stream's pending
+//! chunk. Taking the id under the stream lock makes log order equal id order within a stream.
+//!
+//! The writer thread loops: under the sequencer lock it takes the dirty list and reads the last
+//! id handed out, `W`. Every id up to `W` was handed out under that lock, and its record was (or
+//! is being) encoded under its stream's lock, which the writer takes next to collect the pending
+//! chunks. So once those chunks are written (and, under `always`, synced), every event with an
+//! id up to `W` is committed, in every stream: `W` is the store's **commit watermark**. Readers
+//! that must not see a later event before an earlier one (the server's fan-out across streams)
+//! read up to the watermark only.
+//!
+//! One `write` per chunk and one `fdatasync` per written file per round, however many appends
+//! waited: appends that arrive while a round runs form the next round's batch. The writer is a
+//! plain thread, so a tokio runtime is never blocked by fsync.
+
+use super::error::{Error, Result};
+use super::segment::Segment;
+use super::stream::{Chunk, Stream};
+use super::{Durability, StoreOptions};
+use crate::clock::IdClock;
+use crate::event_id::EventId;
+use event_listener::{Event, Listener};
+use parking_lot::{Condvar, Mutex};
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub(crate) struct Shared {
+    pub opts: StoreOptions,
+    pub seq: Mutex<Sequencer>,
+    wake: Condvar,
+    /// Every id at or below is committed: written, and durable under `always`.
+    committed: AtomicU64,
+    /// Every id at or below is durable (fdatasync'd).
+    durable: AtomicU64,
+    commit_event: Event,
+    /// Bytes encoded but not yet written; appenders wait above `pending_bytes_max`.
+    pending_bytes: AtomicU64,
+    space_event: Event,
+    poisoned: AtomicBool,
+    failure: Mutex<Option<String>>,
+    pub counters: Counters,
+}
+
+#[derive(Default)]
+pub struct Counters {
+    pub events_appended: AtomicU64,
+    pub bytes_appended: AtomicU64,
+    pub fsyncs: AtomicU64,
+    pub commit_rounds: AtomicU64,
+}
+
+pub(crate) struct Sequencer {
+    pub ids: IdClock,
+    pub dirty: Vec<Arc<Stream>>,
+    /// Directories whose entries (new files or subdirectories) must be synced.
+    pub dirs_to_sync: Vec<PathBuf>,
+    is_writer_idle: bool,
+    is_shutdown: bool,
+}
+
+impl Shared {
+    pub fn new(opts: StoreOptions, last_id: EventId) -> Shared {
+        Shared {
+            opts,
+            seq: Mutex::new(Sequencer {
+                ids: IdClock::starting_after(last_id),
+                dirty: Vec::new(),
+                dirs_to_sync: Vec::new(),
+                is_writer_idle: false,
+                is_shutdown: false,
+            }),
+            wake: Condvar::new(),
+            committed: AtomicU64::new(last_id.0),
+            durable: AtomicU64::new(last_id.0),
+            commit_event: Event::new(),
+            pending_bytes: AtomicU64::new(0),
+            space_event: Event::new(),
+            poisoned: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn committed(&self) -> EventId {
+        EventId(self.committed.load(Ordering::Acquire))
+    }
+
+    pub fn durable(&self) -> EventId {
+        EventId(self.durable.load(Ordering::Acquire))
+    }
+
+    pub fn check_healthy(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Poisoned);
+        }
+        Ok(())
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().clone()
+    }
+
+    /// Called with the sequencer lock held, after an append made `stream` dirty.
+    pub fn mark_dirty(&self, seq: &mut Sequencer, stream: &Arc<Stream>) {
+        if !stream.is_dirty.swap(true, Ordering::Relaxed) {
+            seq.dirty.push(Arc::clone(stream));
+        }
+        if seq.is_writer_idle {
+            seq.is_writer_idle = false;
+            self.wake.notify_one();
+        }
+    }
+
+    /// Blocks while too many bytes wait for the writer, so memory stays bounded when appenders
+    /// outrun the disk.
+    pub fn reserve(&self, bytes: u64) -> Result<()> {
+        loop {
+            self.check_healthy()?;
+            let now = self.pending_bytes.load(Ordering::Acquire);
+            if now == 0 || now + bytes <= self.opts.pending_bytes_max {
+                self.pending_bytes.fetch_add(bytes, Ordering::AcqRel);
+                return Ok(());
+            }
+            let listener = self.space_event.listen();
+            if self.pending_bytes.load(Ordering::Acquire) + bytes <= self.opts.pending_bytes_max {
+                continue;
+            }
+            listener.wait_timeout(Duration::from_millis(100));
+        }
+    }
+
+    /// Blocks until `id` is committed (durable under `always`), or the writer failed.
+    pub fn wait_committed(&self, id: EventId) -> Result<()> {
+        loop {
+            if self.committed() >= id {
+                return Ok(());
+            }
+            self.check_healthy()?;
+            let listener = self.commit_event.listen();
+            if self.committed() >= id {
+                return Ok(());
+            }
+            self.check_healthy()?;
+            listener.wait();
+        }
+    }
+
+    /// Blocks until the watermark passes `after` or `timeout` ends; returns the watermark.
+    pub fn wait_beyond(&self, after: EventId, timeout: Duration) -> EventId {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.committed();
+            if now > after || self.poisoned.load(Ordering::Acquire) {
+                return now;
+            }
+            let listener = self.commit_event.listen();
+            if self.committed() > after {
+                continue;
+            }
+            if listener.wait_deadline(deadline).is_none() {
+                return self.committed();
+            }
+        }
+    }
+
+    pub fn listen(&self) -> event_listener::EventListener {
+        self.commit_event.listen()
+    }
+
+    pub fn request_shutdown(&self) {
+        let mut seq = self.seq.lock();
+        seq.is_shutdown = true;
+        self.wake.notify_one();
+    }
+}
+
+/// The writer thread's body.
+pub(crate) fn run_writer(shared: Arc<Shared>) {
+    let mut writer = Writer { unsynced: Vec::new(), last_sync: Instant::now(), shared };
+    loop {
+        let Some(round) = writer.next_round() else { break };
+        let stop = round.is_shutdown;
+        writer.commit(round);
+        if stop {
+            break;
+        }
+    }
+}
+
+struct Round {
+    streams: Vec<Arc<Stream>>,
+    watermark: EventId,
+    dirs: Vec<PathBuf>,
+    is_shutdown: bool,
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    /// Segments written since the last sync (interval and never policies).
+    unsynced: Vec<Arc<Segment>>,
+    last_sync: Instant,
+}
+
+impl Writer {
+    fn next_round(&mut self) -> Option<Round> {
+        let shared = Arc::clone(&self.shared);
+        let mut seq = shared.seq.lock();
+        while seq.dirty.is_empty() && !seq.is_shutdown {
+            seq.is_writer_idle = true;
+            match self.sync_due_in() {
+                Some(wait) if wait.is_zero() => {
+                    seq.is_writer_idle = false;
+                    drop(seq);
+                    self.sync_unsynced();
+                    seq = shared.seq.lock();
+                }
+                Some(wait) => {
+                    shared.wake.wait_for(&mut seq, wait);
+                }
+                None => shared.wake.wait(&mut seq),
+            }
+        }
+        seq.is_writer_idle = false;
+        let streams = std::mem::take(&mut seq.dirty);
+        for s in &streams {
+            s.is_dirty.store(false, Ordering::Relaxed);
+        }
+        Some(Round {
+            streams,
+            watermark: seq.ids.last(),
+            dirs: std::mem::take(&mut seq.dirs_to_sync),
+            is_shutdown: seq.is_shutdown,
+        })
+    }
+
+    /// Time until the interval policy wants a sync, when something is unsynced.
+    fn sync_due_in(&self) -> Option<Duration> {
+        match self.shared.opts.durability {
+            Durability::Interval(every) if !self.unsynced.is_empty() => {
+                Some(every.saturating_sub(self.last_sync.elapsed()))
+            }
+            _ => None,
+        }
+    }
+
+    fn commit(&mut self, round: Round) {
+        let shared = Arc::clone(&self.shared);
+        let mut batches: Vec<(Arc<Stream>, Vec<Chunk>)> = round
+            .streams
+            .into_iter()
+            .map(|s| {
+                let chunks = std::mem::take(&mut s.state.lock().pending);
+                (s, chunks)
+            })
+            .collect();
+        let mut bytes_written = 0u64;
+        let outcome = self.write_all(&mut batches, &round.dirs, round.is_shutdown, &mut bytes_written);
+        if let Err(e) = outcome {
+            tracing::error!(error = %e, "write failed; the store is read-only until restart");
+            *shared.failure.lock() = Some(e.to_string());
+            shared.poisoned.store(true, Ordering::Release);
+            for (s, _) in &batches {
+                s.state.lock().poisoned = true;
+            }
+        } else {
+            for (s, chunks) in &batches {
+                s.state.lock().mark_committed(chunks);
+            }
+            shared.committed.fetch_max(round.watermark.0, Ordering::AcqRel);
+            if shared.opts.durability == Durability::Always || round.is_shutdown {
+                shared.durable.fetch_max(round.watermark.0, Ordering::AcqRel);
+            }
+        }
+        shared.counters.commit_rounds.fetch_add(1, Ordering::Relaxed);
+        shared.pending_bytes.fetch_sub(
+            bytes_written.min(shared.pending_bytes.load(Ordering::Acquire)),
+            Ordering::AcqRel,
+        );
+        shared.space_event.notify(usize::MAX);
+        shared.commit_event.notify(usize::MAX);
+    }
+
+    fn write_all(
+        &mut self,
+        batches: &mut [(Arc<Stream>, Vec<Chunk>)],
+        dirs: &[PathBuf],
+        is_shutdown: bool,
+        bytes_written: &mut u64,
+    ) -> Result<()> {
+        let shared = Arc::clone(&self.shared);
+        let opts = &shared.opts;
+        let map_len = live_map_len(opts);
+        let mut written: Vec<Arc<Segment>> = Vec::new();
+        let mut new_files: Vec<PathBuf> = Vec::new();
+        for (stream, chunks) in batches.iter() {
+            for chunk in chunks {
+                if chunk.is_create {
+                    chunk.seg.create_file(map_len)?;
+                    new_files.push(stream.dir().to_path_buf());
+                }
+                chunk.seg.write_at(chunk.offset, &chunk.bytes)?;
+                *bytes_written += chunk.bytes.len() as u64;
+                if chunk.is_seal {
+                    self.seal(stream, &chunk.seg)?;
+                } else if !written.iter().any(|s| Arc::ptr_eq(s, &chunk.seg)) {
+                    written.push(Arc::clone(&chunk.seg));
+                }
+            }
+        }
+        let sync_now = opts.durability == Durability::Always || is_shutdown;
+        if sync_now {
+            sync_dirs(dirs.iter().chain(new_files.iter()))?;
+            for seg in self.unsynced.drain(..).chain(written) {
+                if !seg.is_sealed_loaded() {
+                    seg.sync_data()?;
+                    self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            self.last_sync = Instant::now();
+        } else {
+            // Directory entries of new files are synced with the next interval sync, or never.
+            for seg in written {
+                if !self.unsynced.iter().any(|s| Arc::ptr_eq(s, &seg)) {
+                    self.unsynced.push(seg);
+                }
+            }
+            if let Durability::Interval(_) = opts.durability {
+                let mut seq = self.shared.seq.lock();
+                seq.dirs_to_sync.extend(new_files);
+                seq.dirs_to_sync.extend(dirs.iter().cloned());
+            }
+        }
+        Ok(())
+    }
+
+    /// A seal record was written: make it durable (under every policy, so that every segment but
+    /// the last in a stream is sealed on disk), write the index, switch readers to the sealed view.
+    fn seal(&mut self, stream: &Stream, seg: &Arc<Segment>) -> Result<()> {
+        seg.sync_data()?;
+        self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        let entries = {
+            let state = stream.state.lock();
+            state
+                .live
+                .iter()
+                .find(|l| Arc::ptr_eq(&l.seg, seg))
+                .map(|l| l.index.clone())
+                .unwrap_or_default()
+        };
+        seg.finish_seal(self.shared.opts.index_interval_bytes, &entries)?;
+        self.unsynced.retain(|s| !Arc::ptr_eq(s, seg));
+        Ok(())
+    }
+
+    fn sync_unsynced(&mut self) {
+        let dirs = std::mem::take(&mut self.shared.seq.lock().dirs_to_sync);
+        let watermark = self.shared.committed();
+        let mut outcome = sync_dirs(dirs.iter());
+        for seg in self.unsynced.drain(..) {
+            if outcome.is_ok() && !seg.is_sealed_loaded() {
+                outcome = seg.sync_data();
+                self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.last_sync = Instant::now();
+        match outcome {
+            Ok(()) => {
+                self.shared.durable.fetch_max(watermark.0, Ordering::AcqRel);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "interval sync failed; the store is read-only until restart");
+                *self.shared.failure.lock() = Some(e.to_string());
+                self.shared.poisoned.store(true, Ordering::Release);
+                self.shared.commit_event.notify(usize::MAX);
+            }
+        }
+    }
+}
+
+/// The length at which a live segment is mapped: it never grows past the roll size plus one
+/// record plus its seal footer (at most as large as the records it describes).
+pub(crate) fn live_map_len(opts: &StoreOptions) -> usize {
+    let record_max = opts.event_bytes_max as u64 + 4096;
+    usize::try_from(opts.segment_bytes_max.saturating_add(record_max)).unwrap_or(usize::MAX)
+}
+
+fn sync_dirs<'a>(dirs: impl Iterator<Item = &'a PathBuf>) -> Result<()> {
+    let mut done: Vec<&PathBuf> = Vec::new();
+    for dir in dirs {
+        if done.contains(&dir) {
+            continue;
+        }
+        let handle = File::open(dir).map_err(|e| Error::io(dir, "open directory", e))?;
+        handle.sync_all().map_err(|source| Error::SyncFailed { path: dir.clone(), source })?;
+        done.push(dir);
+    }
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! Opening a stream: list its segments and recover its tail.
+//!
+//! Only the last segment of a stream is read at open; the others are sealed, immutable, and
+//! checked lazily when first read. The last one is either sealed (the process stopped right
+//! after a roll) or live. A live tail is scanned record by record; the first record that does not
+//! decode ends the valid data. What follows is classified:
+//! - a **torn tail** (a partial record, zeroes, or garbage with no valid record after it): cut
+//!   off, and the cut is logged with file, offset and byte count;
+//! - **corruption in the middle** (a damaged record followed by a valid one, or ids that do not
+//!   increase): refused with an error naming file and offset. Nothing is cut.
+//!
+//! The scan uses its own short-lived map, dropped before the file is truncated and before the
+//! store maps it for good (mmap contract, clause 2).
+
+use super::error::{Corruption, Error, Result};
+use super::layout;
+use super::mmap::Map;
+use super::record::{self, KIND_SEAL};
+use super::segment::Segment;
+use super::stream::{LiveSegment, StreamState};
+use super::StoreOptions;
+use crate::event_id::EventId;
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The store that writes: torn tails are cut.
+    ReadWrite,
+    /// Offline readers: nothing is changed; a torn tail is left alone and not read.
+    ReadOnly,
+}
+
+/// What scanning a live tail found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TailScan {
+    /// End of the valid records.
+    pub valid_end: u64,
+    pub file_len: u64,
+    pub events: u64,
+    pub last_id: Option<u64>,
+}
+
+/// The segment files of a stream directory, oldest first.
+pub fn list_segments(dir: &Path) -> Result<Vec<(EventId, PathBuf)>> {
+    let mut found = Vec::new();
+    let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, "read directory", e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(dir, "read directory", e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(id) = layout::parse_segment_file_name(name) {
+            found.push((id, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Scans a live segment's records and classifies the first failure (see the module docs).
+pub fn scan_tail(path: &Path, bytes: &[u8], after_id: u64) -> Result<TailScan> {
+    let file_len = bytes.len() as u64;
+    let mut scan = TailScan { valid_end: record::SEGMENT_HEADER_LEN as u64, file_len, events: 0, last_id: None };
+    let mut previous = after_id;
+    let mut at = record::SEGMENT_HEADER_LEN;
+    while at < bytes.len() {
+        match record::decode(bytes, at) {
+            Ok(rec) if rec.kind == KIND_SEAL => break, // a seal whose trailer is torn
+            Ok(rec) => {
+                if rec.id <= previous && (scan.events > 0 || after_id > 0) {
+                    return Err(Error::corrupt(path, at as u64, Corruption::IdNotIncreasing { id: rec.id, previous }));
+                }
+                previous = rec.id;
+                scan.last_id = Some(rec.id);
+                scan.events += 1;
+                at += rec.len;
+                scan.valid_end = at as u64;
+            }
+            Err(kind) => {
+                if is_followed_by_valid_record(bytes, at) {
+                    return Err(Error::corrupt(path, at as u64, kind));
+                }
+                break;
+            }
+        }
+    }
+    Ok(scan)
+}
+
+/// Whether the bad record at `at` declares a length after which a valid record starts: then the
+/// damage is inside the data, not a torn tail.
+fn is_followed_by_valid_record(bytes: &[u8], at: usize) -> bool {
+    let Some(len) = record::read_u32(bytes, at + 4).and_then(|l| usize::try_from(l).ok()) else {
+        return false;
+    };
+    if len < record::RECORD_HEADER_LEN {
+        return false;
+    }
+    at.checked_add(len)
+        .is_some_and(|next| next < bytes.len() && record::decode(bytes, next).is_ok())
+}
+
+/// Opens a stream directory: every segment, with the last one recovered.
+pub fn open_stream(dir: &Path, opts: &StoreOptions, access: Access) -> Result<StreamState> {
+    if access == Access::ReadWrite {
+        remove_temporaries(dir)?;
+    }
+    let mut files = list_segments(dir)?;
+    let mut state = StreamState {
+        segments: Arc::new(Vec::new()),
+        live: VecDeque::new(),
+        pending: Vec::new(),
+        last_id: EventId(0),
+        poisoned: false,
+    };
+    let Some((last_first_id, last_path)) = files.pop() else {
+        return Ok(state);
+    };
+    let mut segments: Vec<Arc<Segment>> = files
+        .into_iter()
+        .map(|(id, path)| Arc::new(Segment::on_disk(path, id)))
+        .collect();
+    let previous_last_id = match segments.last() {
+        Some(seg) => seg.sealed()?.summary.last_id,
+        None => 0,
+    };
+    state.last_id = EventId(previous_last_id);
+
+    let file = File::open(&last_path).map_err(|e| Error::io(&last_path, "open", e))?;
+    let file_len = file.metadata().map_err(|e| Error::io(&last_path, "stat", e))?.len();
+    if file_len < record::SEGMENT_HEADER_LEN as u64 {
+        // Created but its header never fully reached the disk: holds nothing.
+        if access == Access::ReadWrite {
+            tracing::warn!(path = %last_path.display(), file_len, "removing a segment torn at creation");
+            drop(file);
+            fs::remove_file(&last_path).map_err(|e| Error::io(&last_path, "remove", e))?;
+        }
+        state.segments = Arc::new(segments);
+        return Ok(state);
+    }
+    if let Ok(sealed) = super::segment::Sealed::open(&last_path, &file, last_first_id) {
+        state.last_id = EventId(sealed.summary.last_id);
+        segments.push(Arc::new(Segment::on_disk(last_path, last_first_id)));
+        state.segments = Arc::new(segments);
+        return Ok(state);
+    }
+    let scan = {
+        let map = Map::whole(&file).map_err(|e| Error::io(&last_path, "mmap", e))?;
+        let bytes = map.bytes(map.len());
+        let header_id = record::decode_segment_header(bytes).map_err(|(o, k)| Error::corrupt(&last_path, o, k))?;
+        if header_id != last_first_id.0 {
+            return Err(Error::corrupt(&last_path, 16, Corruption::NameMismatch));
+        }
+        scan_tail(&last_path, bytes, previous_last_id)?
+        // The scanning map is dropped here, before any truncation.
+    };
+    drop(file);
+    if scan.valid_end < scan.file_len && access == Access::ReadWrite {
+        cut_tail(&last_path, scan.valid_end, scan.file_len)?;
+    }
+    let map_len = match access {
+        Access::ReadWrite => super::commit::live_map_len(opts),
+        Access::ReadOnly => usize::try_from(scan.valid_end).unwrap_or(usize::MAX),
+    };
+    let seg = Arc::new(Segment::reopen_live(last_path, last_first_id, map_len, access == Access::ReadWrite)?);
+    let mut live = LiveSegment::new(Arc::clone(&seg), opts.index_interval_bytes);
+    let bytes = seg.records(Some(scan.valid_end))?;
+    for item in super::segment::Records::new(&seg, bytes, record::SEGMENT_HEADER_LEN as u64, scan.valid_end) {
+        let (offset, rec) = item?;
+        live.note_recovered(offset, rec.id, rec.path, rec.len as u64);
+    }
+    if let Some(last) = scan.last_id {
+        state.last_id = EventId(last);
+    }
+    segments.push(seg);
+    state.segments = Arc::new(segments);
+    state.live.push_back(live);
+    Ok(state)
+}
+
+fn cut_tail(path: &Path, valid_end: u64, file_len: u64) -> Result<()> {
+    tracing::warn!(path = %path.display(), offset = valid_end, cut_bytes = file_len - valid_end, "torn tail cut");
+    let file = OpenOptions::new().write(true).open(path).map_err(|e| Error::io(path, "open", e))?;
+    file.set_len(valid_end).map_err(|e| Error::io(path, "truncate", e))?;
+    file.sync_all().map_err(|source| Error::SyncFailed { path: path.to_path_buf(), source })
+}
+
+/// Removes index files left half-written by a crash (`*.idx.tmp`); they are derived data.
+fn remove_temporaries(dir: &Path) -> Result<()> {
+    let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, "read directory", e))?;
+    for entry in entries.flatten() {
+        if entry.file_name().to_str().is_some_and(|n| n.ends_with(".idx.tmp")) {
+            let path = entry.path();
+            fs::remove_file(&path).map_err(|e| Error::io(&path, "remove", e))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,504 @@
+//! The data directory: its lock, its metadata, the streams in it, routing of channels to
+//! streams, appends and reads.
+
+use super::commit::{self, Shared};
+use super::error::{Error, Result};
+use super::layout;
+use super::read::Reader;
+use super::recovery::{self, Access};
+use super::stream::{self, Stream, StreamState};
+use super::{Durability, StoreOptions};
+use crate::channel::{ChannelPath, Selector};
+use crate::event_id::EventId;
+use parking_lot::{Mutex, RwLock};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// An open data directory. Cheap to clone; every clone is the same store. Thread-safe.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    access: Access,
+    stream_depth: usize,
+    shared: Arc<Shared>,
+    /// Keyed by stream root; a `BTreeMap` so a subtree's streams are one range.
+    streams: RwLock<BTreeMap<ChannelPath, Arc<Stream>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    /// Held for the life of the store: the advisory lock of `DIR/LOCK`.
+    _lock: File,
+}
+
+/// Per-stream figures for `ivy stats`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StreamStats {
+    pub root: String,
+    pub segments: usize,
+    pub events: u64,
+    pub bytes: u64,
+    pub channels: usize,
+    pub first_id: Option<String>,
+    pub last_id: Option<String>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the data directory for writing. Recovers each stream's tail and
+    /// starts the writer thread.
+    ///
+    /// # Errors
+    /// `Locked` when another process holds the directory; `Corrupt` when a stream's tail holds
+    /// damage that is not a torn write; I/O errors with the path that failed.
+    pub fn open(dir: impl AsRef<Path>, opts: StoreOptions) -> Result<Store> {
+        Store::open_with(dir.as_ref(), opts, Access::ReadWrite)
+    }
+
+    /// Opens an existing data directory for reading only (the offline tools): a shared lock, no
+    /// writer, nothing on disk changed; a torn tail is left in place and not read.
+    pub fn open_read_only(dir: impl AsRef<Path>, opts: StoreOptions) -> Result<Store> {
+        Store::open_with(dir.as_ref(), opts, Access::ReadOnly)
+    }
+
+    fn open_with(dir: &Path, mut opts: StoreOptions, access: Access) -> Result<Store> {
+        if access == Access::ReadWrite {
+            fs::create_dir_all(layout::streams_dir(dir)).map_err(|e| Error::io(dir, "create directory", e))?;
+        } else if !dir.join(layout::META_FILE).exists() {
+            return Err(Error::NotAStore { path: dir.to_path_buf(), why: "no IVY metadata file".into() });
+        }
+        let lock = take_lock(dir, access)?;
+        opts.stream_depth = read_or_write_meta(dir, opts.stream_depth, access)?;
+        let streams_dir = layout::streams_dir(dir);
+        let mut streams = BTreeMap::new();
+        let mut last_id = EventId(0);
+        let entries = fs::read_dir(&streams_dir).map_err(|e| Error::io(&streams_dir, "read directory", e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| Error::io(&streams_dir, "read directory", e))?;
+            let name = entry.file_name();
+            let Some(root) = name.to_str().and_then(layout::parse_stream_dir_name) else {
+                tracing::warn!(name = ?name, "ignoring an entry that is not a stream directory");
+                continue;
+            };
+            let state = recovery::open_stream(&entry.path(), &opts, access)?;
+            last_id = last_id.max(state.last_id);
+            streams.insert(root.clone(), Arc::new(Stream::new(root, entry.path(), state)));
+        }
+        let stream_depth = opts.stream_depth;
+        let shared = Arc::new(Shared::new(opts, last_id));
+        let writer = if access == Access::ReadWrite {
+            let for_thread = Arc::clone(&shared);
+            let handle = std::thread::Builder::new()
+                .name("ivy-writer".into())
+                .spawn(move || commit::run_writer(for_thread))
+                .map_err(|e| Error::io(dir, "spawn writer thread", e))?;
+            Some(handle)
+        } else {
+            None
+        };
+        tracing::info!(dir = %dir.display(), streams = streams.len(), last_id = %last_id, "store opened");
+        Ok(Store {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                access,
+                stream_depth,
+                shared,
+                streams: RwLock::new(streams),
+                writer: Mutex::new(writer),
+                _lock: lock,
+            }),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    pub fn options(&self) -> &StoreOptions {
+        &self.inner.shared.opts
+    }
+
+    /// Appends one event and returns its id once it is committed under the durability policy:
+    /// durable under `always`; queued for the writer under `interval` and `never`.
+    pub fn append(&self, path: &ChannelPath, data: &[u8]) -> Result<EventId> {
+        let id = self.append_nowait(path, data)?;
+        if self.inner.shared.opts.durability == Durability::Always {
+            self.inner.shared.wait_committed(id)?;
+        }
+        Ok(id)
+    }
+
+    /// Appends one event without waiting for the writer; pair with `wait_committed`.
+    pub fn append_nowait(&self, path: &ChannelPath, data: &[u8]) -> Result<EventId> {
+        self.append_each(&[(path, data)], None)?.ok_or(Error::Closed)
+    }
+
+    /// Appends events in order, each with a fresh id; returns the last id once committed
+    /// under the policy (as `append`). Consecutive events of one stream share one lock.
+    pub fn append_batch(&self, events: &[(&ChannelPath, &[u8])]) -> Result<Option<EventId>> {
+        let last = self.append_each(events, None)?;
+        if let (Some(id), Durability::Always) = (last, self.inner.shared.opts.durability) {
+            self.inner.shared.wait_committed(id)?;
+        }
+        Ok(last)
+    }
+
+    /// Appends events with ids chosen by the caller (import). Each id must be above every id in
+    /// the store; the first that is not stops the batch with `IdNotAbove`, and nothing after it
+    /// is appended.
+    pub fn append_with_ids(&self, events: &[(EventId, &ChannelPath, &[u8])]) -> Result<Option<EventId>> {
+        let mut last = None;
+        for (id, path, data) in events {
+            last = self.append_each(&[(path, data)], Some(*id))?;
+        }
+        Ok(last)
+    }
+
+    fn append_each(&self, events: &[(&ChannelPath, &[u8])], fixed_id: Option<EventId>) -> Result<Option<EventId>> {
+        if self.inner.access == Access::ReadOnly {
+            return Err(Error::Closed);
+        }
+        let shared = &self.inner.shared;
+        let opts = &shared.opts;
+        let mut last = None;
+        let mut i = 0;
+        while i < events.len() {
+            let stream = self.stream_for(events[i].0)?;
+            let run = events[i..]
+                .iter()
+                .take_while(|(p, _)| p.truncated(self.inner.stream_depth) == *stream.root())
+                .count();
+            let batch = &events[i..i + run];
+            let bytes: u64 = batch
+                .iter()
+                .map(|(p, d)| super::record::event_len(p.as_str(), d) as u64)
+                .sum();
+            for (p, d) in batch {
+                stream::check_event(opts, p.as_str(), d)?;
+            }
+            shared.reserve(bytes)?;
+            let mut state = stream.state.lock();
+            if state.poisoned {
+                return Err(Error::Poisoned);
+            }
+            let first_id = {
+                let mut seq = shared.seq.lock();
+                let first = match fixed_id {
+                    Some(id) => {
+                        let last_id = seq.ids.last();
+                        if !seq.ids.take(id) {
+                            return Err(Error::IdNotAbove { id: id.0, last: last_id.0 });
+                        }
+                        id
+                    }
+                    None => seq.ids.next(opts.clock.now()).ok_or(Error::IdsExhausted)?,
+                };
+                // The rest of the run gets the next ids: above `first`, and handed out under the
+                // same lock, so nothing can come between them.
+                for _ in 1..batch.len() {
+                    let now = seq.ids.last();
+                    seq.ids.next(now).ok_or(Error::IdsExhausted)?;
+                }
+                shared.mark_dirty(&mut seq, &stream);
+                first
+            };
+            let mut id = first_id;
+            for (p, d) in batch {
+                state.append(stream.dir(), opts, id, p.as_str(), d);
+                last = Some(id);
+                id = id.next();
+            }
+            drop(state);
+            shared.counters.events_appended.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            shared.counters.bytes_appended.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+            i += run;
+        }
+        Ok(last)
+    }
+
+    /// The stream that holds `path`, created (with its directory) on first use.
+    fn stream_for(&self, path: &ChannelPath) -> Result<Arc<Stream>> {
+        let root = path.truncated(self.inner.stream_depth);
+        if let Some(s) = self.inner.streams.read().get(&root) {
+            return Ok(Arc::clone(s));
+        }
+        let mut streams = self.inner.streams.write();
+        if let Some(s) = streams.get(&root) {
+            return Ok(Arc::clone(s));
+        }
+        let parent = layout::streams_dir(&self.inner.dir);
+        let dir = parent.join(layout::stream_dir_name(&root));
+        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create directory", e))?;
+        self.inner.shared.seq.lock().dirs_to_sync.push(parent);
+        let state = StreamState {
+            segments: Arc::new(Vec::new()),
+            live: VecDeque::new(),
+            pending: Vec::new(),
+            last_id: EventId(0),
+            poisoned: false,
+        };
+        let stream = Arc::new(Stream::new(root.clone(), dir, state));
+        streams.insert(root, Arc::clone(&stream));
+        Ok(stream)
+    }
+
+    /// Blocks until `id` is committed under the policy.
+    pub fn wait_committed(&self, id: EventId) -> Result<()> {
+        self.inner.shared.wait_committed(id)
+    }
+
+    /// The commit watermark: every event with an id at or below it is committed, in every
+    /// stream. Live readers that span streams read up to it and no further.
+    pub fn committed(&self) -> EventId {
+        self.inner.shared.committed()
+    }
+
+    /// Every event at or below this id is durable (fdatasync'd).
+    pub fn durable(&self) -> EventId {
+        self.inner.shared.durable()
+    }
+
+    /// Blocks until the watermark passes `after` (or `timeout`); returns the watermark. With a
+    /// reader taken afterwards, this is the live tail for synchronous code.
+    pub fn wait_beyond(&self, after: EventId, timeout: Duration) -> EventId {
+        self.inner.shared.wait_beyond(after, timeout)
+    }
+
+    /// A listener that fires at the next commit; it is a `Future` for async code. Check
+    /// `committed()` after creating it, then await it, so no commit is missed.
+    pub fn listen_commits(&self) -> event_listener::EventListener {
+        self.inner.shared.listen()
+    }
+
+    /// The reason the store stopped taking writes, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.shared.failure()
+    }
+
+    /// A snapshot for reading the events `selector` names.
+    pub fn reader(&self, selector: &Selector) -> Reader {
+        let streams = match selector {
+            // One channel lives in exactly one stream, even when it is shallower than the depth.
+            Selector::Channel(c) => {
+                let root = c.truncated(self.inner.stream_depth);
+                self.inner.streams.read().get(&root).map(|s| vec![Arc::clone(s)]).unwrap_or_default()
+            }
+            _ => self.streams_for(&selector.scope()),
+        };
+        Reader::new(selector.clone(), streams)
+    }
+
+    /// The streams that can hold events of `scope`'s subtree.
+    fn streams_for(&self, scope: &ChannelPath) -> Vec<Arc<Stream>> {
+        let streams = self.inner.streams.read();
+        if scope.depth() >= self.inner.stream_depth {
+            let root = scope.truncated(self.inner.stream_depth);
+            return streams.get(&root).map(|s| vec![Arc::clone(s)]).unwrap_or_default();
+        }
+        streams
+            .range(scope.clone()..)
+            .take_while(|(root, _)| scope.is_root() || root.as_str().starts_with(scope.as_str()))
+            .filter(|(root, _)| scope.contains(root.as_str()))
+            .map(|(_, s)| Arc::clone(s))
+            .collect()
+    }
+
+    /// Every channel with at least one event in `scope`'s subtree, sorted.
+    pub fn channels(&self, scope: &ChannelPath) -> Result<Vec<String>> {
+        let mut found = BTreeSet::new();
+        for stream in self.streams_for(scope) {
+            let snap = stream.snapshot(None);
+            for seg in snap.segments.iter() {
+                if snap.live_view(seg).is_some() {
+                    continue;
+                }
+                let footer = seg.sealed()?.footer();
+                let corrupt = |k| Error::corrupt(seg.path(), 0, k);
+                let mut i = footer.lower_bound(scope.as_str()).map_err(corrupt)?;
+                while i < footer.channel_count() {
+                    let entry = footer.entry(i).map_err(corrupt)?;
+                    if !entry.path.starts_with(scope.as_str()) {
+                        break;
+                    }
+                    if scope.contains(entry.path) {
+                        found.insert(entry.path.to_owned());
+                    }
+                    i += 1;
+                }
+            }
+            let mut live = Vec::new();
+            stream.live_channels(scope, &mut live);
+            found.extend(live);
+        }
+        Ok(found.into_iter().collect())
+    }
+
+    /// The direct children of `path` that hold events at or below them, sorted.
+    pub fn children(&self, path: &ChannelPath) -> Result<Vec<String>> {
+        let prefix_len = if path.is_root() { 1 } else { path.as_str().len() + 1 };
+        let mut out = BTreeSet::new();
+        for channel in self.channels(path)? {
+            let Some(rest) = channel.get(prefix_len..) else { continue };
+            if rest.is_empty() {
+                continue;
+            }
+            let child_len = prefix_len + rest.find('/').unwrap_or(rest.len());
+            out.insert(channel[..child_len].to_owned());
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// Channels matching a selector (a glob, subtree or one channel), sorted.
+    pub fn matching_channels(&self, selector: &Selector) -> Result<Vec<String>> {
+        Ok(self.channels(&selector.scope())?.into_iter().filter(|c| selector.matches(c)).collect())
+    }
+
+    /// Figures per stream, sorted by stream root.
+    pub fn stats(&self) -> Result<Vec<StreamStats>> {
+        let streams: Vec<Arc<Stream>> = self.inner.streams.read().values().cloned().collect();
+        let mut out = Vec::with_capacity(streams.len());
+        for stream in streams {
+            let snap = stream.snapshot(None);
+            let mut stats = StreamStats {
+                root: stream.root().to_string(),
+                segments: snap.segments.len(),
+                events: 0,
+                bytes: 0,
+                channels: self.channels(stream.root())?.len(),
+                first_id: None,
+                last_id: None,
+            };
+            let mut first = None;
+            let mut last = None;
+            for seg in snap.segments.iter() {
+                stats.bytes += fs::metadata(seg.path()).map(|m| m.len()).unwrap_or(0);
+                let (events, lo, hi) = match snap.live_view(seg) {
+                    Some(l) => {
+                        let reader_events = count_live(seg, l.committed_end)?;
+                        (reader_events.0, reader_events.1, reader_events.2)
+                    }
+                    None => {
+                        let s = seg.sealed()?.summary;
+                        (s.event_count, Some(s.first_id), Some(s.last_id))
+                    }
+                };
+                stats.events += events;
+                first = first.or(lo);
+                last = hi.or(last);
+            }
+            stats.first_id = first.map(|i| EventId(i).to_string());
+            stats.last_id = last.map(|i| EventId(i).to_string());
+            out.push(stats);
+        }
+        Ok(out)
+    }
+
+    /// Writes and syncs everything appended so far, whatever the policy.
+    pub fn flush(&self) -> Result<()> {
+        let last = self.inner.shared.seq.lock().ids.last();
+        self.inner.shared.wait_committed(last)?;
+        let streams: Vec<Arc<Stream>> = self.inner.streams.read().values().cloned().collect();
+        for stream in streams {
+            let state = stream.state.lock();
+            for live in &state.live {
+                if !live.seg.is_sealed_loaded() && live.committed_end > super::record::SEGMENT_HEADER_LEN as u64 {
+                    live.seg.sync_data()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes, stops the writer thread and syncs. Appends after this fail with `Closed`.
+    pub fn close(&self) -> Result<()> {
+        let handle = self.inner.writer.lock().take();
+        let Some(handle) = handle else { return Ok(()) };
+        let flushed = self.flush();
+        self.inner.shared.request_shutdown();
+        if handle.join().is_err() {
+            tracing::error!("the writer thread panicked");
+        }
+        flushed
+    }
+}
+
+/// (events, first id, last id) of a live segment's committed records.
+fn count_live(seg: &super::segment::Segment, end: u64) -> Result<(u64, Option<u64>, Option<u64>)> {
+    let bytes = seg.records(Some(end))?;
+    let mut n = 0;
+    let (mut first, mut last) = (None, None);
+    for item in super::segment::Records::new(seg, bytes, super::record::SEGMENT_HEADER_LEN as u64, end) {
+        let (_, rec) = item?;
+        n += 1;
+        first = first.or(Some(rec.id));
+        last = Some(rec.id);
+    }
+    Ok((n, first, last))
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(handle) = self.writer.lock().take() {
+            self.shared.request_shutdown();
+            let _joined = handle.join();
+        }
+    }
+}
+
+fn take_lock(dir: &Path, access: Access) -> Result<File> {
+    let path = dir.join(layout::LOCK_FILE);
+    let file = match access {
+        Access::ReadWrite => OpenOptions::new().create(true).truncate(false).write(true).open(&path),
+        Access::ReadOnly => File::open(&path).or_else(|_| File::open(dir)),
+    }
+    .map_err(|e| Error::io(&path, "open lock file", e))?;
+    let locked = match access {
+        Access::ReadWrite => file.try_lock(),
+        Access::ReadOnly => file.try_lock_shared(),
+    };
+    match locked {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Locked(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, "lock", e)),
+    }
+}
+
+/// Reads `DIR/IVY`, or writes it for a new store. Returns the stream depth in force: the one the
+/// directory was created with (a different one would route channels to other streams).
+fn read_or_write_meta(dir: &Path, wanted_depth: usize, access: Access) -> Result<usize> {
+    let path = dir.join(layout::META_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => parse_meta(&text).map_err(|why| Error::NotAStore { path: path.clone(), why }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && access == Access::ReadWrite => {
+            let text = format!("ivy data directory\nformat 1\nstream_depth {wanted_depth}\n");
+            let tmp = dir.join("IVY.tmp");
+            fs::write(&tmp, text).map_err(|e| Error::io(&tmp, "write", e))?;
+            File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, "sync", e))?;
+            fs::rename(&tmp, &path).map_err(|e| Error::io(&path, "rename", e))?;
+            File::open(dir).and_then(|f| f.sync_all()).map_err(|e| Error::io(dir, "sync directory", e))?;
+            Ok(wanted_depth)
+        }
+        Err(e) => Err(Error::io(&path, "read", e)),
+    }
+}
+
+fn parse_meta(text: &str) -> std::result::Result<usize, String> {
+    let mut lines = text.lines();
+    if lines.next() != Some("ivy data directory") {
+        return Err("first line is not 'ivy data directory'".into());
+    }
+    let mut depth = None;
+    for line in lines {
+        match line.split_once(' ') {
+            Some(("format", "1")) => {}
+            Some(("format", v)) => return Err(format!("unsupported format {v} (this build reads 1)")),
+            Some(("stream_depth", v)) => depth = v.parse().ok(),
+            _ => {}
+        }
+    }
+    depth.ok_or_else(|| "no stream_depth line".into())
+}
