@@ -371,7 +371,10 @@ mod tests {
         check("/a\0", Err(PathError::BadByte(0)));
         check("/é", Err(PathError::BadByte(0xc3)));
         check("/a*", Err(PathError::BadByte(b'*')));
-        check(&format!("/{}", "a".repeat(65)), Err(PathError::SegmentTooLong));
+        check(
+            &format!("/{}", "a".repeat(65)),
+            Err(PathError::SegmentTooLong),
+        );
         check(&"/a".repeat(33), Err(PathError::TooDeep));
         check(&"/abcdefgh".repeat(32), Err(PathError::TooLong));
     }
@@ -379,7 +382,10 @@ mod tests {
     #[test]
     fn ancestors_walk_to_root() {
         let p = ChannelPath::parse("/a/b/c").unwrap();
-        assert_eq!(p.ancestors().collect::<Vec<_>>(), ["/a/b/c", "/a/b", "/a", "/"]);
+        assert_eq!(
+            p.ancestors().collect::<Vec<_>>(),
+            ["/a/b/c", "/a/b", "/a", "/"]
+        );
         assert_eq!(ChannelPath::root().ancestors().collect::<Vec<_>>(), ["/"]);
     }
 
@@ -401,7 +407,10 @@ mod tests {
         assert_eq!(s.scope().as_str(), "/rooms");
         let t = Selector::parse("/rooms/**").unwrap();
         assert!(t.matches("/rooms") && t.matches("/rooms/a/b") && !t.matches("/roomsx"));
-        assert_eq!(Selector::parse("/**").unwrap(), Selector::Subtree(ChannelPath::root()));
+        assert_eq!(
+            Selector::parse("/**").unwrap(),
+            Selector::Subtree(ChannelPath::root())
+        );
         assert_eq!(Selector::parse("/a/**/b"), Err(PathError::InvalidGlob));
         assert_eq!(Selector::parse("/a/x*"), Err(PathError::InvalidGlob));
         assert_eq!(Selector::parse("/a/*/"), Err(PathError::InvalidGlob));

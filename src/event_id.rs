@@ -97,7 +97,11 @@ mod tests {
     use super::*;
 
     fn check(input: &str, expected: Result<u64, ParseIdError>) {
-        assert_eq!(EventId::parse(input).map(|i| i.0), expected, "input {input:?}");
+        assert_eq!(
+            EventId::parse(input).map(|i| i.0),
+            expected,
+            "input {input:?}"
+        );
     }
 
     #[test]

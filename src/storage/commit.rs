@@ -183,9 +183,15 @@ impl Shared {
 
 /// The writer thread's body.
 pub(crate) fn run_writer(shared: Arc<Shared>) {
-    let mut writer = Writer { unsynced: Vec::new(), last_sync: Instant::now(), shared };
+    let mut writer = Writer {
+        unsynced: Vec::new(),
+        last_sync: Instant::now(),
+        shared,
+    };
     loop {
-        let Some(round) = writer.next_round() else { break };
+        let Some(round) = writer.next_round() else {
+            break;
+        };
         let stop = round.is_shutdown;
         writer.commit(round);
         if stop {
@@ -261,7 +267,12 @@ impl Writer {
             })
             .collect();
         let mut bytes_written = 0u64;
-        let outcome = self.write_all(&mut batches, &round.dirs, round.is_shutdown, &mut bytes_written);
+        let outcome = self.write_all(
+            &mut batches,
+            &round.dirs,
+            round.is_shutdown,
+            &mut bytes_written,
+        );
         if let Err(e) = outcome {
             tracing::error!(error = %e, "write failed; the store is read-only until restart");
             *shared.failure.lock() = Some(e.to_string());
@@ -273,12 +284,19 @@ impl Writer {
             for (s, chunks) in &batches {
                 s.state.lock().mark_committed(chunks);
             }
-            shared.committed.fetch_max(round.watermark.0, Ordering::AcqRel);
+            shared
+                .committed
+                .fetch_max(round.watermark.0, Ordering::AcqRel);
             if shared.opts.durability == Durability::Always || round.is_shutdown {
-                shared.durable.fetch_max(round.watermark.0, Ordering::AcqRel);
+                shared
+                    .durable
+                    .fetch_max(round.watermark.0, Ordering::AcqRel);
             }
         }
-        shared.counters.commit_rounds.fetch_add(1, Ordering::Relaxed);
+        shared
+            .counters
+            .commit_rounds
+            .fetch_add(1, Ordering::Relaxed);
         shared.pending_bytes.fetch_sub(
             bytes_written.min(shared.pending_bytes.load(Ordering::Acquire)),
             Ordering::AcqRel,
@@ -398,7 +416,10 @@ fn sync_dirs<'a>(dirs: impl Iterator<Item = &'a PathBuf>) -> Result<()> {
             continue;
         }
         let handle = File::open(dir).map_err(|e| Error::io(dir, "open directory", e))?;
-        handle.sync_all().map_err(|source| Error::SyncFailed { path: dir.clone(), source })?;
+        handle.sync_all().map_err(|source| Error::SyncFailed {
+            path: dir.clone(),
+            source,
+        })?;
         done.push(dir);
     }
     Ok(())

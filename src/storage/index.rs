@@ -60,7 +60,10 @@ pub fn rebuild(bytes: &[u8], interval_bytes: u32) -> Result<Vec<IndexEntry>, (u6
             break;
         }
         if builder.wants(at as u64) {
-            entries.push(IndexEntry { id: rec.id, offset: at as u64 });
+            entries.push(IndexEntry {
+                id: rec.id,
+                offset: at as u64,
+            });
         }
         at += rec.len;
     }
@@ -114,14 +117,21 @@ pub fn decode_file(bytes: &[u8]) -> Result<IndexFile<'_>, (u64, Corruption)> {
     }
     let count = read_u64(head, 24).unwrap_or_default();
     let body = &bytes[INDEX_HEADER_LEN..];
-    if Some(body.len()) != usize::try_from(count).ok().and_then(|c| c.checked_mul(ENTRY_LEN)) {
+    if Some(body.len())
+        != usize::try_from(count)
+            .ok()
+            .and_then(|c| c.checked_mul(ENTRY_LEN))
+    {
         return Err((24, Corruption::BadHeader("entry_count")));
     }
     if read_u32(head, 36) != Some(record::crc(body)) {
-        return Err((INDEX_HEADER_LEN as u64, Corruption::Crc {
-            stored: read_u32(head, 36).unwrap_or_default(),
-            computed: record::crc(body),
-        }));
+        return Err((
+            INDEX_HEADER_LEN as u64,
+            Corruption::Crc {
+                stored: read_u32(head, 36).unwrap_or_default(),
+                computed: record::crc(body),
+            },
+        ));
     }
     Ok(IndexFile {
         segment_first_id: read_u64(head, 16).unwrap_or_default(),
@@ -152,7 +162,6 @@ impl SealedIndex {
             SealedIndex::Rebuilt(v) => v.len(),
         }
     }
-
 
     pub fn get(&self, i: usize) -> Option<IndexEntry> {
         match self {
@@ -208,7 +217,9 @@ pub fn seek<E: Entries + ?Sized>(entries: &E, id: u64, end: u64) -> Option<u64> 
             _ => hi = mid,
         }
     }
-    lo.checked_sub(1).and_then(|i| entries.entry(i)).map(|e| e.offset)
+    lo.checked_sub(1)
+        .and_then(|i| entries.entry(i))
+        .map(|e| e.offset)
 }
 
 /// Offsets of the entries below `end`, in order: block starts for reverse scans.
@@ -226,7 +237,13 @@ mod tests {
 
     #[test]
     fn file_round_trip_and_damage() {
-        let entries = [IndexEntry { id: 5, offset: 32 }, IndexEntry { id: 9, offset: 4200 }];
+        let entries = [
+            IndexEntry { id: 5, offset: 32 },
+            IndexEntry {
+                id: 9,
+                offset: 4200,
+            },
+        ];
         let bytes = encode_file(5, 4096, &entries);
         let file = decode_file(&bytes).unwrap();
         assert_eq!(file.entries().collect::<Vec<_>>(), entries);
@@ -242,8 +259,14 @@ mod tests {
     fn seek_finds_block() {
         let entries = [
             IndexEntry { id: 10, offset: 32 },
-            IndexEntry { id: 20, offset: 100 },
-            IndexEntry { id: 30, offset: 200 },
+            IndexEntry {
+                id: 20,
+                offset: 100,
+            },
+            IndexEntry {
+                id: 30,
+                offset: 200,
+            },
         ];
         assert_eq!(seek(&entries[..], 5, 1000), None);
         assert_eq!(seek(&entries[..], 10, 1000), Some(32));

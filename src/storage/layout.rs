@@ -36,7 +36,11 @@ pub fn parse_stream_dir_name(name: &str) -> Option<ChannelPath> {
         return None;
     }
     let path = name.replace('~', "/");
-    let path = if path.len() > 1 { path.trim_end_matches('/').to_owned() } else { path };
+    let path = if path.len() > 1 {
+        path.trim_end_matches('/').to_owned()
+    } else {
+        path
+    };
     let parsed = ChannelPath::parse_exact(&path).ok()?;
     (stream_dir_name(&parsed) == name).then_some(parsed)
 }

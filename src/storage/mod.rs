@@ -34,7 +34,7 @@ pub mod verify;
 
 pub use error::{Corruption, Error, Result};
 pub use read::{Direction, Event, Events, Query, Reader};
-pub use store::{Store, StreamStats};
+pub use store::{lock_directory, DirLock, Store, StreamStats};
 
 use crate::clock::{Clock, SystemClock};
 use std::sync::Arc;
@@ -68,7 +68,11 @@ impl std::str::FromStr for Durability {
                     .strip_prefix("interval=")
                     .and_then(|v| v.parse::<u64>().ok())
                     .filter(|ms| *ms > 0)
-                    .ok_or_else(|| format!("durability must be always, never or interval=MS (MS > 0), not {s:?}"))?;
+                    .ok_or_else(|| {
+                        format!(
+                            "durability must be always, never or interval=MS (MS > 0), not {s:?}"
+                        )
+                    })?;
                 Ok(Durability::Interval(Duration::from_millis(ms)))
             }
         }
@@ -125,7 +129,9 @@ impl std::fmt::Debug for StoreOptions {
 
 /// Codec entry points for fuzzing and the format test: no I/O.
 pub mod codec {
-    pub use super::index::{decode_file as decode_index_file, encode_file as encode_index_file, IndexEntry};
+    pub use super::index::{
+        decode_file as decode_index_file, encode_file as encode_index_file, IndexEntry,
+    };
     pub use super::record::{
         decode, decode_footer, decode_segment_header, decode_trailer, encode_event, encode_seal,
         encode_segment_header, FooterSummary, Record, TableEntry, KIND_EVENT, KIND_SEAL,

@@ -43,12 +43,21 @@ pub struct Query {
 
 impl Query {
     pub fn all() -> Query {
-        Query { start: Bound::Unbounded, end: Bound::Unbounded, direction: Direction::Forward, limit: None }
+        Query {
+            start: Bound::Unbounded,
+            end: Bound::Unbounded,
+            direction: Direction::Forward,
+            limit: None,
+        }
     }
 
     /// The last `n` events (returned newest first).
     pub fn last(n: usize) -> Query {
-        Query { direction: Direction::Backward, limit: Some(n), ..Query::all() }
+        Query {
+            direction: Direction::Backward,
+            limit: Some(n),
+            ..Query::all()
+        }
     }
 
     /// The range as inclusive `[lo, hi]`, or `None` when empty.
@@ -106,7 +115,14 @@ impl Reader {
         let mut sources = Vec::new();
         if let Some((lo, hi)) = query.bounds() {
             for (stream, snap) in &self.streams {
-                sources.push(Source::new(stream, snap, &self.selector, query.direction, lo, hi));
+                sources.push(Source::new(
+                    stream,
+                    snap,
+                    &self.selector,
+                    query.direction,
+                    lo,
+                    hi,
+                ));
             }
         }
         Events {
@@ -185,11 +201,25 @@ impl<'r> Iterator for Events<'r> {
 enum Cursor<'r> {
     /// Open the segment at `Source::pos`.
     Open,
-    Scan { seg: &'r Segment, bytes: &'r [u8], at: u64 },
+    Scan {
+        seg: &'r Segment,
+        bytes: &'r [u8],
+        at: u64,
+    },
     /// Walk one channel's chain backwards from `next` (0 ends it: offset 0 is the header).
-    Chain { seg: &'r Segment, bytes: &'r [u8], next: u64 },
+    Chain {
+        seg: &'r Segment,
+        bytes: &'r [u8],
+        next: u64,
+    },
     /// Offsets to pop, refilled block by block from `blocks` (backward scans).
-    Stack { seg: &'r Segment, bytes: &'r [u8], offsets: Vec<u64>, blocks: Vec<u64>, block_end: u64 },
+    Stack {
+        seg: &'r Segment,
+        bytes: &'r [u8],
+        offsets: Vec<u64>,
+        blocks: Vec<u64>,
+        block_end: u64,
+    },
     Done,
 }
 
@@ -216,7 +246,8 @@ impl<'r> Source<'r> {
         lo: u64,
         hi: u64,
     ) -> Source<'r> {
-        let is_whole_stream = matches!(selector, Selector::Subtree(root) if root.contains(stream.root().as_str()));
+        let is_whole_stream =
+            matches!(selector, Selector::Subtree(root) if root.contains(stream.root().as_str()));
         let segs = &snap.segments;
         let anchor = match direction {
             Direction::Forward => lo,
@@ -229,7 +260,18 @@ impl<'r> Source<'r> {
             (Direction::Backward, 0) => (0, Cursor::Done),
             (_, n) => (n - 1, Cursor::Open),
         };
-        Source { stream, snap, selector, is_whole_stream, direction, lo, hi, pos, cursor, peeked: None }
+        Source {
+            stream,
+            snap,
+            selector,
+            is_whole_stream,
+            direction,
+            lo,
+            hi,
+            pos,
+            cursor,
+            peeked: None,
+        }
     }
 
     fn channel(&self) -> Option<&'r str> {
@@ -276,15 +318,27 @@ impl<'r> Source<'r> {
             return self.open_chain(seg, bytes, channel);
         }
         self.cursor = match self.direction {
-            Direction::Forward => Cursor::Scan { seg, bytes, at: self.seek(seg, self.lo, end)? },
+            Direction::Forward => Cursor::Scan {
+                seg,
+                bytes,
+                at: self.seek(seg, self.lo, end)?,
+            },
             Direction::Backward => {
                 let mut blocks = match live {
                     Some(_) => self.stream.blocks_live(seg, end)?,
-                    None => index::block_starts(seg.sealed()?.index(seg.path(), seg.first_id())?, end),
+                    None => {
+                        index::block_starts(seg.sealed()?.index(seg.path(), seg.first_id())?, end)
+                    }
                 };
                 let last_block = self.seek(seg, self.hi, end)?;
                 blocks.retain(|b| *b <= last_block);
-                Cursor::Stack { seg, bytes, offsets: Vec::new(), blocks, block_end: end }
+                Cursor::Stack {
+                    seg,
+                    bytes,
+                    offsets: Vec::new(),
+                    blocks,
+                    block_end: end,
+                }
             }
         };
         Ok(())
@@ -308,7 +362,10 @@ impl<'r> Source<'r> {
             None => {
                 let sealed = seg.sealed()?;
                 let footer = sealed.footer();
-                match footer.find(channel).map_err(|k| Error::corrupt(seg.path(), 0, k))? {
+                match footer
+                    .find(channel)
+                    .map_err(|k| Error::corrupt(seg.path(), 0, k))?
+                {
                     Some(e) => (e.last_offset, e.count, sealed.summary.event_count),
                     None => (0, 0, 0),
                 }
@@ -319,11 +376,17 @@ impl<'r> Source<'r> {
             return Ok(());
         }
         self.cursor = match self.direction {
-            Direction::Backward => Cursor::Chain { seg, bytes, next: head },
+            Direction::Backward => Cursor::Chain {
+                seg,
+                bytes,
+                next: head,
+            },
             // A channel that is a large share of the segment is cheaper to scan than to chase.
-            Direction::Forward if count.saturating_mul(4) >= seg_events => {
-                Cursor::Scan { seg, bytes, at: self.seek(seg, self.lo, bytes.len() as u64)? }
-            }
+            Direction::Forward if count.saturating_mul(4) >= seg_events => Cursor::Scan {
+                seg,
+                bytes,
+                at: self.seek(seg, self.lo, bytes.len() as u64)?,
+            },
             Direction::Forward => {
                 let mut offsets = Vec::new();
                 let mut next = head;
@@ -335,7 +398,13 @@ impl<'r> Source<'r> {
                     offsets.push(next);
                     next = rec.prev;
                 }
-                Cursor::Stack { seg, bytes, offsets, blocks: Vec::new(), block_end: 0 }
+                Cursor::Stack {
+                    seg,
+                    bytes,
+                    offsets,
+                    blocks: Vec::new(),
+                    block_end: 0,
+                }
             }
         };
         Ok(())
@@ -396,7 +465,13 @@ impl<'r> Source<'r> {
                 }
                 Ok(self.select(rec, lo, hi))
             }
-            Cursor::Stack { seg, bytes, offsets, blocks, block_end } => {
+            Cursor::Stack {
+                seg,
+                bytes,
+                offsets,
+                blocks,
+                block_end,
+            } => {
                 if let Some(offset) = offsets.pop() {
                     let rec = seg.decode(bytes, offset)?;
                     let past = match self.direction {
@@ -425,9 +500,15 @@ impl<'r> Source<'r> {
     }
 
     fn select(&self, rec: Record<'r>, lo: u64, hi: u64) -> Step<'r> {
-        let wanted = rec.id >= lo && rec.id <= hi && (self.is_whole_stream || self.selector.matches(rec.path));
+        let wanted = rec.id >= lo
+            && rec.id <= hi
+            && (self.is_whole_stream || self.selector.matches(rec.path));
         if wanted {
-            Step::Event(Event { id: EventId(rec.id), path: rec.path, data: rec.data })
+            Step::Event(Event {
+                id: EventId(rec.id),
+                path: rec.path,
+                data: rec.data,
+            })
         } else {
             Step::Again
         }
@@ -441,10 +522,19 @@ enum Step<'r> {
 }
 
 /// Decodes a chain link and checks it is a record of `channel` that points further back.
-fn chain_step<'a>(seg: &Segment, bytes: &'a [u8], offset: u64, channel: &str) -> Result<Record<'a>> {
+fn chain_step<'a>(
+    seg: &Segment,
+    bytes: &'a [u8],
+    offset: u64,
+    channel: &str,
+) -> Result<Record<'a>> {
     let rec = seg.decode(bytes, offset)?;
     if rec.kind != record::KIND_EVENT || rec.path != channel || rec.prev >= offset {
-        return Err(Error::corrupt(seg.path(), offset, Corruption::BadChainLink(offset)));
+        return Err(Error::corrupt(
+            seg.path(),
+            offset,
+            Corruption::BadChainLink(offset),
+        ));
     }
     Ok(rec)
 }

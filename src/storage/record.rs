@@ -177,9 +177,8 @@ pub fn encode_seal(
     last_event_offset: u64,
     entries: &[TableEntry<'_>],
 ) {
-    let mut body = Vec::with_capacity(
-        FOOTER_FIXED_LEN + entries.len() * (TABLE_ENTRY_FIXED_LEN + 8 + 32),
-    );
+    let mut body =
+        Vec::with_capacity(FOOTER_FIXED_LEN + entries.len() * (TABLE_ENTRY_FIXED_LEN + 8 + 32));
     body.extend_from_slice(&FOOTER_VERSION.to_le_bytes());
     body.extend_from_slice(&0u32.to_le_bytes());
     body.extend_from_slice(&summary.event_count.to_le_bytes());
@@ -203,7 +202,14 @@ pub fn encode_seal(
     for p in positions {
         body.extend_from_slice(&p.to_le_bytes());
     }
-    encode_frame(out, KIND_SEAL, summary.last_id, last_event_offset, &[], &[&body]);
+    encode_frame(
+        out,
+        KIND_SEAL,
+        summary.last_id,
+        last_event_offset,
+        &[],
+        &[&body],
+    );
     out.extend_from_slice(&seal_offset.to_le_bytes());
     out.extend_from_slice(&SEAL_MAGIC);
 }
@@ -242,7 +248,8 @@ pub fn decode_footer(body: &[u8]) -> Result<Footer<'_>, Corruption> {
         last_id: field(24),
         channel_count: field(32),
     };
-    let table_len = usize::try_from(field(40)).map_err(|_| Corruption::BadFooter("table length"))?;
+    let table_len =
+        usize::try_from(field(40)).map_err(|_| Corruption::BadFooter("table length"))?;
     let table = body
         .get(FOOTER_FIXED_LEN..)
         .and_then(|b| b.get(..table_len))
@@ -330,7 +337,10 @@ mod tests {
         encode_event(&mut buf, 7, 0, "/a/b", b"hello");
         assert_eq!(buf.len(), event_len("/a/b", b"hello"));
         let rec = decode(&buf, 0).unwrap();
-        assert_eq!((rec.id, rec.path, rec.data, rec.len), (7, "/a/b", &b"hello"[..], buf.len()));
+        assert_eq!(
+            (rec.id, rec.path, rec.data, rec.len),
+            (7, "/a/b", &b"hello"[..], buf.len())
+        );
         for cut in 0..buf.len() {
             assert!(decode(&buf[..cut], 0).is_err(), "cut at {cut}");
         }
@@ -346,10 +356,25 @@ mod tests {
     fn seal_round_trip() {
         let mut buf = vec![0; 100];
         let entries = [
-            TableEntry { path: "/a", first_offset: 32, last_offset: 60, count: 2 },
-            TableEntry { path: "/b", first_offset: 40, last_offset: 40, count: 1 },
+            TableEntry {
+                path: "/a",
+                first_offset: 32,
+                last_offset: 60,
+                count: 2,
+            },
+            TableEntry {
+                path: "/b",
+                first_offset: 40,
+                last_offset: 40,
+                count: 1,
+            },
         ];
-        let summary = FooterSummary { event_count: 3, first_id: 1, last_id: 3, channel_count: 2 };
+        let summary = FooterSummary {
+            event_count: 3,
+            first_id: 1,
+            last_id: 3,
+            channel_count: 2,
+        };
         encode_seal(&mut buf, 100, summary, 60, &entries);
         assert_eq!(decode_trailer(&buf), Some(100));
         let rec = decode(&buf, 100).unwrap();
@@ -367,6 +392,9 @@ mod tests {
         encode_segment_header(&mut buf, 42);
         assert_eq!(decode_segment_header(&buf), Ok(42));
         buf[8] = 2;
-        assert!(matches!(decode_segment_header(&buf), Err((8, Corruption::UnsupportedVersion(_)))));
+        assert!(matches!(
+            decode_segment_header(&buf),
+            Err((8, Corruption::UnsupportedVersion(_)))
+        ));
     }
 }

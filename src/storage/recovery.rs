@@ -62,7 +62,12 @@ pub fn list_segments(dir: &Path) -> Result<Vec<(EventId, PathBuf)>> {
 /// Scans a live segment's records and classifies the first failure (see the module docs).
 pub fn scan_tail(path: &Path, bytes: &[u8], after_id: u64) -> Result<TailScan> {
     let file_len = bytes.len() as u64;
-    let mut scan = TailScan { valid_end: record::SEGMENT_HEADER_LEN as u64, file_len, events: 0, last_id: None };
+    let mut scan = TailScan {
+        valid_end: record::SEGMENT_HEADER_LEN as u64,
+        file_len,
+        events: 0,
+        last_id: None,
+    };
     let mut previous = after_id;
     let mut at = record::SEGMENT_HEADER_LEN;
     while at < bytes.len() {
@@ -70,7 +75,14 @@ pub fn scan_tail(path: &Path, bytes: &[u8], after_id: u64) -> Result<TailScan> {
             Ok(rec) if rec.kind == KIND_SEAL => break, // a seal whose trailer is torn
             Ok(rec) => {
                 if rec.id <= previous && (scan.events > 0 || after_id > 0) {
-                    return Err(Error::corrupt(path, at as u64, Corruption::IdNotIncreasing { id: rec.id, previous }));
+                    return Err(Error::corrupt(
+                        path,
+                        at as u64,
+                        Corruption::IdNotIncreasing {
+                            id: rec.id,
+                            previous,
+                        },
+                    ));
                 }
                 previous = rec.id;
                 scan.last_id = Some(rec.id);
@@ -129,7 +141,10 @@ pub fn open_stream(dir: &Path, opts: &StoreOptions, access: Access) -> Result<St
     state.last_id = EventId(previous_last_id);
 
     let file = File::open(&last_path).map_err(|e| Error::io(&last_path, "open", e))?;
-    let file_len = file.metadata().map_err(|e| Error::io(&last_path, "stat", e))?.len();
+    let file_len = file
+        .metadata()
+        .map_err(|e| Error::io(&last_path, "stat", e))?
+        .len();
     if file_len < record::SEGMENT_HEADER_LEN as u64 {
         // Created but its header never fully reached the disk: holds nothing.
         if access == Access::ReadWrite {
@@ -149,7 +164,8 @@ pub fn open_stream(dir: &Path, opts: &StoreOptions, access: Access) -> Result<St
     let scan = {
         let map = Map::whole(&file).map_err(|e| Error::io(&last_path, "mmap", e))?;
         let bytes = map.bytes(map.len());
-        let header_id = record::decode_segment_header(bytes).map_err(|(o, k)| Error::corrupt(&last_path, o, k))?;
+        let header_id = record::decode_segment_header(bytes)
+            .map_err(|(o, k)| Error::corrupt(&last_path, o, k))?;
         if header_id != last_first_id.0 {
             return Err(Error::corrupt(&last_path, 16, Corruption::NameMismatch));
         }
@@ -164,10 +180,20 @@ pub fn open_stream(dir: &Path, opts: &StoreOptions, access: Access) -> Result<St
         Access::ReadWrite => super::commit::live_map_len(opts),
         Access::ReadOnly => usize::try_from(scan.valid_end).unwrap_or(usize::MAX),
     };
-    let seg = Arc::new(Segment::reopen_live(last_path, last_first_id, map_len, access == Access::ReadWrite)?);
+    let seg = Arc::new(Segment::reopen_live(
+        last_path,
+        last_first_id,
+        map_len,
+        access == Access::ReadWrite,
+    )?);
     let mut live = LiveSegment::new(Arc::clone(&seg), opts.index_interval_bytes);
     let bytes = seg.records(Some(scan.valid_end))?;
-    for item in super::segment::Records::new(&seg, bytes, record::SEGMENT_HEADER_LEN as u64, scan.valid_end) {
+    for item in super::segment::Records::new(
+        &seg,
+        bytes,
+        record::SEGMENT_HEADER_LEN as u64,
+        scan.valid_end,
+    ) {
         let (offset, rec) = item?;
         live.note_recovered(offset, rec.id, rec.path, rec.len as u64);
     }
@@ -182,16 +208,27 @@ pub fn open_stream(dir: &Path, opts: &StoreOptions, access: Access) -> Result<St
 
 fn cut_tail(path: &Path, valid_end: u64, file_len: u64) -> Result<()> {
     tracing::warn!(path = %path.display(), offset = valid_end, cut_bytes = file_len - valid_end, "torn tail cut");
-    let file = OpenOptions::new().write(true).open(path).map_err(|e| Error::io(path, "open", e))?;
-    file.set_len(valid_end).map_err(|e| Error::io(path, "truncate", e))?;
-    file.sync_all().map_err(|source| Error::SyncFailed { path: path.to_path_buf(), source })
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, "open", e))?;
+    file.set_len(valid_end)
+        .map_err(|e| Error::io(path, "truncate", e))?;
+    file.sync_all().map_err(|source| Error::SyncFailed {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Removes index files left half-written by a crash (`*.idx.tmp`); they are derived data.
 fn remove_temporaries(dir: &Path) -> Result<()> {
     let entries = fs::read_dir(dir).map_err(|e| Error::io(dir, "read directory", e))?;
     for entry in entries.flatten() {
-        if entry.file_name().to_str().is_some_and(|n| n.ends_with(".idx.tmp")) {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.ends_with(".idx.tmp"))
+        {
             let path = entry.path();
             fs::remove_file(&path).map_err(|e| Error::io(&path, "remove", e))?;
         }

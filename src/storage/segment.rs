@@ -64,7 +64,12 @@ impl Segment {
     }
 
     /// A live segment recovered at open: the file exists and has been cut to valid data.
-    pub fn reopen_live(path: PathBuf, first_id: EventId, map_len: usize, writable: bool) -> Result<Segment> {
+    pub fn reopen_live(
+        path: PathBuf,
+        first_id: EventId,
+        map_len: usize,
+        writable: bool,
+    ) -> Result<Segment> {
         let file = OpenOptions::new()
             .read(true)
             .write(writable)
@@ -162,12 +167,18 @@ impl Segment {
     }
 }
 
-fn write_index_file(seg_path: &Path, first_id: u64, interval: u32, entries: &[IndexEntry]) -> Result<()> {
+fn write_index_file(
+    seg_path: &Path,
+    first_id: u64,
+    interval: u32,
+    entries: &[IndexEntry],
+) -> Result<()> {
     let path = layout::index_path_for(seg_path);
     let tmp = path.with_extension("idx.tmp");
     let bytes = index::encode_file(first_id, interval, entries);
     let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
-    f.write_all(&bytes).map_err(|e| Error::io(&tmp, "write", e))?;
+    f.write_all(&bytes)
+        .map_err(|e| Error::io(&tmp, "write", e))?;
     // No fsync: the index is derived. A torn index fails its checksums and is rebuilt.
     drop(f);
     fs::rename(&tmp, &path).map_err(|e| Error::io(&path, "rename", e))
@@ -187,11 +198,20 @@ impl Sealed {
         let seal_at = record::decode_trailer(bytes)
             .ok_or_else(|| Error::corrupt(path, trailer_at, Corruption::NotSealed))?;
         if seal_at < record::SEGMENT_HEADER_LEN || seal_at as u64 >= trailer_at {
-            return Err(Error::corrupt(path, trailer_at, Corruption::BadFooter("seal offset")));
+            return Err(Error::corrupt(
+                path,
+                trailer_at,
+                Corruption::BadFooter("seal offset"),
+            ));
         }
-        let seal = record::decode(bytes, seal_at).map_err(|k| Error::corrupt(path, seal_at as u64, k))?;
+        let seal =
+            record::decode(bytes, seal_at).map_err(|k| Error::corrupt(path, seal_at as u64, k))?;
         if seal.kind != KIND_SEAL || seal_at + seal.len != trailer_at as usize {
-            return Err(Error::corrupt(path, seal_at as u64, Corruption::BadFooter("seal record")));
+            return Err(Error::corrupt(
+                path,
+                seal_at as u64,
+                Corruption::BadFooter("seal record"),
+            ));
         }
         let footer_start = seal_at + seal.len - seal.data.len();
         let footer = record::decode_footer(seal.data)
@@ -224,8 +244,9 @@ impl Sealed {
             Ok(ix) => ix,
             Err(reason) => {
                 tracing::warn!(path = %seg_path.display(), %reason, "index file unusable; rebuilding from the segment");
-                let entries = index::rebuild(self.records(), crate::storage::DEFAULT_INDEX_INTERVAL)
-                    .map_err(|(o, k)| Error::corrupt(seg_path, o, k))?;
+                let entries =
+                    index::rebuild(self.records(), crate::storage::DEFAULT_INDEX_INTERVAL)
+                        .map_err(|(o, k)| Error::corrupt(seg_path, o, k))?;
                 SealedIndex::Rebuilt(entries)
             }
         };
@@ -239,8 +260,8 @@ fn load_index_file(seg_path: &Path, first_id: EventId) -> std::result::Result<Se
     let file = File::open(&path).map_err(|e| e.to_string())?;
     let map = Map::whole(&file).map_err(|e| e.to_string())?;
     let count = {
-        let parsed = index::decode_file(map.bytes(map.len()))
-            .map_err(|(o, k)| format!("byte {o}: {k}"))?;
+        let parsed =
+            index::decode_file(map.bytes(map.len())).map_err(|(o, k)| format!("byte {o}: {k}"))?;
         if parsed.segment_first_id != first_id.0 {
             return Err("index belongs to another segment".into());
         }
@@ -259,7 +280,12 @@ pub struct Records<'a> {
 
 impl<'a> Records<'a> {
     pub fn new(seg: &'a Segment, bytes: &'a [u8], start: u64, end: u64) -> Records<'a> {
-        Records { seg, bytes, at: start, end: end.min(bytes.len() as u64) }
+        Records {
+            seg,
+            bytes,
+            at: start,
+            end: end.min(bytes.len() as u64),
+        }
     }
 }
 

@@ -67,16 +67,21 @@ impl Store {
 
     fn open_with(dir: &Path, mut opts: StoreOptions, access: Access) -> Result<Store> {
         if access == Access::ReadWrite {
-            fs::create_dir_all(layout::streams_dir(dir)).map_err(|e| Error::io(dir, "create directory", e))?;
+            fs::create_dir_all(layout::streams_dir(dir))
+                .map_err(|e| Error::io(dir, "create directory", e))?;
         } else if !dir.join(layout::META_FILE).exists() {
-            return Err(Error::NotAStore { path: dir.to_path_buf(), why: "no IVY metadata file".into() });
+            return Err(Error::NotAStore {
+                path: dir.to_path_buf(),
+                why: "no IVY metadata file".into(),
+            });
         }
         let lock = take_lock(dir, access)?;
         opts.stream_depth = read_or_write_meta(dir, opts.stream_depth, access)?;
         let streams_dir = layout::streams_dir(dir);
         let mut streams = BTreeMap::new();
         let mut last_id = EventId(0);
-        let entries = fs::read_dir(&streams_dir).map_err(|e| Error::io(&streams_dir, "read directory", e))?;
+        let entries =
+            fs::read_dir(&streams_dir).map_err(|e| Error::io(&streams_dir, "read directory", e))?;
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(&streams_dir, "read directory", e))?;
             let name = entry.file_name();
@@ -86,7 +91,10 @@ impl Store {
             };
             let state = recovery::open_stream(&entry.path(), &opts, access)?;
             last_id = last_id.max(state.last_id);
-            streams.insert(root.clone(), Arc::new(Stream::new(root, entry.path(), state)));
+            streams.insert(
+                root.clone(),
+                Arc::new(Stream::new(root, entry.path(), state)),
+            );
         }
         let stream_depth = opts.stream_depth;
         let shared = Arc::new(Shared::new(opts, last_id));
@@ -134,7 +142,8 @@ impl Store {
 
     /// Appends one event without waiting for the writer; pair with `wait_committed`.
     pub fn append_nowait(&self, path: &ChannelPath, data: &[u8]) -> Result<EventId> {
-        self.append_each(&[(path, data)], None)?.ok_or(Error::Closed)
+        self.append_each(&[(path, data)], None)?
+            .ok_or(Error::Closed)
     }
 
     /// Appends events in order, each with a fresh id; returns the last id once committed
@@ -150,7 +159,10 @@ impl Store {
     /// Appends events with ids chosen by the caller (import). Each id must be above every id in
     /// the store; the first that is not stops the batch with `IdNotAbove`, and nothing after it
     /// is appended.
-    pub fn append_with_ids(&self, events: &[(EventId, &ChannelPath, &[u8])]) -> Result<Option<EventId>> {
+    pub fn append_with_ids(
+        &self,
+        events: &[(EventId, &ChannelPath, &[u8])],
+    ) -> Result<Option<EventId>> {
         let mut last = None;
         for (id, path, data) in events {
             last = self.append_each(&[(path, data)], Some(*id))?;
@@ -158,7 +170,11 @@ impl Store {
         Ok(last)
     }
 
-    fn append_each(&self, events: &[(&ChannelPath, &[u8])], fixed_id: Option<EventId>) -> Result<Option<EventId>> {
+    fn append_each(
+        &self,
+        events: &[(&ChannelPath, &[u8])],
+        fixed_id: Option<EventId>,
+    ) -> Result<Option<EventId>> {
         if self.inner.access == Access::ReadOnly {
             return Err(Error::Closed);
         }
@@ -191,7 +207,10 @@ impl Store {
                     Some(id) => {
                         let last_id = seq.ids.last();
                         if !seq.ids.take(id) {
-                            return Err(Error::IdNotAbove { id: id.0, last: last_id.0 });
+                            return Err(Error::IdNotAbove {
+                                id: id.0,
+                                last: last_id.0,
+                            });
                         }
                         id
                     }
@@ -213,8 +232,14 @@ impl Store {
                 id = id.next();
             }
             drop(state);
-            shared.counters.events_appended.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            shared.counters.bytes_appended.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+            shared
+                .counters
+                .events_appended
+                .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            shared
+                .counters
+                .bytes_appended
+                .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
             i += run;
         }
         Ok(last)
@@ -285,7 +310,12 @@ impl Store {
             // One channel lives in exactly one stream, even when it is shallower than the depth.
             Selector::Channel(c) => {
                 let root = c.truncated(self.inner.stream_depth);
-                self.inner.streams.read().get(&root).map(|s| vec![Arc::clone(s)]).unwrap_or_default()
+                self.inner
+                    .streams
+                    .read()
+                    .get(&root)
+                    .map(|s| vec![Arc::clone(s)])
+                    .unwrap_or_default()
             }
             _ => self.streams_for(&selector.scope()),
         };
@@ -297,7 +327,10 @@ impl Store {
         let streams = self.inner.streams.read();
         if scope.depth() >= self.inner.stream_depth {
             let root = scope.truncated(self.inner.stream_depth);
-            return streams.get(&root).map(|s| vec![Arc::clone(s)]).unwrap_or_default();
+            return streams
+                .get(&root)
+                .map(|s| vec![Arc::clone(s)])
+                .unwrap_or_default();
         }
         streams
             .range(scope.clone()..)
@@ -311,38 +344,23 @@ impl Store {
     pub fn channels(&self, scope: &ChannelPath) -> Result<Vec<String>> {
         let mut found = BTreeSet::new();
         for stream in self.streams_for(scope) {
-            let snap = stream.snapshot(None);
-            for seg in snap.segments.iter() {
-                if snap.live_view(seg).is_some() {
-                    continue;
-                }
-                let footer = seg.sealed()?.footer();
-                let corrupt = |k| Error::corrupt(seg.path(), 0, k);
-                let mut i = footer.lower_bound(scope.as_str()).map_err(corrupt)?;
-                while i < footer.channel_count() {
-                    let entry = footer.entry(i).map_err(corrupt)?;
-                    if !entry.path.starts_with(scope.as_str()) {
-                        break;
-                    }
-                    if scope.contains(entry.path) {
-                        found.insert(entry.path.to_owned());
-                    }
-                    i += 1;
-                }
-            }
-            let mut live = Vec::new();
-            stream.live_channels(scope, &mut live);
-            found.extend(live);
+            stream_channels(&stream, scope, &mut found)?;
         }
         Ok(found.into_iter().collect())
     }
 
     /// The direct children of `path` that hold events at or below them, sorted.
     pub fn children(&self, path: &ChannelPath) -> Result<Vec<String>> {
-        let prefix_len = if path.is_root() { 1 } else { path.as_str().len() + 1 };
+        let prefix_len = if path.is_root() {
+            1
+        } else {
+            path.as_str().len() + 1
+        };
         let mut out = BTreeSet::new();
         for channel in self.channels(path)? {
-            let Some(rest) = channel.get(prefix_len..) else { continue };
+            let Some(rest) = channel.get(prefix_len..) else {
+                continue;
+            };
             if rest.is_empty() {
                 continue;
             }
@@ -354,7 +372,11 @@ impl Store {
 
     /// Channels matching a selector (a glob, subtree or one channel), sorted.
     pub fn matching_channels(&self, selector: &Selector) -> Result<Vec<String>> {
-        Ok(self.channels(&selector.scope())?.into_iter().filter(|c| selector.matches(c)).collect())
+        Ok(self
+            .channels(&selector.scope())?
+            .into_iter()
+            .filter(|c| selector.matches(c))
+            .collect())
     }
 
     /// Figures per stream, sorted by stream root.
@@ -368,7 +390,11 @@ impl Store {
                 segments: snap.segments.len(),
                 events: 0,
                 bytes: 0,
-                channels: self.channels(stream.root())?.len(),
+                channels: {
+                    let mut found = BTreeSet::new();
+                    stream_channels(&stream, &ChannelPath::root(), &mut found)?;
+                    found.len()
+                },
                 first_id: None,
                 last_id: None,
             };
@@ -405,7 +431,9 @@ impl Store {
         for stream in streams {
             let state = stream.state.lock();
             for live in &state.live {
-                if !live.seg.is_sealed_loaded() && live.committed_end > super::record::SEGMENT_HEADER_LEN as u64 {
+                if !live.seg.is_sealed_loaded()
+                    && live.committed_end > super::record::SEGMENT_HEADER_LEN as u64
+                {
                     live.seg.sync_data()?;
                 }
             }
@@ -426,12 +454,46 @@ impl Store {
     }
 }
 
+/// Adds the channels of one stream that lie in `scope`'s subtree: from each sealed segment's
+/// channel table (a range of it: the table is sorted) and from the live segments' heads.
+fn stream_channels(
+    stream: &Stream,
+    scope: &ChannelPath,
+    found: &mut BTreeSet<String>,
+) -> Result<()> {
+    let snap = stream.snapshot(None);
+    for seg in snap.segments.iter() {
+        if snap.live_view(seg).is_some() {
+            continue;
+        }
+        let footer = seg.sealed()?.footer();
+        let corrupt = |k| Error::corrupt(seg.path(), 0, k);
+        let mut i = footer.lower_bound(scope.as_str()).map_err(corrupt)?;
+        while i < footer.channel_count() {
+            let entry = footer.entry(i).map_err(corrupt)?;
+            if !entry.path.starts_with(scope.as_str()) {
+                break;
+            }
+            if scope.contains(entry.path) {
+                found.insert(entry.path.to_owned());
+            }
+            i += 1;
+        }
+    }
+    let mut live = Vec::new();
+    stream.live_channels(scope, &mut live);
+    found.extend(live);
+    Ok(())
+}
+
 /// (events, first id, last id) of a live segment's committed records.
 fn count_live(seg: &super::segment::Segment, end: u64) -> Result<(u64, Option<u64>, Option<u64>)> {
     let bytes = seg.records(Some(end))?;
     let mut n = 0;
     let (mut first, mut last) = (None, None);
-    for item in super::segment::Records::new(seg, bytes, super::record::SEGMENT_HEADER_LEN as u64, end) {
+    for item in
+        super::segment::Records::new(seg, bytes, super::record::SEGMENT_HEADER_LEN as u64, end)
+    {
         let (_, rec) = item?;
         n += 1;
         first = first.or(Some(rec.id));
@@ -449,10 +511,39 @@ impl Drop for Inner {
     }
 }
 
+/// Holds a data directory's lock for as long as it lives.
+pub struct DirLock {
+    _file: File,
+}
+
+/// Takes the directory lock without opening a store: exclusive (a writer or `verify --repair`)
+/// or shared (read-only tools). Fails with `Locked` when a conflicting holder exists, and with
+/// `NotAStore` when `dir` is not a data directory.
+pub fn lock_directory(dir: &Path, exclusive: bool) -> Result<DirLock> {
+    if !dir.join(layout::META_FILE).exists() {
+        return Err(Error::NotAStore {
+            path: dir.to_path_buf(),
+            why: "no IVY metadata file".into(),
+        });
+    }
+    let access = if exclusive {
+        Access::ReadWrite
+    } else {
+        Access::ReadOnly
+    };
+    Ok(DirLock {
+        _file: take_lock(dir, access)?,
+    })
+}
+
 fn take_lock(dir: &Path, access: Access) -> Result<File> {
     let path = dir.join(layout::LOCK_FILE);
     let file = match access {
-        Access::ReadWrite => OpenOptions::new().create(true).truncate(false).write(true).open(&path),
+        Access::ReadWrite => OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path),
         Access::ReadOnly => File::open(&path).or_else(|_| File::open(dir)),
     }
     .map_err(|e| Error::io(&path, "open lock file", e))?;
@@ -472,14 +563,21 @@ fn take_lock(dir: &Path, access: Access) -> Result<File> {
 fn read_or_write_meta(dir: &Path, wanted_depth: usize, access: Access) -> Result<usize> {
     let path = dir.join(layout::META_FILE);
     match fs::read_to_string(&path) {
-        Ok(text) => parse_meta(&text).map_err(|why| Error::NotAStore { path: path.clone(), why }),
+        Ok(text) => parse_meta(&text).map_err(|why| Error::NotAStore {
+            path: path.clone(),
+            why,
+        }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && access == Access::ReadWrite => {
             let text = format!("ivy data directory\nformat 1\nstream_depth {wanted_depth}\n");
             let tmp = dir.join("IVY.tmp");
             fs::write(&tmp, text).map_err(|e| Error::io(&tmp, "write", e))?;
-            File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| Error::io(&tmp, "sync", e))?;
+            File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(&tmp, "sync", e))?;
             fs::rename(&tmp, &path).map_err(|e| Error::io(&path, "rename", e))?;
-            File::open(dir).and_then(|f| f.sync_all()).map_err(|e| Error::io(dir, "sync directory", e))?;
+            File::open(dir)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| Error::io(dir, "sync directory", e))?;
             Ok(wanted_depth)
         }
         Err(e) => Err(Error::io(&path, "read", e)),
@@ -495,7 +593,9 @@ fn parse_meta(text: &str) -> std::result::Result<usize, String> {
     for line in lines {
         match line.split_once(' ') {
             Some(("format", "1")) => {}
-            Some(("format", v)) => return Err(format!("unsupported format {v} (this build reads 1)")),
+            Some(("format", v)) => {
+                return Err(format!("unsupported format {v} (this build reads 1)"))
+            }
             Some(("stream_depth", v)) => depth = v.parse().ok(),
             _ => {}
         }

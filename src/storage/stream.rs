@@ -102,7 +102,10 @@ impl LiveSegment {
     /// Registers an event record at `offset` as written and committed (recovery).
     pub fn note_recovered(&mut self, offset: u64, id: u64, path: &str, len: u64) {
         self.note_pending(offset, id, path);
-        let heads = self.channels.get_mut(path).expect("inserted by note_pending");
+        let heads = self
+            .channels
+            .get_mut(path)
+            .expect("inserted by note_pending");
         heads.committed_last = offset;
         heads.committed_count = heads.count;
         self.pending_end = offset + len;
@@ -121,7 +124,12 @@ impl LiveSegment {
             None => {
                 self.channels.insert(
                     path.into(),
-                    ChannelHeads { first: offset, last: offset, count: 1, ..ChannelHeads::default() },
+                    ChannelHeads {
+                        first: offset,
+                        last: offset,
+                        count: 1,
+                        ..ChannelHeads::default()
+                    },
                 );
                 0
             }
@@ -140,7 +148,12 @@ impl LiveSegment {
         let mut entries: Vec<TableEntry<'_>> = self
             .channels
             .iter()
-            .map(|(path, h)| TableEntry { path, first_offset: h.first, last_offset: h.last, count: h.count })
+            .map(|(path, h)| TableEntry {
+                path,
+                first_offset: h.first,
+                last_offset: h.last,
+                count: h.count,
+            })
             .collect();
         entries.sort_unstable_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
         entries
@@ -149,7 +162,12 @@ impl LiveSegment {
 
 impl Stream {
     pub fn new(root: ChannelPath, dir: PathBuf, state: StreamState) -> Stream {
-        Stream { root, dir, state: Mutex::new(state), is_dirty: AtomicBool::new(false) }
+        Stream {
+            root,
+            dir,
+            state: Mutex::new(state),
+            is_dirty: AtomicBool::new(false),
+        }
     }
 
     pub fn root(&self) -> &ChannelPath {
@@ -176,7 +194,10 @@ impl Stream {
                 event_count: l.event_count,
             })
             .collect();
-        StreamSnapshot { segments: Arc::clone(&state.segments), live }
+        StreamSnapshot {
+            segments: Arc::clone(&state.segments),
+            live,
+        }
     }
 
     /// Index lookup in a live segment (or in its sealed view if it was sealed meanwhile).
@@ -188,7 +209,11 @@ impl Stream {
             }
         }
         let sealed = seg.sealed()?;
-        Ok(index::seek(sealed.index(seg.path(), seg.first_id())?, id, end))
+        Ok(index::seek(
+            sealed.index(seg.path(), seg.first_id())?,
+            id,
+            end,
+        ))
     }
 
     /// Block starts of a live segment below `end`.
@@ -200,7 +225,10 @@ impl Stream {
             }
         }
         let sealed = seg.sealed()?;
-        Ok(index::block_starts(sealed.index(seg.path(), seg.first_id())?, end))
+        Ok(index::block_starts(
+            sealed.index(seg.path(), seg.first_id())?,
+            end,
+        ))
     }
 
     /// Channel paths in live segments that lie in `scope`'s subtree.
@@ -219,7 +247,14 @@ impl Stream {
 impl StreamState {
     /// Appends one event (id already assigned, above `last_id`) into the pending chunks, rolling
     /// to a new segment first when the active one is full or too old.
-    pub fn append(&mut self, dir: &Path, opts: &StoreOptions, id: EventId, path: &str, data: &[u8]) {
+    pub fn append(
+        &mut self,
+        dir: &Path,
+        opts: &StoreOptions,
+        id: EventId,
+        path: &str,
+        data: &[u8],
+    ) {
         debug_assert!(id > self.last_id);
         let rec_len = record::event_len(path, data) as u64;
         if self.needs_roll(opts, id, rec_len) {
@@ -238,7 +273,9 @@ impl StreamState {
     }
 
     fn needs_roll(&self, opts: &StoreOptions, id: EventId, rec_len: u64) -> bool {
-        let Some(live) = self.live.back() else { return true };
+        let Some(live) = self.live.back() else {
+            return true;
+        };
         if live.is_sealing {
             return true;
         }
@@ -258,10 +295,9 @@ impl StreamState {
 
     /// The pending chunk that continues at `offset` of `seg`, or a new one.
     fn chunk_for(&mut self, seg: &Arc<Segment>, offset: u64) -> &mut Chunk {
-        let continues = self
-            .pending
-            .last()
-            .is_some_and(|c| Arc::ptr_eq(&c.seg, seg) && !c.is_seal && c.offset + c.bytes.len() as u64 == offset);
+        let continues = self.pending.last().is_some_and(|c| {
+            Arc::ptr_eq(&c.seg, seg) && !c.is_seal && c.offset + c.bytes.len() as u64 == offset
+        });
         if !continues {
             self.pending.push(Chunk {
                 seg: Arc::clone(seg),
@@ -277,7 +313,9 @@ impl StreamState {
 
     /// Encodes the seal of the active segment, if it has events.
     pub fn seal_active(&mut self) {
-        let Some(live) = self.live.back_mut() else { return };
+        let Some(live) = self.live.back_mut() else {
+            return;
+        };
         if live.is_sealing || live.event_count == 0 {
             return;
         }
@@ -291,7 +329,13 @@ impl StreamState {
             channel_count: entries.len() as u64,
         };
         let mut bytes = Vec::new();
-        record::encode_seal(&mut bytes, seal_offset, summary, live.last_event_offset, &entries);
+        record::encode_seal(
+            &mut bytes,
+            seal_offset,
+            summary,
+            live.last_event_offset,
+            &entries,
+        );
         live.pending_end += bytes.len() as u64;
         let seg = Arc::clone(&live.seg);
         let chunk = self.chunk_for(&seg, seal_offset);
@@ -305,7 +349,10 @@ impl StreamState {
         segments.extend(self.segments.iter().cloned());
         segments.push(Arc::clone(&seg));
         self.segments = Arc::new(segments);
-        self.live.push_back(LiveSegment::new(Arc::clone(&seg), opts.index_interval_bytes));
+        self.live.push_back(LiveSegment::new(
+            Arc::clone(&seg),
+            opts.index_interval_bytes,
+        ));
         let mut bytes = Vec::with_capacity(64 * 1024);
         record::encode_segment_header(&mut bytes, first_id.0);
         self.pending.push(Chunk {
@@ -322,13 +369,23 @@ impl StreamState {
     /// readers. A sealed segment leaves the live list here, after its sealed view was set.
     pub fn mark_committed(&mut self, chunks: &[Chunk]) {
         for chunk in chunks {
-            let Some(pos) = self.live.iter().position(|l| Arc::ptr_eq(&l.seg, &chunk.seg)) else {
+            let Some(pos) = self
+                .live
+                .iter()
+                .position(|l| Arc::ptr_eq(&l.seg, &chunk.seg))
+            else {
                 continue;
             };
             let live = &mut self.live[pos];
-            let mut at = if chunk.is_create { record::SEGMENT_HEADER_LEN as u64 } else { chunk.offset };
+            let mut at = if chunk.is_create {
+                record::SEGMENT_HEADER_LEN as u64
+            } else {
+                chunk.offset
+            };
             while at < chunk.records_end {
-                let Some(rel) = usize::try_from(at - chunk.offset).ok() else { break };
+                let Some(rel) = usize::try_from(at - chunk.offset).ok() else {
+                    break;
+                };
                 // The writer encoded these bytes itself; a failure here is a bug, not damage.
                 let rec = record::decode(&chunk.bytes, rel).expect("encoded by this process");
                 if let Some(h) = live.channels.get_mut(rec.path) {
@@ -368,7 +425,10 @@ impl StreamSnapshot {
 /// Checks a record against the append limits before an id is spent on it.
 pub fn check_event(opts: &StoreOptions, path: &str, data: &[u8]) -> Result<()> {
     if data.len() > opts.event_bytes_max {
-        return Err(Error::TooLarge { len: data.len(), max: opts.event_bytes_max });
+        return Err(Error::TooLarge {
+            len: data.len(),
+            max: opts.event_bytes_max,
+        });
     }
     debug_assert!(path.len() <= crate::channel::PATH_BYTES_MAX);
     Ok(())

@@ -1,1 +1,141 @@
+//! Event lines: `@TS:/path:DATA` with DATA escaped, as WebSocket events, HTTP log lines and
+//! `ivy dump` print them (protocol page, "Server to client").
+//!
+//! Escaping: `%` as `%25`, newline as `%0A`, carriage return as `%0D`, a `.` that is the last
+//! byte of DATA as `%2E`, and every byte that is not part of valid UTF-8 as `%XX`. Everything
+//! else is copied, so the escape is canonical and `decode_data(escape(x)) == x`.
 
+use crate::event_id::{EventId, ParseIdError};
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+fn push_pct(out: &mut Vec<u8>, b: u8) {
+    out.extend_from_slice(&[b'%', HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+}
+
+/// Appends DATA escaped for a line.
+pub fn escape_data(out: &mut Vec<u8>, data: &[u8]) {
+    for chunk in data.utf8_chunks() {
+        for &b in chunk.valid().as_bytes() {
+            match b {
+                b'%' | b'\n' | b'\r' => push_pct(out, b),
+                _ => out.push(b),
+            }
+        }
+        for &b in chunk.invalid() {
+            push_pct(out, b);
+        }
+    }
+    if data.last() == Some(&b'.') {
+        // The plain '.' pushed last becomes %2E: old clients read a final '.' as a notice.
+        out.pop();
+        push_pct(out, b'.');
+    }
+}
+
+/// Appends `@TS:/path:DATA\n`.
+pub fn format_event(out: &mut Vec<u8>, id: EventId, path: &str, data: &[u8]) {
+    use std::io::Write;
+    // Writing to a Vec cannot fail.
+    let _infallible = write!(out, "@{id}:{path}:");
+    escape_data(out, data);
+    out.push(b'\n');
+}
+
+/// Why a line did not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LineError {
+    #[error("expected /path:DATA or @TS:/path:DATA")]
+    Shape,
+    #[error("bad timestamp: {0}")]
+    Id(#[from] ParseIdError),
+    #[error("bad %-escape at byte {0} of the data")]
+    Escape(usize),
+}
+
+/// A parsed line: an optional id, the raw path text and the unescaped data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line<'a> {
+    pub id: Option<EventId>,
+    pub path: &'a str,
+    pub data: Vec<u8>,
+}
+
+/// Parses `@TS:/path:DATA` or `/path:DATA` (without its line ending), decoding DATA.
+pub fn parse_line(line: &str) -> Result<Line<'_>, LineError> {
+    let (id, rest) = match line.strip_prefix('@') {
+        Some(rest) => {
+            let (ts, rest) = rest.split_once(':').ok_or(LineError::Shape)?;
+            (Some(EventId::parse(ts)?), rest)
+        }
+        None => (None, line),
+    };
+    let (path, data) = rest.split_once(':').ok_or(LineError::Shape)?;
+    Ok(Line {
+        id,
+        path,
+        data: decode_data(data.as_bytes())?,
+    })
+}
+
+/// Decodes every `%XX` of escaped data.
+pub fn decode_data(text: &[u8]) -> Result<Vec<u8>, LineError> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut i = 0;
+    while let Some(&b) = text.get(i) {
+        if b == b'%' {
+            let hex = text.get(i + 1..i + 3).ok_or(LineError::Escape(i))?;
+            let s = std::str::from_utf8(hex).map_err(|_| LineError::Escape(i))?;
+            out.push(u8::from_str_radix(s, 16).map_err(|_| LineError::Escape(i))?);
+            i += 3;
+        } else {
+            out.push(b);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(data: &[u8], escaped: &str) {
+        let mut out = Vec::new();
+        escape_data(&mut out, data);
+        assert_eq!(String::from_utf8(out).unwrap(), escaped);
+        assert_eq!(decode_data(escaped.as_bytes()).unwrap(), data);
+    }
+
+    #[test]
+    fn escape_table() {
+        check(b"hello", "hello");
+        check(b"a%b\nc\rd", "a%25b%0Ac%0Dd");
+        check(b"end.", "end%2E");
+        check(b".", "%2E");
+        check(b"a.b", "a.b");
+        check(b"\xff\xfeok", "%FF%FEok");
+        check("é".as_bytes(), "é");
+        check(b"", "");
+    }
+
+    #[test]
+    fn lines() {
+        let mut out = Vec::new();
+        format_event(&mut out, EventId(1_000_000_001), "/a", b"x\ny");
+        assert_eq!(out, b"@0000000001.000000001:/a:x%0Ay\n");
+        let parsed = parse_line("@0000000001.000000001:/a:x%0Ay").unwrap();
+        assert_eq!(
+            parsed,
+            Line {
+                id: Some(EventId(1_000_000_001)),
+                path: "/a",
+                data: b"x\ny".to_vec()
+            }
+        );
+        assert_eq!(parse_line("/a:b:c").unwrap().data, b"b:c");
+        assert_eq!(parse_line("nocolon"), Err(LineError::Shape));
+        assert_eq!(parse_line("/a:%4"), Err(LineError::Escape(0)));
+        assert!(matches!(parse_line("@x:/a:b"), Err(LineError::Id(_))));
+    }
+}

@@ -1,0 +1,93 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use ivy::channel::{ChannelPath, Selector};
+use ivy::event_id::EventId;
+use ivy::storage::{Query, Store};
+use std::path::{Path, PathBuf};
+
+pub fn path(p: &str) -> ChannelPath {
+    ChannelPath::parse(p).expect("test path")
+}
+
+pub fn sel(s: &str) -> Selector {
+    Selector::parse(s).expect("test selector")
+}
+
+/// (id, path, data) of every event a query returns, panicking on a read error.
+pub fn read(store: &Store, selector: &str, query: &Query) -> Vec<(EventId, String, Vec<u8>)> {
+    let reader = store.reader(&sel(selector));
+    reader
+        .events(query)
+        .map(|e| {
+            let e = e.expect("read");
+            (e.id, e.path.to_owned(), e.data.to_vec())
+        })
+        .collect()
+}
+
+/// Every file under `dir`, sorted.
+pub fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).expect("read dir").flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The segment files under `dir`, sorted.
+pub fn segments(dir: &Path) -> Vec<PathBuf> {
+    files(dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect()
+}
+
+/// Copies a data directory (files only; no lock is copied as held).
+pub fn copy_dir(from: &Path, to: &Path) {
+    for file in files(from) {
+        let rel = file.strip_prefix(from).expect("under from");
+        let dest = to.join(rel);
+        std::fs::create_dir_all(dest.parent().expect("has parent")).expect("mkdir");
+        std::fs::copy(&file, &dest).expect("copy");
+    }
+}
+
+/// A seed for randomised tests: `IVY_TEST_SEED` or the time; printed so a failure replays.
+pub fn seed() -> u64 {
+    let seed = std::env::var("IVY_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    eprintln!("IVY_TEST_SEED={seed}");
+    seed
+}
+
+/// xorshift64*: enough randomness for tests, replayable from the seed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}

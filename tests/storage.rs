@@ -1,0 +1,476 @@
+//! The engine through its public API, on temporary directories.
+
+mod common;
+
+use common::{copy_dir, path, read, segments, sel};
+use ivy::clock::ManualClock;
+use ivy::event_id::EventId;
+use ivy::storage::{verify, Direction, Durability, Error, Query, Store, StoreOptions};
+use std::ops::Bound;
+use std::sync::Arc;
+use std::time::Duration;
+
+fn small(durability: Durability) -> StoreOptions {
+    StoreOptions {
+        durability,
+        segment_bytes_max: 2048,
+        index_interval_bytes: 256,
+        ..StoreOptions::default()
+    }
+}
+
+fn check_clean(dir: &std::path::Path) {
+    let report = verify::verify(dir, verify::Mode::Check, &|_| {}).expect("verify runs");
+    assert!(report.findings.is_empty(), "{:#?}", report.findings);
+}
+
+#[test]
+fn round_trip_across_streams_globs_and_subtrees() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), small(Durability::Always)).unwrap();
+    let paths = [
+        "/rooms/a/chat",
+        "/rooms/b/chat",
+        "/rooms/a",
+        "/logs/x",
+        "/",
+        "/rooms/b/other",
+    ];
+    let mut all = Vec::new();
+    for i in 0..300 {
+        let p = paths[i % paths.len()];
+        let data = format!("{i}:{p}").into_bytes();
+        let id = store.append(&path(p), &data).unwrap();
+        all.push((id, p.to_owned(), data));
+    }
+    let everything = read(&store, "/**", &Query::all());
+    assert_eq!(everything, all);
+    let chats: Vec<_> = all
+        .iter()
+        .filter(|e| e.1.ends_with("/chat"))
+        .cloned()
+        .collect();
+    assert_eq!(read(&store, "/rooms/*/chat", &Query::all()), chats);
+    let rooms: Vec<_> = all
+        .iter()
+        .filter(|e| e.1.starts_with("/rooms"))
+        .cloned()
+        .collect();
+    assert_eq!(read(&store, "/rooms/**", &Query::all()), rooms);
+    let root: Vec<_> = all.iter().filter(|e| e.1 == "/").cloned().collect();
+    assert_eq!(read(&store, "/", &Query::all()), root);
+    let a: Vec<_> = all.iter().filter(|e| e.1 == "/rooms/a").cloned().collect();
+    assert_eq!(read(&store, "/rooms/a", &Query::all()), a);
+
+    // Ranges and directions on one channel and on a merge.
+    let mid = all[150].0;
+    let since: Vec<_> = a.iter().filter(|e| e.0 >= mid).cloned().collect();
+    let q = Query {
+        start: Bound::Included(mid),
+        ..Query::all()
+    };
+    assert_eq!(read(&store, "/rooms/a", &q), since);
+    let q = Query {
+        start: Bound::Excluded(all[10].0),
+        end: Bound::Included(all[20].0),
+        ..Query::all()
+    };
+    assert_eq!(read(&store, "/**", &q), all[11..=20].to_vec());
+    let q = Query {
+        end: Bound::Included(all[200].0),
+        direction: Direction::Backward,
+        limit: Some(7),
+        ..Query::all()
+    };
+    let mut expect: Vec<_> = all[..=200].iter().rev().take(7).cloned().collect();
+    assert_eq!(read(&store, "/**", &q), expect);
+    expect = a.iter().rev().take(3).cloned().collect();
+    assert_eq!(read(&store, "/rooms/a", &Query::last(3)), expect);
+    let q = Query {
+        start: Bound::Included(EventId(5)),
+        end: Bound::Included(EventId(4)),
+        ..Query::all()
+    };
+    assert!(read(&store, "/**", &q).is_empty());
+    assert!(
+        segments(dir.path()).len() > 6,
+        "small segments must have rolled"
+    );
+
+    assert_eq!(
+        store.children(&path("/rooms")).unwrap(),
+        ["/rooms/a", "/rooms/b"]
+    );
+    assert_eq!(
+        store.matching_channels(&sel("/rooms/*/chat")).unwrap(),
+        ["/rooms/a/chat", "/rooms/b/chat"]
+    );
+
+    store.close().unwrap();
+    drop(store);
+    check_clean(dir.path());
+    let store = Store::open(dir.path(), small(Durability::Always)).unwrap();
+    assert_eq!(read(&store, "/**", &Query::all()), all);
+    assert_eq!(read(&store, "/rooms/a", &Query::last(3)).len(), 3);
+    let next = store.append(&path("/rooms/a"), b"again").unwrap();
+    assert!(next > all.last().unwrap().0);
+}
+
+#[test]
+fn reopen_keeps_every_policy_after_close() {
+    for durability in [
+        Durability::Always,
+        Durability::Never,
+        Durability::Interval(Duration::from_millis(5)),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), small(durability)).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..100u32 {
+            ids.push(store.append(&path("/a/b"), &i.to_le_bytes()).unwrap());
+        }
+        store.close().unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), small(durability)).unwrap();
+        let got: Vec<_> = read(&store, "/a/b", &Query::all())
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(got, ids, "{durability:?}");
+    }
+}
+
+#[test]
+fn ids_increase_when_the_clock_stands_still_or_steps_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(EventId(1_000)));
+    let opts = StoreOptions {
+        clock: clock.clone(),
+        durability: Durability::Never,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(dir.path(), opts.clone()).unwrap();
+    let a = store.append(&path("/x"), b"1").unwrap();
+    let b = store.append(&path("/y"), b"2").unwrap();
+    clock.set(EventId(10));
+    let c = store.append(&path("/x"), b"3").unwrap();
+    clock.set(EventId(5_000));
+    let d = store.append(&path("/z"), b"4").unwrap();
+    assert_eq!(
+        [a, b, c, d],
+        [
+            EventId(1_000),
+            EventId(1_001),
+            EventId(1_002),
+            EventId(5_000)
+        ]
+    );
+    store.close().unwrap();
+    drop(store);
+    // After a restart with the clock far behind, ids still continue above the stored ones.
+    clock.set(EventId(1));
+    let store = Store::open(dir.path(), opts).unwrap();
+    assert_eq!(store.append(&path("/q"), b"5").unwrap(), EventId(5_001));
+}
+
+#[test]
+fn a_second_writer_is_refused_and_readers_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    assert!(matches!(
+        Store::open(dir.path(), StoreOptions::default()),
+        Err(Error::Locked(_))
+    ));
+    assert!(matches!(
+        Store::open_read_only(dir.path(), StoreOptions::default()),
+        Err(Error::Locked(_))
+    ));
+    store.close().unwrap();
+    drop(store);
+    let r1 = Store::open_read_only(dir.path(), StoreOptions::default()).unwrap();
+    let _r2 = Store::open_read_only(dir.path(), StoreOptions::default()).unwrap();
+    assert!(matches!(
+        Store::open(dir.path(), StoreOptions::default()),
+        Err(Error::Locked(_))
+    ));
+    drop(r1);
+}
+
+/// Cuts the last record at every byte offset: reopening keeps every earlier event, drops the
+/// torn one, logs the cut, and appends continue; verify is clean afterwards.
+#[test]
+fn torn_tail_at_every_byte_of_the_last_record() {
+    let base = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        durability: Durability::Always,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(base.path(), opts.clone()).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..20u32 {
+        ids.push(
+            store
+                .append(&path("/t/c"), format!("event number {i}").as_bytes())
+                .unwrap(),
+        );
+    }
+    store.close().unwrap();
+    drop(store);
+    let seg = segments(base.path()).pop().unwrap();
+    let full = std::fs::metadata(&seg).unwrap().len();
+    let last_len = (28 + "/t/c".len() + "event number 19".len()) as u64;
+    for cut in (full - last_len)..full {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(base.path(), dir.path());
+        let seg = segments(dir.path()).pop().unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&seg)
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
+        let store = Store::open(dir.path(), opts.clone()).unwrap();
+        let got: Vec<_> = read(&store, "/t/c", &Query::all())
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(got, ids[..19], "cut at {cut}");
+        let id = store.append(&path("/t/c"), b"after").unwrap();
+        assert!(id > ids[18]);
+        store.close().unwrap();
+        drop(store);
+        check_clean(dir.path());
+    }
+}
+
+/// Every single bit flip in a sealed segment or its index is reported by verify.
+#[test]
+fn every_bit_flip_is_detected_by_verify() {
+    let base = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        durability: Durability::Never,
+        segment_bytes_max: 300,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(base.path(), opts).unwrap();
+    for i in 0..12u32 {
+        let p = if i % 2 == 0 { "/f/a" } else { "/f/b" };
+        store
+            .append(&path(p), format!("payload {i}").as_bytes())
+            .unwrap();
+    }
+    store.close().unwrap();
+    drop(store);
+    check_clean(base.path());
+    let first_seg = segments(base.path()).remove(0);
+    let targets = [first_seg.clone(), first_seg.with_extension("idx")];
+    let mut flips = 0;
+    for target in &targets {
+        let rel = target.strip_prefix(base.path()).unwrap().to_path_buf();
+        let len = std::fs::metadata(target).unwrap().len() as usize;
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(base.path(), dir.path());
+        let victim = dir.path().join(&rel);
+        let original = std::fs::read(&victim).unwrap();
+        for bit in 0..len * 8 {
+            let mut bytes = original.clone();
+            bytes[bit / 8] ^= 1 << (bit % 8);
+            std::fs::write(&victim, &bytes).unwrap();
+            let report = verify::verify(dir.path(), verify::Mode::Check, &|_| {}).unwrap();
+            assert!(
+                !report.findings.is_empty(),
+                "flip of bit {bit} in {} went unnoticed",
+                rel.display()
+            );
+            assert!(
+                report.findings.iter().any(|f| f.file == victim),
+                "finding names the file"
+            );
+            flips += 1;
+        }
+        std::fs::write(&victim, &original).unwrap();
+    }
+    assert!(flips > 1000);
+}
+
+/// Damage inside a sealed segment fails the reads of that range with file and offset; other
+/// segments stay readable.
+#[test]
+fn corruption_in_a_sealed_segment_is_an_error_not_missing_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        durability: Durability::Never,
+        segment_bytes_max: 300,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(dir.path(), opts.clone()).unwrap();
+    for i in 0..30u32 {
+        store
+            .append(&path("/c/x"), format!("payload {i}").as_bytes())
+            .unwrap();
+    }
+    store.close().unwrap();
+    drop(store);
+    let segs = segments(dir.path());
+    let mut bytes = std::fs::read(&segs[0]).unwrap();
+    bytes[32 + 30] ^= 0xff; // inside the first record's data
+    std::fs::write(&segs[0], &bytes).unwrap();
+    let store = Store::open(dir.path(), opts).unwrap();
+    let reader = store.reader(&sel("/c/**"));
+    let err = reader
+        .events(&Query::all())
+        .find_map(|e| e.err())
+        .expect("an error");
+    let text = err.to_string();
+    assert!(
+        text.contains(&segs[0].file_name().unwrap().to_string_lossy().to_string())
+            && text.contains("byte 32"),
+        "{text}"
+    );
+    // The newest events, in later segments, still read.
+    assert_eq!(read(&store, "/c/x", &Query::last(3)).len(), 3);
+}
+
+#[test]
+fn an_unknown_format_version_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), small(Durability::Never)).unwrap();
+    for i in 0..500u32 {
+        store.append(&path("/v"), &i.to_le_bytes()).unwrap();
+    }
+    store.close().unwrap();
+    drop(store);
+    let segs = segments(dir.path());
+    assert!(segs.len() > 3);
+    // The last segment is read at open: the open itself refuses.
+    let last = segs.last().unwrap();
+    let mut bytes = std::fs::read(last).unwrap();
+    bytes[8] = 2;
+    std::fs::write(last, &bytes).unwrap();
+    let err = Store::open_read_only(dir.path(), small(Durability::Never))
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("unsupported format version 2"),
+        "{err}"
+    );
+    bytes[8] = 1;
+    std::fs::write(last, &bytes).unwrap();
+    // An older one is read lazily: the read of its range refuses.
+    let seg = segs[0].clone();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[8] = 2;
+    std::fs::write(&seg, &bytes).unwrap();
+    let store = Store::open_read_only(dir.path(), small(Durability::Never)).unwrap();
+    let reader = store.reader(&sel("/v"));
+    let err = reader
+        .events(&Query::all())
+        .find_map(|e| e.err())
+        .expect("refused");
+    assert!(
+        err.to_string().contains("unsupported format version 2"),
+        "{err}"
+    );
+}
+
+/// Channels live inside their stream's files: 100,000 channels in one subtree add no files.
+#[test]
+fn many_channels_do_not_make_many_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        durability: Durability::Never,
+        segment_bytes_max: 1 << 20,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(dir.path(), opts.clone()).unwrap();
+    let channels: Vec<_> = (0..100_000)
+        .map(|i| path(&format!("/rooms/r{i}")))
+        .collect();
+    let batch: Vec<_> = channels.iter().map(|c| (c, &b"x"[..])).collect();
+    store.append_batch(&batch).unwrap();
+    store.close().unwrap();
+    drop(store);
+    let files = common::files(dir.path());
+    let segs = segments(dir.path()).len();
+    // IVY, LOCK, and per segment a .seg and (sealed) an .idx.
+    assert!(files.len() <= 2 + 2 * segs, "{} files", files.len());
+    assert!(segs < 10, "{segs} segments");
+    let store = Store::open(dir.path(), opts).unwrap();
+    assert_eq!(store.children(&path("/rooms")).unwrap().len(), 100_000);
+    assert_eq!(read(&store, "/rooms/r99999", &Query::all()).len(), 1);
+    assert_eq!(read(&store, "/rooms/r0", &Query::last(1)).len(), 1);
+}
+
+#[test]
+fn waiting_for_the_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(
+        dir.path(),
+        StoreOptions {
+            durability: Durability::Always,
+            ..StoreOptions::default()
+        },
+    )
+    .unwrap();
+    let start = store.committed();
+    let writer = {
+        let store = store.clone();
+        std::thread::spawn(move || store.append(&path("/live/x"), b"hi").unwrap())
+    };
+    let mut seen = start;
+    while seen == start {
+        seen = store.wait_beyond(start, Duration::from_secs(30));
+    }
+    let id = writer.join().unwrap();
+    assert!(seen >= id);
+    let q = Query {
+        start: Bound::Excluded(start),
+        ..Query::all()
+    };
+    assert_eq!(read(&store, "/live/**", &q).len(), 1);
+}
+
+#[test]
+fn stream_depth_two_and_its_persistence() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        stream_depth: 2,
+        durability: Durability::Never,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(dir.path(), opts).unwrap();
+    for p in ["/rooms/a/chat", "/rooms/b/chat", "/rooms", "/"] {
+        store.append(&path(p), p.as_bytes()).unwrap();
+    }
+    store.close().unwrap();
+    drop(store);
+    let names: Vec<_> = std::fs::read_dir(dir.path().join("streams"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    let mut names = names;
+    names.sort();
+    assert_eq!(names, ["~", "~rooms", "~rooms~a", "~rooms~b"]);
+    // Reopened with the default depth, the stored depth wins.
+    let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+    assert_eq!(read(&store, "/rooms/**", &Query::all()).len(), 3);
+    assert_eq!(read(&store, "/rooms", &Query::all()).len(), 1);
+    store.append(&path("/rooms/a/x"), b"1").unwrap();
+    assert_eq!(read(&store, "/rooms/a/**", &Query::all()).len(), 2);
+}
+
+#[test]
+fn oversized_events_are_refused_before_taking_an_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        event_bytes_max: 10,
+        durability: Durability::Never,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(dir.path(), opts).unwrap();
+    assert!(matches!(
+        store.append(&path("/a"), &[0; 11]),
+        Err(Error::TooLarge { .. })
+    ));
+    store.append(&path("/a"), &[0; 10]).unwrap();
+}
