@@ -151,6 +151,7 @@ pub fn open_stream(dir: &Path, opts: &StoreOptions, access: Access) -> Result<St
             tracing::warn!(path = %last_path.display(), file_len, "removing a segment torn at creation");
             drop(file);
             fs::remove_file(&last_path).map_err(|e| Error::io(&last_path, "remove", e))?;
+            sync_dir(dir)?;
         }
         state.segments = Arc::new(segments);
         return Ok(state);
@@ -173,6 +174,17 @@ pub fn open_stream(dir: &Path, opts: &StoreOptions, access: Access) -> Result<St
         // The scanning map is dropped here, before any truncation.
     };
     drop(file);
+    if scan.events == 0 {
+        // No complete record survived: the segment would be named after an id it does not
+        // hold. Remove it; the next append starts a segment named after its own id.
+        if access == Access::ReadWrite {
+            tracing::warn!(path = %last_path.display(), cut_bytes = scan.file_len, "removing a segment with no complete record");
+            fs::remove_file(&last_path).map_err(|e| Error::io(&last_path, "remove", e))?;
+            sync_dir(dir)?;
+        }
+        state.segments = Arc::new(segments);
+        return Ok(state);
+    }
     if scan.valid_end < scan.file_len && access == Access::ReadWrite {
         cut_tail(&last_path, scan.valid_end, scan.file_len)?;
     }
@@ -204,6 +216,15 @@ pub fn open_stream(dir: &Path, opts: &StoreOptions, access: Access) -> Result<St
     state.segments = Arc::new(segments);
     state.live.push_back(live);
     Ok(state)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| Error::SyncFailed {
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 fn cut_tail(path: &Path, valid_end: u64, file_len: u64) -> Result<()> {
