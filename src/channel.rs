@@ -143,20 +143,18 @@ impl ChannelPath {
         self.segments().count()
     }
 
-    /// The ancestor at `depth` segments (itself when it is not deeper).
+        /// The ancestor at `depth` segments (itself when it is not deeper).
     pub fn truncated(&self, depth: usize) -> ChannelPath {
-        if self.depth() <= depth {
-            return self.clone();
-        }
-        let cut = self
-            .0
-            .match_indices('/')
-            .nth(depth)
-            .map_or(self.0.len(), |(i, _)| i);
-        if cut == 0 {
-            ChannelPath::root()
-        } else {
-            ChannelPath(self.0[..cut].into())
+        ChannelPath(self.prefix(depth).into())
+    }
+
+    /// The text of the ancestor at `depth` segments, without allocating.
+    pub fn prefix(&self, depth: usize) -> &str {
+        // The (depth+1)-th '/' ends the first `depth` segments.
+        match self.0.match_indices('/').nth(depth) {
+            Some((0, _)) => "/",
+            Some((cut, _)) => &self.0[..cut],
+            None => &self.0,
         }
     }
 
@@ -202,6 +200,12 @@ impl fmt::Display for ChannelPath {
 impl fmt::Debug for ChannelPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ChannelPath({})", &self.0)
+    }
+}
+
+impl std::borrow::Borrow<str> for ChannelPath {
+    fn borrow(&self) -> &str {
+        &self.0
     }
 }
 

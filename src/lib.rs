@@ -1,6 +1,102 @@
-//! Ivy: a hierarchical pub/sub server whose every event is kept in a persistent log.
+//! # Ivy
+//!
+//! Ivy is a hierarchical pub/sub server whose every event is kept in a persistent log. Clients
+//! publish events to channels in a tree (`/rooms/abc/chat`); an event bubbles up to subscribers of
+//! every ancestor channel; the log is readable by id, time range, glob and subtree. On disk, each
+//! channel subtree (a **stream**) appends to CRC-checked **segment** files with a sparse timestamp
+//! **index**; `storage-format.md` at the project root specifies every byte. The wire contract is
+//! `../shared/ivy1-protocol.md` (ivy1, compatible with the original Go Ivy of 2014).
+//!
+//! This page is the map of the code for a newcomer. It names files, not lines, so it stays true.
+//!
+//! ## Entry points
+//!
+//! - `src/main.rs`: the `ivy` binary; parses the command line (`src/cli/`), starts logging, maps
+//!   errors to exit codes (0 ok, 1 `verify` found problems, 2 could not run).
+//! - [`storage::Store::open`]: opens a data directory for writing (recovering each stream's tail);
+//!   [`storage::Store::open_read_only`] for the offline tools.
+//! - `src/cli/verify.rs`, `dump.rs`, `import.rs`, `stats.rs`: the offline tools, which need no server.
+//!
+//! ## Code map
+//!
+//! Layers, each using only the ones below it:
+//!
+//! ```text
+//! binary   main.rs, cli/                                  clap, anyhow, indicatif
+//! core     storage/                wire/                  memmap2, crc32fast, parking_lot | nothing
+//! base     channel.rs  event_id.rs  clock.rs              std only
+//! ```
+//!
+//! ### `channel.rs`, `event_id.rs`, `clock.rs`
+//! Channel paths (checked and normalised: `[0-9a-z._-]` segments, no `.`/`..`, 255 bytes, 32 deep),
+//! globs and read selectors (one channel, `*` glob, `/**` subtree); event ids (`u64` ns since the
+//! epoch, text `%010d.%09d`); the clock. **Architecture invariant:** only `clock.rs` reads the
+//! system clock, and storage takes its clock as an option, so tests can make time stand still or
+//! step back.
+//!
+//! ### `storage/` — the engine
+//! - `mod.rs`: `StoreOptions`, `Durability`, the invariants of the engine.
+//! - `store.rs`: the data directory: lock file, `IVY` metadata, routing a channel to its stream,
+//!   appends (ids from the sequencer), readers, listings, stats, close.
+//! - `commit.rs`: group commit: the sequencer that hands out ids, the writer thread that writes,
+//!   syncs and publishes the **commit watermark**.
+//! - `stream.rs`: one stream: its segments, the pending chunks, the in-memory channel heads and
+//!   index of its live segment, snapshots for readers.
+//! - `segment.rs`: one segment file: create, `pwrite`, sync, seal, its sealed view and index.
+//! - `record.rs`: the byte codec (header, record, seal footer, trailer); no I/O.
+//! - `index.rs`: the sparse index: which records get an entry, the file codec, seek.
+//! - `read.rs`: `Reader` (a snapshot) and `Events` (lazy, merged by id, data borrowed from maps).
+//! - `recovery.rs`: opening a stream: cut a torn tail, refuse corruption in the middle.
+//! - `verify.rs`: the offline full check and the safe repairs.
+//! - `layout.rs`: the only place that makes file names from channels and ids.
+//! - `mmap.rs`: the only `unsafe` in the crate, under a written four-clause contract.
+//!
+//! **Architecture invariants:** storage knows nothing of HTTP, WebSocket, ivy1 text or tokio; it
+//! stores raw event data, never escaped lines. Its waits (`event-listener`) serve threads and
+//! async tasks alike. `verify`, `dump` and `stats` never write to a data directory.
+//!
+//! ### `wire/` — the ivy1 text forms
+//! `line.rs`: event lines `@TS:/path:DATA` with the protocol's escaping (`%25`, `%0A`, `%0D`, a
+//! final `%2E`, `%XX` for bytes outside UTF-8), and their parser (for `ivy import`).
+//! **Architecture invariant:** pure; no I/O, no storage, no clock; every function can be fuzzed.
+//!
+//! ## One event's path through the engine
+//!
+//! 1. `Store::append` (`store.rs`) routes the channel to its stream (`ChannelPath::truncated` to
+//!    the stream depth) and reserves room in the bounded pending budget.
+//! 2. Under the stream's lock it takes an id from the sequencer (`commit.rs`: strictly above the
+//!    last, `+1 ns` when the clock stalls) and marks the stream dirty, then `StreamState::append`
+//!    (`stream.rs`) rolls the segment if it is full or old (encoding the seal footer), and encodes
+//!    the record (`record.rs`) into the pending chunk, linking it to the channel's previous record
+//!    and feeding the sparse index (`index.rs`).
+//! 3. The writer thread (`commit.rs`) takes every dirty stream's chunks in one round: one `pwrite`
+//!    per chunk, one `fdatasync` per file under `always` (group commit), seals made durable before
+//!    the next segment exists.
+//! 4. Only then does it publish: each live segment's committed end and channel heads
+//!    (`StreamState::mark_committed`), and the store's commit watermark; waiters wake
+//!    (`Store::append` under `always` returns here).
+//! 5. A reader (`read.rs`) snapshots the streams its selector touches and reads only committed
+//!    bytes, through the maps (`segment.rs`, `mmap.rs`), checking every record's CRC.
+//!
+//! ## Cross-cutting concerns
+//!
+//! - **Durability and acks.** `always`: an append returns once durable. `interval=MS` and
+//!   `never`: an append returns once queued; readers see events once written. Seals are synced
+//!   under every policy.
+//! - **Errors.** One `thiserror` enum per layer (`storage::Error`, `wire::line::LineError`,
+//!   `channel::PathError`); storage errors carry the file and byte offset. Only the binary uses
+//!   `anyhow`. Corruption is an error, never "no data".
+//! - **Limits.** Event size, segment size and age, index interval and pending bytes are options
+//!   with their unit in their name (`StoreOptions`).
+//! - **Tests.** Unit tests beside the code; `tests/storage.rs` (engine through its API),
+//!   `tests/model.rs` (proptest against an in-memory model, with crash cuts), `tests/cli.rs` (the
+//!   binary as a user runs it), `tests/storage_format.rs` (the format page's example); fuzz
+//!   targets in `fuzz/`; benchmarks in `benches/`.
+//! - **Observability.** `tracing`: warnings for cut tails and rebuilt indexes, errors for failed
+//!   writes; nothing per event above `debug`.
 #![deny(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod channel;
 pub mod clock;

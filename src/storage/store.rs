@@ -186,7 +186,7 @@ impl Store {
             let stream = self.stream_for(events[i].0)?;
             let run = events[i..]
                 .iter()
-                .take_while(|(p, _)| p.truncated(self.inner.stream_depth) == *stream.root())
+                .take_while(|(p, _)| p.prefix(self.inner.stream_depth) == stream.root().as_str())
                 .count();
             let batch = &events[i..i + run];
             let bytes: u64 = batch
@@ -247,14 +247,15 @@ impl Store {
 
     /// The stream that holds `path`, created (with its directory) on first use.
     fn stream_for(&self, path: &ChannelPath) -> Result<Arc<Stream>> {
-        let root = path.truncated(self.inner.stream_depth);
-        if let Some(s) = self.inner.streams.read().get(&root) {
+                let root = path.prefix(self.inner.stream_depth);
+        if let Some(s) = self.inner.streams.read().get(root) {
             return Ok(Arc::clone(s));
         }
         let mut streams = self.inner.streams.write();
-        if let Some(s) = streams.get(&root) {
+        if let Some(s) = streams.get(root) {
             return Ok(Arc::clone(s));
         }
+        let root = path.truncated(self.inner.stream_depth);
         let parent = layout::streams_dir(&self.inner.dir);
         let dir = parent.join(layout::stream_dir_name(&root));
         fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create directory", e))?;

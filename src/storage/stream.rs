@@ -58,8 +58,11 @@ pub(crate) struct ChannelHeads {
 }
 
 pub(crate) struct LiveSegment {
-    pub seg: Arc<Segment>,
-    pub channels: HashMap<Box<str>, ChannelHeads>,
+        pub seg: Arc<Segment>,
+    /// Channel path -> its slot in `heads`. Slots let the writer publish commits without
+    /// hashing or decoding anything under the stream lock.
+    pub slots: HashMap<Box<str>, u32>,
+    pub heads: Vec<ChannelHeads>,
     pub index: Vec<IndexEntry>,
     pub builder: IndexBuilder,
     pub pending_end: u64,
@@ -76,8 +79,10 @@ pub(crate) struct Chunk {
     pub seg: Arc<Segment>,
     pub offset: u64,
     pub bytes: Vec<u8>,
-    /// Where the event records of this chunk end (before a seal record, if any).
+        /// Where the event records of this chunk end (before a seal record, if any).
     pub records_end: u64,
+    /// (channel slot, offset) of each event record in the chunk, in order.
+    pub events: Vec<(u32, u64)>,
     pub is_create: bool,
     pub is_seal: bool,
 }
@@ -86,7 +91,8 @@ impl LiveSegment {
     pub fn new(seg: Arc<Segment>, interval_bytes: u32) -> LiveSegment {
         LiveSegment {
             seg,
-            channels: HashMap::new(),
+                        slots: HashMap::new(),
+            heads: Vec::new(),
             index: Vec::new(),
             builder: IndexBuilder::new(interval_bytes),
             pending_end: record::SEGMENT_HEADER_LEN as u64,
@@ -100,38 +106,32 @@ impl LiveSegment {
     }
 
     /// Registers an event record at `offset` as written and committed (recovery).
-    pub fn note_recovered(&mut self, offset: u64, id: u64, path: &str, len: u64) {
-        self.note_pending(offset, id, path);
-        let heads = self
-            .channels
-            .get_mut(path)
-            .expect("inserted by note_pending");
+        pub fn note_recovered(&mut self, offset: u64, id: u64, path: &str, len: u64) {
+        let (slot, _) = self.note_pending(offset, id, path);
+        let heads = &mut self.heads[slot as usize];
         heads.committed_last = offset;
         heads.committed_count = heads.count;
         self.pending_end = offset + len;
         self.committed_end = self.pending_end;
     }
 
-    /// Updates the appender's view for an event record at `offset`; returns its chain link.
-    fn note_pending(&mut self, offset: u64, id: u64, path: &str) -> u64 {
-        let prev = match self.channels.get_mut(path) {
-            Some(h) => {
+        /// Updates the appender's view for an event record at `offset`; returns the channel's slot
+    /// and the record's chain link.
+    fn note_pending(&mut self, offset: u64, id: u64, path: &str) -> (u32, u64) {
+        let (slot, prev) = match self.slots.get(path) {
+            Some(&slot) => {
+                let h = &mut self.heads[slot as usize];
                 let prev = h.last;
                 h.last = offset;
                 h.count += 1;
-                prev
+                (slot, prev)
             }
             None => {
-                self.channels.insert(
-                    path.into(),
-                    ChannelHeads {
-                        first: offset,
-                        last: offset,
-                        count: 1,
-                        ..ChannelHeads::default()
-                    },
-                );
-                0
+                // Slots are bounded by the records of one segment, far below u32::MAX.
+                let slot = self.heads.len() as u32;
+                self.slots.insert(path.into(), slot);
+                self.heads.push(ChannelHeads { first: offset, last: offset, count: 1, ..ChannelHeads::default() });
+                (slot, 0)
             }
         };
         if self.builder.wants(offset) {
@@ -140,19 +140,21 @@ impl LiveSegment {
         self.event_count += 1;
         self.first_event_id.get_or_insert(EventId(id));
         self.last_id = EventId(id);
-        self.last_event_offset = offset;
-        prev
+                self.last_event_offset = offset;
+        (slot, prev)
+    }
+
+    fn head(&self, path: &str) -> Option<&ChannelHeads> {
+        self.slots.get(path).map(|&slot| &self.heads[slot as usize])
     }
 
     fn footer_entries(&self) -> Vec<TableEntry<'_>> {
-        let mut entries: Vec<TableEntry<'_>> = self
-            .channels
+                let mut entries: Vec<TableEntry<'_>> = self
+            .slots
             .iter()
-            .map(|(path, h)| TableEntry {
-                path,
-                first_offset: h.first,
-                last_offset: h.last,
-                count: h.count,
+            .map(|(path, &slot)| {
+                let h = &self.heads[slot as usize];
+                TableEntry { path, first_offset: h.first, last_offset: h.last, count: h.count }
             })
             .collect();
         entries.sort_unstable_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
@@ -188,7 +190,7 @@ impl Stream {
             .map(|l| LiveView {
                 seg: Arc::clone(&l.seg),
                 committed_end: l.committed_end,
-                head: channel.and_then(|c| l.channels.get(c)).and_then(|h| {
+                head: channel.and_then(|c| l.head(c)).and_then(|h| {
                     (h.committed_count > 0).then_some((h.committed_last, h.committed_count))
                 }),
                 event_count: l.event_count,
@@ -235,7 +237,8 @@ impl Stream {
     pub fn live_channels(&self, scope: &ChannelPath, out: &mut Vec<String>) {
         let state = self.state.lock();
         for l in &state.live {
-            for (path, h) in &l.channels {
+                        for (path, &slot) in &l.slots {
+                let h = &l.heads[slot as usize];
                 if h.committed_count > 0 && scope.contains(path) {
                     out.push(path.to_string());
                 }
@@ -262,13 +265,14 @@ impl StreamState {
             self.start_segment(dir, opts, id);
         }
         let live = self.live.back_mut().expect("start_segment made one");
-        let offset = live.pending_end;
-        let prev = live.note_pending(offset, id.0, path);
+                let offset = live.pending_end;
+        let (slot, prev) = live.note_pending(offset, id.0, path);
         live.pending_end += rec_len;
         let seg = Arc::clone(&live.seg);
         let chunk = self.chunk_for(&seg, offset);
         record::encode_event(&mut chunk.bytes, id.0, prev, path, data);
         chunk.records_end = offset + rec_len;
+        chunk.events.push((slot, offset));
         self.last_id = id;
     }
 
@@ -302,8 +306,9 @@ impl StreamState {
             self.pending.push(Chunk {
                 seg: Arc::clone(seg),
                 offset,
-                bytes: Vec::with_capacity(64 * 1024),
+                                bytes: Vec::with_capacity(64 * 1024),
                 records_end: offset,
+                events: Vec::new(),
                 is_create: false,
                 is_seal: false,
             });
@@ -358,7 +363,8 @@ impl StreamState {
         self.pending.push(Chunk {
             seg,
             offset: 0,
-            records_end: bytes.len() as u64,
+                        records_end: bytes.len() as u64,
+            events: Vec::new(),
             bytes,
             is_create: true,
             is_seal: false,
@@ -377,22 +383,10 @@ impl StreamState {
                 continue;
             };
             let live = &mut self.live[pos];
-            let mut at = if chunk.is_create {
-                record::SEGMENT_HEADER_LEN as u64
-            } else {
-                chunk.offset
-            };
-            while at < chunk.records_end {
-                let Some(rel) = usize::try_from(at - chunk.offset).ok() else {
-                    break;
-                };
-                // The writer encoded these bytes itself; a failure here is a bug, not damage.
-                let rec = record::decode(&chunk.bytes, rel).expect("encoded by this process");
-                if let Some(h) = live.channels.get_mut(rec.path) {
-                    h.committed_last = at;
-                    h.committed_count += 1;
-                }
-                at += rec.len as u64;
+            for &(slot, offset) in &chunk.events {
+                let h = &mut live.heads[slot as usize];
+                h.committed_last = offset;
+                h.committed_count += 1;
             }
             live.committed_end = live.committed_end.max(chunk.records_end);
             if chunk.is_seal && chunk.seg.is_sealed_loaded() {
