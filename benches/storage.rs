@@ -15,18 +15,26 @@ use std::ops::Bound;
 use std::time::{Duration, Instant};
 
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn opts(durability: Durability) -> StoreOptions {
-    StoreOptions { durability, ..StoreOptions::default() }
+    StoreOptions {
+        durability,
+        ..StoreOptions::default()
+    }
 }
 
 /// Appends: one writer with `never` (single calls and batches), and `always` with 1,000 appends
 /// in flight from 4 threads (each keeps 250 unacknowledged, waiting on the oldest).
 fn append(c: &mut Criterion) {
     let mut group = c.benchmark_group("append");
-    group.sample_size(10).measurement_time(Duration::from_secs(8));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(8));
     for size in [100usize, 4096] {
         let data = vec![b'x'; size];
         let path = ChannelPath::parse("/bench/a").unwrap();
@@ -88,20 +96,27 @@ fn append(c: &mut Criterion) {
 fn busy_store(neighbours: u64) -> (tempfile::TempDir, Store, Vec<EventId>) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), opts(Durability::Never)).unwrap();
-    let busy: Vec<ChannelPath> = (0..100).map(|i| ChannelPath::parse(&format!("/busy/c{i}")).unwrap()).collect();
+    let busy: Vec<ChannelPath> = (0..100)
+        .map(|i| ChannelPath::parse(&format!("/busy/c{i}")).unwrap())
+        .collect();
     let quiet = ChannelPath::parse("/busy/quiet").unwrap();
     let data = vec![b'b'; 100];
     let mut ids = Vec::new();
     let started = Instant::now();
     let mut written = 0u64;
     while written < neighbours {
-        let batch: Vec<(&ChannelPath, &[u8])> = (0..10_000u64).map(|i| (&busy[(i % 100) as usize], &data[..])).collect();
+        let batch: Vec<(&ChannelPath, &[u8])> = (0..10_000u64)
+            .map(|i| (&busy[(i % 100) as usize], &data[..]))
+            .collect();
         ids.push(store.append_batch(&batch).unwrap().unwrap());
         store.append(&quiet, b"quiet event").unwrap();
         written += 10_000;
     }
     store.flush().unwrap();
-    eprintln!("wrote {neighbours} neighbour events in {:.1?}", started.elapsed());
+    eprintln!(
+        "wrote {neighbours} neighbour events in {:.1?}",
+        started.elapsed()
+    );
     (dir, store, ids)
 }
 
@@ -113,7 +128,10 @@ fn reads(c: &mut Criterion) {
     group.bench_function(BenchmarkId::new("last100_quiet_channel", neighbours), |b| {
         b.iter(|| {
             let reader = store.reader(&quiet);
-            let n = reader.events(&Query::last(100)).map(|e| e.unwrap().data.len()).count();
+            let n = reader
+                .events(&Query::last(100))
+                .map(|e| e.unwrap().data.len())
+                .count();
             assert_eq!(n, 100.min((neighbours / 10_000) as usize));
         });
     });
@@ -129,7 +147,11 @@ fn reads(c: &mut Criterion) {
     group.bench_function(BenchmarkId::new("time_seek_first_10", neighbours), |b| {
         b.iter(|| {
             let reader = store.reader(&all);
-            let q = Query { start: Bound::Included(middle), limit: Some(10), ..Query::all() };
+            let q = Query {
+                start: Bound::Included(middle),
+                limit: Some(10),
+                ..Query::all()
+            };
             assert_eq!(reader.events(&q).count(), 10);
         });
     });
@@ -141,17 +163,23 @@ fn verify_throughput(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     {
         let store = Store::open(dir.path(), opts(Durability::Never)).unwrap();
-        let paths: Vec<ChannelPath> = (0..1000).map(|i| ChannelPath::parse(&format!("/v/c{i}")).unwrap()).collect();
+        let paths: Vec<ChannelPath> = (0..1000)
+            .map(|i| ChannelPath::parse(&format!("/v/c{i}")).unwrap())
+            .collect();
         let data = vec![b'v'; 100];
         let events = mb * 1_000_000 / 140;
         for chunk in 0..events / 10_000 {
-            let batch: Vec<(&ChannelPath, &[u8])> =
-                (0..10_000u64).map(|i| (&paths[((chunk * 10_000 + i) % 1000) as usize], &data[..])).collect();
+            let batch: Vec<(&ChannelPath, &[u8])> = (0..10_000u64)
+                .map(|i| (&paths[((chunk * 10_000 + i) % 1000) as usize], &data[..]))
+                .collect();
             store.append_batch(&batch).unwrap();
         }
         store.close().unwrap();
     }
-    let bytes: u64 = walk(dir.path()).iter().map(|p| std::fs::metadata(p).unwrap().len()).sum();
+    let bytes: u64 = walk(dir.path())
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
     let mut group = c.benchmark_group("verify");
     group.sample_size(10).throughput(Throughput::Bytes(bytes));
     group.bench_function(BenchmarkId::new("warm", mb), |b| {

@@ -2,7 +2,14 @@ use ivy::channel::ChannelPath;
 use ivy::storage::{Durability, Store, StoreOptions};
 fn main() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), StoreOptions { durability: Durability::Never, ..Default::default() }).unwrap();
+    let store = Store::open(
+        dir.path(),
+        StoreOptions {
+            durability: Durability::Never,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let path = ChannelPath::parse("/bench/a").unwrap();
     let data = vec![b'x'; 100];
     let t = std::time::Instant::now();

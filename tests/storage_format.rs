@@ -5,8 +5,12 @@ use ivy::storage::codec;
 
 /// The hex blocks of the page's "Worked example", in order.
 fn example_blocks() -> Vec<Vec<u8>> {
-    let page = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/storage-format.md")).unwrap();
-    let example = page.split("## Worked example").nth(1).expect("section exists");
+    let page =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/storage-format.md")).unwrap();
+    let example = page
+        .split("## Worked example")
+        .nth(1)
+        .expect("section exists");
     let mut blocks = Vec::new();
     for block in example.split("```text").skip(1) {
         let body = block.split("```").next().unwrap();
@@ -26,13 +30,25 @@ fn the_worked_example_decodes() {
     let blocks = example_blocks();
     assert_eq!(blocks.len(), 2);
     let seg = &blocks[0];
-    assert_eq!(codec::decode_segment_header(seg), Ok(1_700_000_000_000_000_001));
+    assert_eq!(
+        codec::decode_segment_header(seg),
+        Ok(1_700_000_000_000_000_001)
+    );
     let rec = codec::decode(seg, 32).unwrap();
     assert_eq!(rec.kind, codec::KIND_EVENT);
     assert_eq!(rec.id, 0x1797_9CFE_362A_0001);
-    assert_eq!((rec.prev, rec.path, rec.data, rec.len), (0, "/a", &b"hi"[..], 32));
-    assert_eq!(u32::from_le_bytes(seg[28..32].try_into().unwrap()), 0x6EBB_EE91);
-    assert_eq!(u32::from_le_bytes(seg[32..36].try_into().unwrap()), 0x20A7_B32E);
+    assert_eq!(
+        (rec.prev, rec.path, rec.data, rec.len),
+        (0, "/a", &b"hi"[..], 32)
+    );
+    assert_eq!(
+        u32::from_le_bytes(seg[28..32].try_into().unwrap()),
+        0x6EBB_EE91
+    );
+    assert_eq!(
+        u32::from_le_bytes(seg[32..36].try_into().unwrap()),
+        0x20A7_B32E
+    );
     assert_eq!(crc32fast::hash(&seg[36..64]), 0x20A7_B32E);
     assert_eq!(codec::decode_trailer(seg), None, "the example is live");
 
@@ -40,7 +56,13 @@ fn the_worked_example_decodes() {
     assert_eq!(idx.segment_first_id, 1_700_000_000_000_000_001);
     assert_eq!(idx.interval_bytes, 4096);
     let entries: Vec<_> = idx.entries().collect();
-    assert_eq!(entries, [codec::IndexEntry { id: 1_700_000_000_000_000_001, offset: 32 }]);
+    assert_eq!(
+        entries,
+        [codec::IndexEntry {
+            id: 1_700_000_000_000_000_001,
+            offset: 32
+        }]
+    );
 }
 
 #[test]
@@ -60,16 +82,37 @@ fn a_sealed_segment_matches_the_page() {
     codec::encode_event(&mut seg, 12, 32, "/b", b"three");
     let seal_at = seg.len() as u64;
     let entries = [
-        codec::TableEntry { path: "/a", first_offset: second, last_offset: second, count: 1 },
-        codec::TableEntry { path: "/b", first_offset: 32, last_offset: third, count: 2 },
+        codec::TableEntry {
+            path: "/a",
+            first_offset: second,
+            last_offset: second,
+            count: 1,
+        },
+        codec::TableEntry {
+            path: "/b",
+            first_offset: 32,
+            last_offset: third,
+            count: 2,
+        },
     ];
-    let summary = codec::FooterSummary { event_count: 3, first_id: 10, last_id: 12, channel_count: 2 };
+    let summary = codec::FooterSummary {
+        event_count: 3,
+        first_id: 10,
+        last_id: 12,
+        channel_count: 2,
+    };
     codec::encode_seal(&mut seg, seal_at, summary, third, &entries);
     let n = seg.len();
     assert_eq!(&seg[n - 8..], b"IVYSEAL\n");
-    assert_eq!(u64::from_le_bytes(seg[n - 16..n - 8].try_into().unwrap()), seal_at);
+    assert_eq!(
+        u64::from_le_bytes(seg[n - 16..n - 8].try_into().unwrap()),
+        seal_at
+    );
     let seal = codec::decode(&seg, seal_at as usize).unwrap();
-    assert_eq!((seal.kind, seal.id, seal.prev, seal.path), (codec::KIND_SEAL, 12, third, ""));
+    assert_eq!(
+        (seal.kind, seal.id, seal.prev, seal.path),
+        (codec::KIND_SEAL, 12, third, "")
+    );
     assert_eq!(seal_at as usize + seal.len + 16, n);
     let footer = codec::decode_footer(seal.data).unwrap();
     assert_eq!(footer.summary, summary);

@@ -196,7 +196,7 @@ pub(crate) fn run_writer(shared: Arc<Shared>) {
         let Some(round) = writer.next_round() else {
             break;
         };
-                let stop = round.is_shutdown;
+        let stop = round.is_shutdown;
         let bytes = writer.commit(round);
         if stop {
             break;
@@ -261,7 +261,7 @@ impl Writer {
         }
     }
 
-        /// Under `never` and `interval`, after a small round, waits a moment so the next round
+    /// Under `never` and `interval`, after a small round, waits a moment so the next round
     /// carries a real batch: otherwise the writer and a fast appender take turns on the same
     /// locks for a few records each (measured: `examples/append_loop.rs`, single appends).
     /// Under `always` the fsync itself is the batching window.
@@ -317,7 +317,7 @@ impl Writer {
             bytes_written.min(shared.pending_bytes.load(Ordering::Acquire)),
             Ordering::AcqRel,
         );
-                shared.space_event.notify(usize::MAX);
+        shared.space_event.notify(usize::MAX);
         shared.commit_event.notify(usize::MAX);
         bytes_written
     }

@@ -58,7 +58,7 @@ pub(crate) struct ChannelHeads {
 }
 
 pub(crate) struct LiveSegment {
-        pub seg: Arc<Segment>,
+    pub seg: Arc<Segment>,
     /// Channel path -> its slot in `heads`. Slots let the writer publish commits without
     /// hashing or decoding anything under the stream lock.
     pub slots: HashMap<Box<str>, u32>,
@@ -79,7 +79,7 @@ pub(crate) struct Chunk {
     pub seg: Arc<Segment>,
     pub offset: u64,
     pub bytes: Vec<u8>,
-        /// Where the event records of this chunk end (before a seal record, if any).
+    /// Where the event records of this chunk end (before a seal record, if any).
     pub records_end: u64,
     /// (channel slot, offset) of each event record in the chunk, in order.
     pub events: Vec<(u32, u64)>,
@@ -91,7 +91,7 @@ impl LiveSegment {
     pub fn new(seg: Arc<Segment>, interval_bytes: u32) -> LiveSegment {
         LiveSegment {
             seg,
-                        slots: HashMap::new(),
+            slots: HashMap::new(),
             heads: Vec::new(),
             index: Vec::new(),
             builder: IndexBuilder::new(interval_bytes),
@@ -106,7 +106,7 @@ impl LiveSegment {
     }
 
     /// Registers an event record at `offset` as written and committed (recovery).
-        pub fn note_recovered(&mut self, offset: u64, id: u64, path: &str, len: u64) {
+    pub fn note_recovered(&mut self, offset: u64, id: u64, path: &str, len: u64) {
         let (slot, _) = self.note_pending(offset, id, path);
         let heads = &mut self.heads[slot as usize];
         heads.committed_last = offset;
@@ -115,7 +115,7 @@ impl LiveSegment {
         self.committed_end = self.pending_end;
     }
 
-        /// Updates the appender's view for an event record at `offset`; returns the channel's slot
+    /// Updates the appender's view for an event record at `offset`; returns the channel's slot
     /// and the record's chain link.
     fn note_pending(&mut self, offset: u64, id: u64, path: &str) -> (u32, u64) {
         let (slot, prev) = match self.slots.get(path) {
@@ -130,7 +130,12 @@ impl LiveSegment {
                 // Slots are bounded by the records of one segment, far below u32::MAX.
                 let slot = self.heads.len() as u32;
                 self.slots.insert(path.into(), slot);
-                self.heads.push(ChannelHeads { first: offset, last: offset, count: 1, ..ChannelHeads::default() });
+                self.heads.push(ChannelHeads {
+                    first: offset,
+                    last: offset,
+                    count: 1,
+                    ..ChannelHeads::default()
+                });
                 (slot, 0)
             }
         };
@@ -140,7 +145,7 @@ impl LiveSegment {
         self.event_count += 1;
         self.first_event_id.get_or_insert(EventId(id));
         self.last_id = EventId(id);
-                self.last_event_offset = offset;
+        self.last_event_offset = offset;
         (slot, prev)
     }
 
@@ -149,12 +154,17 @@ impl LiveSegment {
     }
 
     fn footer_entries(&self) -> Vec<TableEntry<'_>> {
-                let mut entries: Vec<TableEntry<'_>> = self
+        let mut entries: Vec<TableEntry<'_>> = self
             .slots
             .iter()
             .map(|(path, &slot)| {
                 let h = &self.heads[slot as usize];
-                TableEntry { path, first_offset: h.first, last_offset: h.last, count: h.count }
+                TableEntry {
+                    path,
+                    first_offset: h.first,
+                    last_offset: h.last,
+                    count: h.count,
+                }
             })
             .collect();
         entries.sort_unstable_by(|a, b| a.path.as_bytes().cmp(b.path.as_bytes()));
@@ -237,7 +247,7 @@ impl Stream {
     pub fn live_channels(&self, scope: &ChannelPath, out: &mut Vec<String>) {
         let state = self.state.lock();
         for l in &state.live {
-                        for (path, &slot) in &l.slots {
+            for (path, &slot) in &l.slots {
                 let h = &l.heads[slot as usize];
                 if h.committed_count > 0 && scope.contains(path) {
                     out.push(path.to_string());
@@ -265,7 +275,7 @@ impl StreamState {
             self.start_segment(dir, opts, id);
         }
         let live = self.live.back_mut().expect("start_segment made one");
-                let offset = live.pending_end;
+        let offset = live.pending_end;
         let (slot, prev) = live.note_pending(offset, id.0, path);
         live.pending_end += rec_len;
         let seg = Arc::clone(&live.seg);
@@ -306,7 +316,7 @@ impl StreamState {
             self.pending.push(Chunk {
                 seg: Arc::clone(seg),
                 offset,
-                                bytes: Vec::with_capacity(64 * 1024),
+                bytes: Vec::with_capacity(64 * 1024),
                 records_end: offset,
                 events: Vec::new(),
                 is_create: false,
@@ -363,7 +373,7 @@ impl StreamState {
         self.pending.push(Chunk {
             seg,
             offset: 0,
-                        records_end: bytes.len() as u64,
+            records_end: bytes.len() as u64,
             events: Vec::new(),
             bytes,
             is_create: true,
