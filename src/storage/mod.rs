@@ -30,11 +30,13 @@ mod recovery;
 mod segment;
 mod store;
 mod stream;
+mod tail;
 pub mod verify;
 
 pub use error::{Corruption, Error, Result};
 pub use read::{Direction, Event, Events, Query, Reader};
 pub use store::{lock_directory, DirLock, Store, StreamStats};
+pub use tail::Tail;
 
 use crate::clock::{Clock, SystemClock};
 use std::sync::Arc;
