@@ -1,5 +1,10 @@
-//! Plain loops for `perf record` (criterion's harness gets in the way of a profile):
-//! `cargo bench --bench loops -- append` or `-- verify`. Prints throughput per run.
+//! Plain loops for `perf record` and for whole-process measurements that criterion cannot make
+//! (criterion's harness gets in the way of a profile, and of a clean resident-memory reading):
+//! - `cargo bench --bench loops -- append`: single appends, events/s;
+//! - `-- verify`: verify throughput on a warm ~400 MB store;
+//! - `-- reopen`: builds stores of `IVY_REOPEN_GB` (default `1,8`) GB, then opens each in a fresh
+//!   child process and reports open time and resident memory;
+//! - `-- channels`: resident memory per channel of a live segment (1,000,000 channels).
 
 use ivy::channel::ChannelPath;
 use ivy::storage::{verify, Durability, Store, StoreOptions};
@@ -57,7 +62,104 @@ fn verify_loop() {
     }
 }
 
+/// (resident, anonymous resident) memory in KiB: mapped file pages are resident but are the
+/// page cache, not memory the process allocated, so the second figure is the one that must not
+/// grow with the data held.
+fn rss_kib() -> (u64, u64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("RssAnon:"))
+}
+
+/// Builds stores of the requested sizes and opens each three times in a child process.
+fn reopen_loop() {
+    let sizes = std::env::var("IVY_REOPEN_GB").unwrap_or_else(|_| "1,8".into());
+    for gb in sizes
+        .split(',')
+        .filter_map(|s| s.trim().parse::<u64>().ok())
+    {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let store = Store::open(dir.path(), never()).expect("open");
+            let paths: Vec<ChannelPath> = (0..1000)
+                .map(|i| ChannelPath::parse(&format!("/r/c{i}")).expect("path"))
+                .collect();
+            let data = [b'r'; 100];
+            // 140 bytes per record on disk.
+            let batches = gb * 1_000_000_000 / 140 / 10_000;
+            for chunk in 0..batches as usize {
+                let batch: Vec<(&ChannelPath, &[u8])> = (0..10_000)
+                    .map(|i| (&paths[(chunk * 10_000 + i) % 1000], &data[..]))
+                    .collect();
+                store.append_batch(&batch).expect("append");
+            }
+            store.close().expect("close");
+        }
+        let exe = std::env::current_exe().expect("own path");
+        for _ in 0..3 {
+            let out = std::process::Command::new(&exe)
+                .arg("reopen-child")
+                .arg(dir.path())
+                .output()
+                .expect("child");
+            print!("reopen {gb} GB: {}", String::from_utf8_lossy(&out.stdout));
+        }
+    }
+}
+
+fn reopen_child(dir: &str) {
+    let started = Instant::now();
+    let store = Store::open(dir, never()).expect("open");
+    let opened = started.elapsed();
+    let after_open = rss_kib();
+    let stats = store.stats().expect("stats");
+    let segments: usize = stats.iter().map(|s| s.segments).sum();
+    let reader = store.reader(&ivy::channel::Selector::parse("/r/c7").expect("selector"));
+    let n = reader.events(&ivy::storage::Query::last(100)).count();
+    let after_reads = rss_kib();
+    println!(
+        "open {opened:.2?}, {segments} segments, last-100 read {n}; RSS/anon KiB after open {}/{}, after stats and read {}/{}",
+        after_open.0, after_open.1, after_reads.0, after_reads.1
+    );
+}
+
+/// Resident memory of 1,000,000 channels in one live segment.
+fn channels_loop() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path(), never()).expect("open");
+    let paths: Vec<ChannelPath> = (0..1_000_000)
+        .map(|i| ChannelPath::parse(&format!("/rooms/r{i:07}")).expect("path"))
+        .collect();
+    let warm = [(&paths[0], &b"x"[..])];
+    store.append_batch(&warm).expect("append");
+    store.flush().expect("flush");
+    let before = rss_kib().1;
+    for chunk in paths.chunks(10_000) {
+        let batch: Vec<(&ChannelPath, &[u8])> = chunk.iter().map(|p| (p, &b"x"[..])).collect();
+        store.append_batch(&batch).expect("append");
+    }
+    store.flush().expect("flush");
+    let after = rss_kib().1;
+    println!(
+        "channels: 1,000,000 channels in a live segment: anonymous RSS +{} KiB, {} bytes per channel",
+        after - before,
+        (after - before) * 1024 / 1_000_000
+    );
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("reopen-child") {
+        reopen_child(args.get(2).map_or(".", String::as_str));
+        return;
+    }
+
     let which: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
@@ -68,5 +170,11 @@ fn main() {
     }
     if wants("verify") {
         verify_loop();
+    }
+    if which.iter().any(|w| w == "reopen") {
+        reopen_loop();
+    }
+    if which.iter().any(|w| w == "channels") {
+        channels_loop();
     }
 }
