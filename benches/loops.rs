@@ -91,13 +91,19 @@ fn reopen_loop() {
                 .map(|i| ChannelPath::parse(&format!("/r/c{i}")).expect("path"))
                 .collect();
             let data = [b'r'; 100];
-            // 140 bytes per record on disk.
-            let batches = gb * 1_000_000_000 / 140 / 10_000;
-            for chunk in 0..batches as usize {
-                let batch: Vec<(&ChannelPath, &[u8])> = (0..10_000)
-                    .map(|i| (&paths[(chunk * 10_000 + i) % 1000], &data[..]))
+            // Records are 140 bytes on disk; a 64 MiB segment holds 479,348 of them. Every store
+            // gets the same 100,000-record live tail, so stores differ only in sealed segments.
+            let per_segment = (64 * 1024 * 1024 - 32) / 140;
+            let full_segments = gb * 1_000_000_000 / (64 * 1024 * 1024);
+            let total = full_segments * per_segment + 100_000;
+            let mut written = 0u64;
+            while written < total {
+                let n = (total - written).min(10_000) as usize;
+                let batch: Vec<(&ChannelPath, &[u8])> = (0..n)
+                    .map(|i| (&paths[(written as usize + i) % 1000], &data[..]))
                     .collect();
                 store.append_batch(&batch).expect("append");
+                written += n as u64;
             }
             store.close().expect("close");
         }

@@ -101,5 +101,7 @@
 pub mod channel;
 pub mod clock;
 pub mod event_id;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod storage;
 pub mod wire;

@@ -20,16 +20,22 @@ const TABLE_ENTRY_FIXED_LEN: usize = 2 + 24;
 pub const KIND_EVENT: u8 = 1;
 pub const KIND_SEAL: u8 = 2;
 
+/// `N` bytes at `at`, or `None` past the end (including offsets so large they overflow, which
+/// disk bytes can name: fuzzing found one).
+fn read_array<const N: usize>(buf: &[u8], at: usize) -> Option<[u8; N]> {
+    buf.get(at..at.checked_add(N)?)?.try_into().ok()
+}
+
 pub(crate) fn read_u16(buf: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(buf.get(at..at + 2)?.try_into().ok()?))
+    read_array(buf, at).map(u16::from_le_bytes)
 }
 
 pub(crate) fn read_u32(buf: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(buf.get(at..at + 4)?.try_into().ok()?))
+    read_array(buf, at).map(u32::from_le_bytes)
 }
 
 pub(crate) fn read_u64(buf: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(buf.get(at..at + 8)?.try_into().ok()?))
+    read_array(buf, at).map(u64::from_le_bytes)
 }
 
 pub(crate) fn crc(bytes: &[u8]) -> u32 {
@@ -274,21 +280,20 @@ impl<'a> Footer<'a> {
 
     /// The i-th entry in path order.
     pub fn entry(&self, i: usize) -> Result<TableEntry<'a>, Corruption> {
-        let bad = Corruption::BadFooter("channel table entry");
-        let pos = read_u64(self.positions, i * 8).ok_or(bad.clone())?;
-        let at = usize::try_from(pos).map_err(|_| bad.clone())?;
-        let path_len = usize::from(read_u16(self.table, at).ok_or(bad.clone())?);
-        let path_bytes = self
-            .table
-            .get(at + 2..at + 2 + path_len)
-            .ok_or(bad.clone())?;
-        let path = std::str::from_utf8(path_bytes).map_err(|_| bad.clone())?;
-        let nums = at + 2 + path_len;
+        let bad = || Corruption::BadFooter("channel table entry");
+        let pos = read_u64(self.positions, i.checked_mul(8).ok_or_else(bad)?).ok_or_else(bad)?;
+        let at = usize::try_from(pos).map_err(|_| bad())?;
+        let path_len = usize::from(read_u16(self.table, at).ok_or_else(bad)?);
+        let path_start = at.checked_add(2).ok_or_else(bad)?;
+        let nums = path_start.checked_add(path_len).ok_or_else(bad)?;
+        let path_bytes = self.table.get(path_start..nums).ok_or_else(bad)?;
+        let path = std::str::from_utf8(path_bytes).map_err(|_| bad())?;
         Ok(TableEntry {
             path,
-            first_offset: read_u64(self.table, nums).ok_or(bad.clone())?,
-            last_offset: read_u64(self.table, nums + 8).ok_or(bad.clone())?,
-            count: read_u64(self.table, nums + 16).ok_or(bad)?,
+            first_offset: read_u64(self.table, nums).ok_or_else(bad)?,
+            last_offset: read_u64(self.table, nums.checked_add(8).ok_or_else(bad)?)
+                .ok_or_else(bad)?,
+            count: read_u64(self.table, nums.checked_add(16).ok_or_else(bad)?).ok_or_else(bad)?,
         })
     }
 
