@@ -100,8 +100,11 @@
 
 pub mod channel;
 pub mod clock;
+pub mod config;
 pub mod event_id;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod metrics;
+pub mod server;
 pub mod storage;
 pub mod wire;

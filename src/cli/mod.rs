@@ -3,6 +3,7 @@
 
 mod dump;
 mod import;
+mod serve;
 mod stats;
 mod verify;
 
@@ -26,6 +27,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Run the server (WebSocket `/ws`, HTTP `/events/PATH`) on a data directory.
+    Serve(Box<serve::Args>),
     /// Check every segment and index of a data directory; exit 0 clean, 1 problems, 2 could not run.
     Verify(verify::Args),
     /// Print events as ivy lines (`@TS:/path:DATA`), in id order.
@@ -37,7 +40,12 @@ pub enum Command {
 }
 
 pub fn init_tracing(cli: &Cli) {
-    let filter = cli.log.clone().unwrap_or_else(|| "warn".into());
+    let default = if matches!(cli.command, Command::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    let filter = cli.log.clone().unwrap_or_else(|| default.into());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
@@ -48,6 +56,7 @@ pub fn init_tracing(cli: &Cli) {
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Serve(args) => serve::run(*args).map(|()| ExitCode::SUCCESS),
         Command::Verify(args) => verify::run(args),
         Command::Dump(args) => dump::run(args).map(|()| ExitCode::SUCCESS),
         Command::Import(args) => import::run(args).map(|()| ExitCode::SUCCESS),

@@ -42,6 +42,15 @@ use crate::clock::{Clock, SystemClock};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Running totals of the writer (for metrics).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Totals {
+    pub events_appended: u64,
+    pub bytes_appended: u64,
+    pub fsyncs: u64,
+    pub commit_rounds: u64,
+}
+
 /// The sparsity of the index: one entry per this many bytes of records (a scan of at most this
 /// much finds any id). 4 KiB is one page; see `benches/storage.rs` (time seek).
 pub const DEFAULT_INDEX_INTERVAL: u32 = 4096;

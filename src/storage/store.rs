@@ -277,6 +277,23 @@ impl Store {
         self.inner.shared.wait_committed(id)
     }
 
+    /// Waits, without blocking a thread, until `id` is committed under the policy. Runtime
+    /// agnostic: it awaits an `event-listener`.
+    pub async fn committed_async(&self, id: EventId) -> Result<()> {
+        loop {
+            if self.committed() >= id {
+                return Ok(());
+            }
+            self.inner.shared.check_healthy()?;
+            let listener = self.listen_commits();
+            if self.committed() >= id {
+                return Ok(());
+            }
+            self.inner.shared.check_healthy()?;
+            listener.await;
+        }
+    }
+
     /// The commit watermark: every event with an id at or below it is committed, in every
     /// stream. Live readers that span streams read up to it and no further.
     pub fn committed(&self) -> EventId {
@@ -298,6 +315,18 @@ impl Store {
     /// `committed()` after creating it, then await it, so no commit is missed.
     pub fn listen_commits(&self) -> event_listener::EventListener {
         self.inner.shared.listen()
+    }
+
+    /// Running totals of the writer, for metrics.
+    pub fn totals(&self) -> super::Totals {
+        let c = &self.inner.shared.counters;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        super::Totals {
+            events_appended: get(&c.events_appended),
+            bytes_appended: get(&c.bytes_appended),
+            fsyncs: get(&c.fsyncs),
+            commit_rounds: get(&c.commit_rounds),
+        }
     }
 
     /// The reason the store stopped taking writes, if it did.

@@ -33,13 +33,52 @@ pub fn escape_data(out: &mut Vec<u8>, data: &[u8]) {
     }
 }
 
-/// Appends `@TS:/path:DATA\n`.
+/// Appends `@TS:/path:DATA\n` (a log line, as HTTP and `ivy dump` print it).
 pub fn format_event(out: &mut Vec<u8>, id: EventId, path: &str, data: &[u8]) {
-    use std::io::Write;
-    // Writing to a Vec cannot fail.
-    let _infallible = write!(out, "@{id}:{path}:");
-    escape_data(out, data);
+    format_event_body(out, id, path, data);
     out.push(b'\n');
+}
+
+/// Appends `@TS:/path:DATA` without a line end (a WebSocket message).
+pub fn format_event_body(out: &mut Vec<u8>, id: EventId, path: &str, data: &[u8]) {
+    format_prefix(out, id, path);
+    out.push(b':');
+    escape_data(out, data);
+}
+
+/// Appends `@TS:/path.`: the announcement of an event too large to send inline.
+pub fn format_large_notice(out: &mut Vec<u8>, id: EventId, path: &str) {
+    format_prefix(out, id, path);
+    out.push(b'.');
+}
+
+/// Appends `@TS` (`%010d.%09d`) without allocating.
+pub fn format_id(out: &mut Vec<u8>, id: EventId) {
+    let mut digits = [b'0'; 20];
+    let mut secs = id.seconds();
+    for d in digits[..10].iter_mut().rev() {
+        *d = b'0' + (secs % 10) as u8;
+        secs /= 10;
+    }
+    // Ids past year 2286 have more than ten digits of seconds; print them whole.
+    let mut nanos = id.subsec_nanos();
+    for d in digits[11..20].iter_mut().rev() {
+        *d = b'0' + (nanos % 10) as u8;
+        nanos /= 10;
+    }
+    digits[10] = b'.';
+    out.push(b'@');
+    if secs > 0 {
+        out.extend_from_slice(id.to_string().as_bytes());
+    } else {
+        out.extend_from_slice(&digits);
+    }
+}
+
+fn format_prefix(out: &mut Vec<u8>, id: EventId, path: &str) {
+    format_id(out, id);
+    out.push(b':');
+    out.extend_from_slice(path.as_bytes());
 }
 
 /// Why a line did not parse.
@@ -117,6 +156,24 @@ mod tests {
         check(b"\xff\xfeok", "%FF%FEok");
         check("é".as_bytes(), "é");
         check(b"", "");
+    }
+
+    #[test]
+    fn ids_format_like_display() {
+        for n in [
+            0,
+            1,
+            1_795_563_809_018_347_337,
+            9_999_999_999_999_999_999,
+            u64::MAX,
+        ] {
+            let mut out = Vec::new();
+            format_id(&mut out, EventId(n));
+            assert_eq!(String::from_utf8(out).unwrap(), format!("@{}", EventId(n)));
+        }
+        let mut out = Vec::new();
+        format_large_notice(&mut out, EventId(1), "/a");
+        assert_eq!(out, b"@0000000000.000000001:/a.");
     }
 
     #[test]

@@ -1,0 +1,138 @@
+//! `ivy serve`: flags (each with an `IVY_*` variable) into `StoreOptions` and `ServerOptions`,
+//! then run until SIGINT or SIGTERM.
+
+use anyhow::Context;
+use ivy::config::{OriginPolicy, ServerOptions};
+use ivy::server::Server;
+use ivy::storage::{Durability, Store, StoreOptions};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Address to listen on; port 0 picks a free port (the chosen address is printed).
+    #[arg(long, env = "IVY_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Data directory, created if missing.
+    #[arg(long, env = "IVY_DATA", default_value = "./ivy-data")]
+    data: PathBuf,
+    /// When an event counts as stored: always (fsync before the ack), interval=MS, or never.
+    #[arg(long, env = "IVY_DURABILITY", default_value = "always")]
+    durability: Durability,
+    /// Channel depth of a stream (1: each top-level channel's subtree has its own files). Fixed
+    /// when the data directory is created.
+    #[arg(long, env = "IVY_STREAM_DEPTH", default_value_t = 1)]
+    stream_depth: usize,
+    /// Events with at least this many bytes of data are announced, not sent inline (bytes).
+    #[arg(long, env = "IVY_LARGE_EVENT_BYTES", default_value_t = 64 * 1024)]
+    large_event_bytes: usize,
+    /// Largest WebSocket message, after reassembly (bytes); larger closes with 1009.
+    #[arg(long, env = "IVY_FRAME_BYTES_MAX", default_value_t = 64 * 1024)]
+    frame_bytes_max: usize,
+    /// Subscriptions per connection.
+    #[arg(long, env = "IVY_SUBSCRIPTIONS_MAX", default_value_t = 10_000)]
+    subscriptions_max: usize,
+    /// Events a subscriber may fall behind before it is closed with 1013 (events).
+    #[arg(long, env = "IVY_LAG_EVENTS_MAX", default_value_t = 100_000)]
+    lag_events_max: u64,
+    /// Outbound bytes queued per connection before it reads from the log instead (bytes).
+    #[arg(long, env = "IVY_QUEUE_BYTES_MAX", default_value_t = 1024 * 1024)]
+    queue_bytes_max: usize,
+    /// Largest HTTP request head (bytes).
+    #[arg(long, env = "IVY_HEADER_BYTES_MAX", default_value_t = 16 * 1024)]
+    header_bytes_max: usize,
+    /// Time allowed for a request's headers (seconds).
+    #[arg(long, env = "IVY_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    header_timeout_secs: u64,
+    /// Time allowed for a request's body after its headers (seconds).
+    #[arg(long, env = "IVY_BODY_TIMEOUT_SECS", default_value_t = 30)]
+    body_timeout_secs: u64,
+    /// Largest POST body (bytes); larger is 413.
+    #[arg(long, env = "IVY_BODY_BYTES_MAX", default_value_t = 16 * 1024 * 1024)]
+    body_bytes_max: usize,
+    /// Open connections; beyond, HTTP gets 503 and the socket is closed.
+    #[arg(long, env = "IVY_CONNECTIONS_MAX", default_value_t = 100_000)]
+    connections_max: usize,
+    /// Other origins allowed for WebSocket upgrades, CORS and POST (repeat, or `*` for any).
+    #[arg(long = "allow-origin", env = "IVY_ALLOW_ORIGIN", value_delimiter = ',')]
+    allow_origin: Vec<String>,
+    /// Seconds without any frame after which a WebSocket peer is dropped.
+    #[arg(long, env = "IVY_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    idle_timeout_secs: u64,
+    /// Seconds between pings to each WebSocket peer.
+    #[arg(long, env = "IVY_PING_INTERVAL_SECS", default_value_t = 50)]
+    ping_interval_secs: u64,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.stream_depth == 0 || args.stream_depth > ivy::channel::DEPTH_MAX {
+        anyhow::bail!("--stream-depth must be 1..={}", ivy::channel::DEPTH_MAX);
+    }
+    let store_opts = StoreOptions {
+        durability: args.durability,
+        stream_depth: args.stream_depth,
+        event_bytes_max: args.body_bytes_max.max(args.frame_bytes_max),
+        ..StoreOptions::default()
+    };
+    let opts = ServerOptions {
+        listen: args.listen,
+        large_event_bytes: args.large_event_bytes,
+        frame_bytes_max: args.frame_bytes_max,
+        subscriptions_max: args.subscriptions_max,
+        lag_events_max: args.lag_events_max,
+        queue_bytes_max: args.queue_bytes_max,
+        header_bytes_max: args.header_bytes_max,
+        header_timeout: Duration::from_secs(args.header_timeout_secs),
+        body_timeout: Duration::from_secs(args.body_timeout_secs),
+        body_bytes_max: args.body_bytes_max,
+        connections_max: args.connections_max.max(1),
+        origins: OriginPolicy::from_list(&args.allow_origin),
+        ping_interval: Duration::from_secs(args.ping_interval_secs.max(1)),
+        idle_timeout: Duration::from_secs(args.idle_timeout_secs.max(1)),
+    };
+    let store = Store::open(&args.data, store_opts)
+        .with_context(|| format!("cannot open data directory {}", args.data.display()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(opts.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", opts.listen))?;
+        let addr = listener.local_addr()?;
+        let data = std::fs::canonicalize(&args.data).unwrap_or(args.data.clone());
+        println!(
+            "ivy listening on http://{addr} (WebSocket ws://{addr}/ws), data in {}",
+            data.display()
+        );
+        tracing::info!(%addr, data = %data.display(), durability = ?args.durability, "listening");
+        let server = Server::new(store, opts)?;
+        server.serve(listener, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// Resolves at SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot watch SIGTERM");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,113 @@
+//! Typed, checked server settings. The command line (`cli/serve.rs`) builds one of these once;
+//! the server never sees a clap type. Every limit has its unit in its name and the default the
+//! protocol page gives ("Limits and refusals").
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Which browser origins may open WebSockets, send CORS requests and POST events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OriginPolicy {
+    /// Same origin as the request's `Host`, plus these (`scheme://host[:port]`, lower case).
+    SameOriginAnd(Vec<String>),
+    /// Any origin (`--allow-origin '*'`).
+    Any,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub listen: SocketAddr,
+    /// Events with at least this much data are announced (`@TS:/path.`), not sent inline.
+    pub large_event_bytes: usize,
+    /// A WebSocket message, after reassembly.
+    pub frame_bytes_max: usize,
+    pub subscriptions_max: usize,
+    /// A subscriber this many events behind is closed with 1013.
+    pub lag_events_max: u64,
+    /// Outbound bytes queued for one connection before it reads from the log instead.
+    pub queue_bytes_max: usize,
+    pub header_bytes_max: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub body_bytes_max: usize,
+    pub connections_max: usize,
+    pub origins: OriginPolicy,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> ServerOptions {
+        ServerOptions {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            large_event_bytes: 64 * 1024,
+            frame_bytes_max: 64 * 1024,
+            subscriptions_max: 10_000,
+            lag_events_max: 100_000,
+            queue_bytes_max: 1024 * 1024,
+            header_bytes_max: 16 * 1024,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            body_bytes_max: 16 * 1024 * 1024,
+            connections_max: 100_000,
+            origins: OriginPolicy::SameOriginAnd(Vec::new()),
+            ping_interval: Duration::from_secs(50),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl OriginPolicy {
+    /// Builds the policy from `--allow-origin` values (`*` or origins).
+    pub fn from_list(values: &[String]) -> OriginPolicy {
+        if values.iter().any(|v| v.trim() == "*") {
+            return OriginPolicy::Any;
+        }
+        OriginPolicy::SameOriginAnd(
+            values
+                .iter()
+                .map(|v| v.trim().trim_end_matches('/').to_ascii_lowercase())
+                .collect(),
+        )
+    }
+
+    /// Whether a request with this `Origin` and `Host` is allowed. No `Origin` (not a browser)
+    /// is always allowed; `Origin: null` never is, unless any origin is.
+    pub fn allows(&self, origin: Option<&str>, host: Option<&str>) -> bool {
+        let Some(origin) = origin else { return true };
+        match self {
+            OriginPolicy::Any => true,
+            OriginPolicy::SameOriginAnd(list) => {
+                let origin = origin.trim().to_ascii_lowercase();
+                if origin == "null" {
+                    return false;
+                }
+                let same = host
+                    .is_some_and(|h| origin == format!("http://{}", h.trim().to_ascii_lowercase()));
+                same || list.contains(&origin)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins() {
+        let same = OriginPolicy::from_list(&[]);
+        assert!(same.allows(None, Some("a:1")));
+        assert!(same.allows(Some("http://a:1"), Some("a:1")));
+        assert!(same.allows(Some("HTTP://A:1"), Some("a:1")));
+        assert!(!same.allows(Some("http://evil:1"), Some("a:1")));
+        assert!(!same.allows(Some("https://a:1"), Some("a:1")));
+        assert!(!same.allows(Some("null"), Some("a:1")));
+        assert!(!same.allows(Some("http://a:1"), None));
+        let listed = OriginPolicy::from_list(&["http://app.example/".into()]);
+        assert!(listed.allows(Some("http://app.example"), Some("a:1")));
+        assert!(!listed.allows(Some("http://other.example"), Some("a:1")));
+        let any = OriginPolicy::from_list(&["*".into()]);
+        assert!(any.allows(Some("null"), None));
+    }
+}

@@ -1,0 +1,113 @@
+//! The metric families, registered with `prometheus-client`, which also renders the text format.
+//! Nothing here is hand-rendered.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: u16,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub events_appended: Counter,
+    pub bytes_appended: Counter,
+    pub fsyncs: Counter,
+    pub commit_rounds: Counter,
+    pub connections: Gauge,
+    pub websockets: Gauge,
+    pub subscriptions: Gauge,
+    pub deliveries: Counter,
+    pub lagging: Gauge,
+    pub lag_closes: Counter,
+    pub http_requests: Family<StatusLabel, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut m = Metrics::default();
+        let r = &mut m.registry;
+        r.register(
+            "ivy_events_appended",
+            "Events appended to the log",
+            m.events_appended.clone(),
+        );
+        r.register(
+            "ivy_bytes_appended",
+            "Record bytes appended to the log",
+            m.bytes_appended.clone(),
+        );
+        r.register(
+            "ivy_fsyncs",
+            "fdatasync calls made by the writer",
+            m.fsyncs.clone(),
+        );
+        r.register(
+            "ivy_commit_rounds",
+            "Group-commit rounds (events per round = appended / rounds)",
+            m.commit_rounds.clone(),
+        );
+        r.register(
+            "ivy_connections",
+            "Open TCP connections",
+            m.connections.clone(),
+        );
+        r.register(
+            "ivy_websockets",
+            "Open WebSocket sessions",
+            m.websockets.clone(),
+        );
+        r.register(
+            "ivy_subscriptions",
+            "Active subscriptions",
+            m.subscriptions.clone(),
+        );
+        r.register(
+            "ivy_deliveries",
+            "Events queued to subscribers",
+            m.deliveries.clone(),
+        );
+        r.register(
+            "ivy_lagging_subscribers",
+            "Sessions reading from the log to catch up",
+            m.lagging.clone(),
+        );
+        r.register(
+            "ivy_lag_closes",
+            "Sessions closed with 1013 for lagging",
+            m.lag_closes.clone(),
+        );
+        r.register(
+            "ivy_http_requests",
+            "HTTP requests by status",
+            m.http_requests.clone(),
+        );
+        m
+    }
+
+    /// Brings the storage counters up to date (they live in the engine, which knows nothing of
+    /// Prometheus).
+    pub fn observe_store(&self, totals: &crate::storage::Totals) {
+        for (counter, now) in [
+            (&self.events_appended, totals.events_appended),
+            (&self.bytes_appended, totals.bytes_appended),
+            (&self.fsyncs, totals.fsyncs),
+            (&self.commit_rounds, totals.commit_rounds),
+        ] {
+            counter.inc_by(now.saturating_sub(counter.get()));
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _infallible = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

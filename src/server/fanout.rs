@@ -1,0 +1,344 @@
+//! Fan-out: the subscription index and the dispatcher thread that delivers committed events.
+//!
+//! **Ordering across streams.** Streams are written in parallel, so event 6 of one stream can be
+//! durable before event 5 of another. The dispatcher therefore never looks at a stream's own
+//! progress: it follows the store's **commit watermark** (`Store::committed`, see
+//! `storage/commit.rs`), under which every event is committed in every stream, and reads the
+//! log in id order up to it. Every connection receives ids in strictly increasing order, and
+//! only committed events (durable under `always`): no subscriber sees an event a crash takes back.
+//!
+//! **Once per connection.** For each event the dispatcher walks the channel's ancestors up to
+//! `/`, looks each up in the index, and queues the event's frame, encoded once and shared by
+//! reference count, to each session once (`Session::last_considered`), skipping its publisher.
+//!
+//! **Sender exclusion.** Publishers record `id -> session` in `origins` while holding the publish
+//! gate for reading; the dispatcher takes the gate for writing before it reads the watermark, so
+//! every event it is about to deliver already has its origin recorded.
+//!
+//! **Boundaries.** Subscribing, unsubscribing and rejoining live take the hub lock, which the
+//! dispatcher holds while it delivers a batch, so `dispatched` is exact at that moment: events
+//! above it are delivered under the new state, none at or below it are.
+
+use super::session::{Mode, Session, SessionId};
+use crate::channel::{ChannelPath, Selector};
+use crate::event_id::EventId;
+use crate::metrics::Metrics;
+use crate::storage::{Query, Store};
+use crate::wire::line;
+use bytes::Bytes;
+use event_listener::Listener;
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::ops::Bound;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Events read per dispatcher batch: the hub lock is held for one batch.
+const DISPATCH_BATCH_EVENTS: usize = 256;
+
+pub struct Hub {
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    state: Mutex<HubState>,
+    gate: RwLock<()>,
+    origins: Mutex<HashMap<u64, SessionId>>,
+    sessions_by_sid: Mutex<HashMap<Box<str>, Arc<Session>>>,
+    large_event_bytes: usize,
+    queue_bytes_max: usize,
+    lag_events_max: u64,
+    is_stopping: AtomicBool,
+}
+
+struct HubState {
+    index: HashMap<ChannelPath, Vec<Arc<Session>>>,
+    /// Every event at or below this id has been dispatched.
+    dispatched: EventId,
+}
+
+impl Hub {
+    pub fn new(store: Store, metrics: Arc<Metrics>, opts: &crate::config::ServerOptions) -> Hub {
+        let start = store.committed();
+        Hub {
+            store,
+            metrics,
+            state: Mutex::new(HubState {
+                index: HashMap::new(),
+                dispatched: start,
+            }),
+            gate: RwLock::new(()),
+            origins: Mutex::new(HashMap::new()),
+            sessions_by_sid: Mutex::new(HashMap::new()),
+            large_event_bytes: opts.large_event_bytes,
+            queue_bytes_max: opts.queue_bytes_max,
+            lag_events_max: opts.lag_events_max,
+            is_stopping: AtomicBool::new(false),
+        }
+    }
+
+    pub fn register(&self, session: &Arc<Session>) {
+        self.sessions_by_sid
+            .lock()
+            .insert(session.sid.clone(), Arc::clone(session));
+    }
+
+    /// Removes a closed session from the index.
+    pub fn unregister(&self, session: &Arc<Session>) {
+        self.sessions_by_sid.lock().remove(&session.sid);
+        let mut hub = self.state.lock();
+        let paths: Vec<ChannelPath> = session.state.lock().subscriptions.keys().cloned().collect();
+        for path in paths {
+            remove_from_index(&mut hub.index, &path, session.id);
+            self.metrics.subscriptions.dec();
+        }
+    }
+
+    pub fn session_by_sid(&self, sid: &str) -> Option<Arc<Session>> {
+        self.sessions_by_sid.lock().get(sid).cloned()
+    }
+
+    /// Appends an event for `origin` (excluded from its delivery) without waiting for the
+    /// commit; returns the id.
+    pub fn publish(
+        &self,
+        path: &ChannelPath,
+        data: &[u8],
+        origin: Option<&Arc<Session>>,
+    ) -> crate::storage::Result<EventId> {
+        let _gate = self.gate.read();
+        let id = self.store.append_nowait(path, data)?;
+        if let Some(session) = origin {
+            self.origins.lock().insert(id.0, session.id);
+            session.state.lock().note_own(id);
+        }
+        Ok(id)
+    }
+
+    /// Subscribes; returns the boundary id. `resume_after` replays the log after it first.
+    pub fn subscribe(
+        &self,
+        session: &Arc<Session>,
+        path: ChannelPath,
+        resume_after: Option<EventId>,
+        max: usize,
+    ) -> Result<EventId, &'static str> {
+        let mut hub = self.state.lock();
+        let boundary = hub.dispatched;
+        let mut st = session.state.lock();
+        let is_new = !st.subscriptions.contains_key(&path);
+        if is_new && st.subscriptions.len() >= max {
+            return Err("too many subscriptions");
+        }
+        let since = match resume_after {
+            Some(ts) => {
+                if ts < st.last_taken {
+                    return Err(
+                        "resume point is behind this connection; resume on a new connection",
+                    );
+                }
+                ts
+            }
+            None => boundary,
+        };
+        let entry = st.subscriptions.entry(path.clone()).or_insert(since);
+        *entry = (*entry).min(since);
+        if let Some(ts) = resume_after {
+            st.rewind_to(ts.min(boundary));
+        }
+        drop(st);
+        if is_new {
+            hub.index.entry(path).or_default().push(Arc::clone(session));
+            self.metrics.subscriptions.inc();
+        }
+        drop(hub);
+        if resume_after.is_some() {
+            session.wake.notify_one();
+        }
+        Ok(boundary)
+    }
+
+    /// Unsubscribes; returns the boundary id.
+    pub fn unsubscribe(&self, session: &Arc<Session>, path: &ChannelPath) -> EventId {
+        let mut hub = self.state.lock();
+        if session.state.lock().subscriptions.remove(path).is_some() {
+            remove_from_index(&mut hub.index, path, session.id);
+            self.metrics.subscriptions.dec();
+        }
+        hub.dispatched
+    }
+
+    /// The dispatcher's position.
+    pub fn dispatched(&self) -> EventId {
+        self.state.lock().dispatched
+    }
+
+    /// A lagging session that has read the log up to `cursor` rejoins live if the dispatcher is
+    /// not past it. Returns whether it did.
+    pub fn try_rejoin(&self, session: &Session, cursor: EventId) -> bool {
+        let hub = self.state.lock();
+        if cursor < hub.dispatched {
+            return false;
+        }
+        let mut st = session.state.lock();
+        st.mode = Mode::Live;
+        st.last_queued = cursor;
+        self.metrics.lagging.dec();
+        true
+    }
+
+    /// The frame of an event: its line, or the large-event notice.
+    pub fn encode(&self, id: EventId, path: &str, data: &[u8]) -> Bytes {
+        let mut out = Vec::with_capacity(32 + path.len() + data.len().min(self.large_event_bytes));
+        if data.len() >= self.large_event_bytes {
+            line::format_large_notice(&mut out, id, path);
+        } else {
+            line::format_event_body(&mut out, id, path, data);
+        }
+        Bytes::from(out)
+    }
+
+    pub fn stop(&self) {
+        self.is_stopping.store(true, Ordering::Release);
+    }
+
+    /// The dispatcher thread's body: follows the watermark until `stop`.
+    pub fn run_dispatcher(self: Arc<Hub>) {
+        let everything = Selector::Subtree(ChannelPath::root());
+        while !self.is_stopping.load(Ordering::Acquire) {
+            let listener = self.store.listen_commits();
+            let watermark = {
+                let _gate = self.gate.write();
+                self.store.committed()
+            };
+            let from = self.dispatched();
+            if watermark <= from {
+                // Checked after listening, so a commit in between still wakes us.
+                listener.wait_timeout(Duration::from_millis(100));
+                continue;
+            }
+            if let Err(e) = self.dispatch_range(&everything, from, watermark) {
+                tracing::error!(error = %e, "fan-out cannot read the log; retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    fn dispatch_range(
+        &self,
+        everything: &Selector,
+        from: EventId,
+        to: EventId,
+    ) -> crate::storage::Result<()> {
+        let reader = self.store.reader(everything);
+        let query = Query {
+            start: Bound::Excluded(from),
+            end: Bound::Included(to),
+            ..Query::all()
+        };
+        let mut events = reader.events(&query);
+        loop {
+            let mut hub = self.state.lock();
+            let mut n = 0;
+            while n < DISPATCH_BATCH_EVENTS {
+                let Some(event) = events.next() else {
+                    hub.dispatched = to;
+                    return Ok(());
+                };
+                let event = event?;
+                let origin = self.origins.lock().remove(&event.id.0);
+                self.deliver(&hub, event.id, event.path, event.data, origin);
+                hub.dispatched = event.id;
+                n += 1;
+            }
+        }
+    }
+
+    fn deliver(
+        &self,
+        hub: &HubState,
+        id: EventId,
+        path: &str,
+        data: &[u8],
+        origin: Option<SessionId>,
+    ) {
+        let mut frame: Option<Bytes> = None;
+        for ancestor in ancestors(path) {
+            let Some(sessions) = hub.index.get(ancestor) else {
+                continue;
+            };
+            for session in sessions {
+                if session.last_considered.swap(id.0, Ordering::Relaxed) == id.0
+                    || Some(session.id) == origin
+                {
+                    continue;
+                }
+                let frame = frame.get_or_insert_with(|| self.encode(id, path, data));
+                self.push(session, id, frame);
+            }
+        }
+    }
+
+    fn push(&self, session: &Session, id: EventId, frame: &Bytes) {
+        let mut st = session.state.lock();
+        if st.close.is_some() {
+            return;
+        }
+        let is_full = st.queued_bytes + frame.len() > self.queue_bytes_max;
+        match st.mode {
+            Mode::Live if is_full => {
+                st.mode = Mode::Lagging {
+                    cursor: st.last_queued,
+                    missed: 1,
+                };
+                self.metrics.lagging.inc();
+            }
+            Mode::Live => {
+                st.queued_bytes += frame.len();
+                st.queue.push_back((id, frame.clone()));
+                st.last_queued = id;
+                self.metrics.deliveries.inc();
+            }
+            Mode::Lagging { cursor, missed } => {
+                st.mode = Mode::Lagging {
+                    cursor,
+                    missed: missed + 1,
+                };
+                if missed < self.lag_events_max {
+                    return;
+                }
+                st.close = Some((1013, "lagging"));
+                self.metrics.lag_closes.inc();
+            }
+        }
+        drop(st);
+        session.wake.notify_one();
+    }
+}
+
+fn remove_from_index(
+    index: &mut HashMap<ChannelPath, Vec<Arc<Session>>>,
+    path: &ChannelPath,
+    id: SessionId,
+) {
+    if let Some(list) = index.get_mut(path) {
+        list.retain(|s| s.id != id);
+        if list.is_empty() {
+            index.remove(path);
+        }
+    }
+}
+
+/// `path`, then each ancestor up to `/`, as string slices.
+fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+    let mut next = Some(path);
+    std::iter::from_fn(move || {
+        let current = next?;
+        next = match current.rfind('/') {
+            _ if current == "/" => None,
+            Some(0) => Some("/"),
+            Some(i) => Some(&current[..i]),
+            None => None,
+        };
+        Some(current)
+    })
+}

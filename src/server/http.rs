@@ -1,0 +1,706 @@
+//! The hyper service: routes, log reads, HTTP publish, caching headers, CORS, `/metrics`.
+//!
+//! Routes: `GET|HEAD /events/PATH` and `/log/PATH` (reads), `POST /events/PATH` (publish),
+//! `OPTIONS` (CORS preflight), `GET /ws` (WebSocket upgrade, `ws.rs`), `GET /healthz`,
+//! `GET /metrics`. Every refusal is a 4xx with a one-line text reason.
+//!
+//! Reads: small answers are built inline; an answer past `INLINE_BYTES_MAX` continues from a
+//! blocking task that streams chunks from the mapped segments. An answer that can never change
+//! (its range ends at or before the commit watermark) is `Cache-Control: public, max-age=31536000,
+//! immutable`; the open tail is `no-cache`. The `ETag` is a hash of the request and the end of the
+//! range it was answered up to, so it changes exactly when the answer can.
+
+use super::fanout::Hub;
+use super::Shared;
+use crate::channel::{ChannelPath, Selector};
+use crate::event_id::EventId;
+use crate::storage::{Direction, Query};
+use crate::wire::{line, query, ParseError};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body as _, Frame, Incoming};
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use std::hash::{Hash, Hasher};
+use std::ops::Bound;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// Bytes of answer built inline before the rest is streamed from a blocking task.
+const INLINE_BYTES_MAX: usize = 256 * 1024;
+/// Chunk size of a streamed answer.
+const CHUNK_BYTES: usize = 64 * 1024;
+
+pub type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn empty() -> Body {
+    full(Bytes::new())
+}
+
+/// A body fed by a channel, for answers streamed from a blocking reader.
+struct ChannelBody(tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
+    }
+}
+
+fn text(status: StatusCode, reason: impl Into<String>) -> Response<Body> {
+    let mut body = reason.into();
+    body.push('\n');
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Answers one request. Never panics on input; every refusal is a 4xx with a reason.
+pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let mut resp = route(&shared, req).await;
+    shared
+        .hub
+        .metrics
+        .http_requests
+        .get_or_create(&crate::metrics::StatusLabel {
+            status: resp.status().as_u16(),
+        })
+        .inc();
+    if resp.status().is_client_error() {
+        resp.headers_mut()
+            .entry(header::CONTENT_TYPE)
+            .or_insert(HeaderValue::from_static("text/plain; charset=utf-8"));
+    }
+    resp
+}
+
+async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    if path == "/ws" {
+        return super::upgrade(shared, req);
+    }
+    if path == "/healthz" {
+        return match *req.method() {
+            Method::GET | Method::HEAD => text(StatusCode::OK, "ok"),
+            _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        };
+    }
+    if path == "/metrics" {
+        shared.hub.metrics.observe_store(&shared.hub.store.totals());
+        let mut resp = Response::new(full(shared.hub.metrics.render()));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        return resp;
+    }
+    let (is_events, rest) = if let Some(rest) = path.strip_prefix("/events") {
+        (true, rest)
+    } else if let Some(rest) = path.strip_prefix("/log") {
+        (false, rest)
+    } else {
+        return text(StatusCode::NOT_FOUND, "not found");
+    };
+    if !rest.is_empty() && !rest.starts_with('/') {
+        return text(StatusCode::NOT_FOUND, "not found");
+    }
+    if rest.contains('%') {
+        return text(StatusCode::BAD_REQUEST, ParseError::EscapedPath.to_string());
+    }
+    let origin = header_str(req.headers(), header::ORIGIN).map(str::to_owned);
+    let host = header_str(req.headers(), header::HOST).map(str::to_owned);
+    let is_allowed = shared
+        .opts
+        .origins
+        .allows(origin.as_deref(), host.as_deref());
+    let mut resp = match *req.method() {
+        Method::GET | Method::HEAD => read(shared, &req, rest).await,
+        Method::POST if is_events => {
+            if !is_allowed {
+                return text(StatusCode::FORBIDDEN, "origin not allowed");
+            }
+            publish(shared, req, rest).await
+        }
+        Method::OPTIONS => {
+            if !is_allowed {
+                return text(StatusCode::FORBIDDEN, "origin not allowed");
+            }
+            let mut resp = Response::new(empty());
+            *resp.status_mut() = StatusCode::NO_CONTENT;
+            let h = resp.headers_mut();
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET, HEAD, POST, OPTIONS"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static("Content-Type, Range, If-None-Match, If-Modified-Since"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static("86400"),
+            );
+            resp
+        }
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+    };
+    if let (Some(origin), true) = (origin, is_allowed) {
+        if let Ok(v) = HeaderValue::from_str(&origin) {
+            resp.headers_mut()
+                .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+            resp.headers_mut().insert(
+                header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                HeaderValue::from_static("Link, ETag, Last-Modified"),
+            );
+            resp.headers_mut()
+                .append(header::VARY, HeaderValue::from_static("Origin"));
+        }
+    }
+    resp
+}
+
+fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// A read, planned: what to ask the store and how to present it.
+struct Plan {
+    selector: Selector,
+    query: Query,
+    /// Backward reads (`n`) are printed oldest first.
+    is_reversed: bool,
+    /// The answer can never change.
+    is_immutable: bool,
+    /// The `limit` of a forward read, for the continuation link.
+    limit: Option<u64>,
+    until: Option<EventId>,
+}
+
+fn plan(rest: &str, query_text: &str, watermark: EventId) -> Result<Plan, ParseError> {
+    let selector =
+        Selector::parse(if rest.is_empty() { "/" } else { rest }).map_err(ParseError::Path)?;
+    let req = query::parse(query_text)?;
+    let start = match (req.since, req.after) {
+        (Some(s), _) => Bound::Included(s),
+        (_, Some(a)) => Bound::Excluded(a),
+        _ => Bound::Unbounded,
+    };
+    let requested_end = req.at.or(req.until);
+    // Never past the watermark: the answer holds only committed events, in id order.
+    let end = Bound::Included(requested_end.map_or(watermark, |e| e.min(watermark)));
+    let is_immutable = requested_end.is_some_and(|e| e <= watermark);
+    let (query, is_reversed) = match (req.at, req.n) {
+        (Some(at), None) => (
+            Query {
+                start: Bound::Included(at),
+                end,
+                direction: Direction::Forward,
+                limit: Some(1),
+            },
+            false,
+        ),
+        (_, Some(n)) => (
+            Query {
+                start,
+                end,
+                direction: Direction::Backward,
+                limit: usize::try_from(n).ok(),
+            },
+            true,
+        ),
+        (None, None) => (
+            Query {
+                start,
+                end,
+                direction: Direction::Forward,
+                limit: req
+                    .limit
+                    .and_then(|l| usize::try_from(l).ok())
+                    .map(|l| l + 1),
+            },
+            false,
+        ),
+    };
+    Ok(Plan {
+        selector,
+        query,
+        is_reversed,
+        is_immutable,
+        limit: req.limit,
+        until: req.until,
+    })
+}
+
+async fn read(shared: &Arc<Shared>, req: &Request<Incoming>, rest: &str) -> Response<Body> {
+    let hub = &shared.hub;
+    let watermark = hub.store.committed();
+    let plan = match plan(rest, req.uri().query().unwrap_or(""), watermark) {
+        Ok(p) => p,
+        Err(e) => {
+            let reason = match e {
+                ParseError::Path(crate::channel::PathError::InvalidGlob) => {
+                    "invalid glob path".to_string()
+                }
+                e => e.to_string(),
+            };
+            return text(StatusCode::BAD_REQUEST, reason);
+        }
+    };
+    let etag = etag_for(req, &plan);
+    if header_str(req.headers(), header::IF_NONE_MATCH)
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+    {
+        return not_modified(&etag, &plan);
+    }
+    let inline = match read_inline(hub, &plan) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!(error = %e, "log read failed");
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("log read failed: {e}"),
+            );
+        }
+    };
+    let last_modified = inline.last_id.map(http_date);
+    if let (Some(lm), Some(ims)) = (
+        &last_modified,
+        header_str(req.headers(), header::IF_MODIFIED_SINCE),
+    ) {
+        if header_str(req.headers(), header::IF_NONE_MATCH).is_none() && lm == ims {
+            return not_modified(&etag, &plan);
+        }
+    }
+    let mut resp = match (inline.resume_after, req.headers().get(header::RANGE)) {
+        (None, Some(range)) => ranged(inline.body, range),
+        (None, None) => Response::new(full(inline.body)),
+        (Some((after, remaining)), _) => {
+            let body = if req.method() == Method::HEAD {
+                empty()
+            } else {
+                stream_rest(hub, &plan, inline.body, after, remaining)
+            };
+            Response::new(body)
+        }
+    };
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    if let Some(v) = last_modified.and_then(|lm| HeaderValue::from_str(&lm).ok()) {
+        h.insert(header::LAST_MODIFIED, v);
+    }
+    h.insert(header::CACHE_CONTROL, cache_control(&plan));
+    if let (Some(next_after), Some(limit)) = (inline.next_after, plan.limit) {
+        let mut link = format!("<{}?after={next_after}&limit={limit}", req.uri().path());
+        if let Some(until) = plan.until {
+            link.push_str(&format!("&until={until}"));
+        }
+        link.push_str(">; rel=\"next\"");
+        if let Ok(v) = HeaderValue::from_str(&link) {
+            h.insert(header::LINK, v);
+        }
+    }
+    if req.method() == Method::HEAD {
+        let len = resp.body().size_hint().exact();
+        *resp.body_mut() = empty();
+        if let Some(len) = len {
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
+    }
+    resp
+}
+
+fn cache_control(plan: &Plan) -> HeaderValue {
+    if plan.is_immutable {
+        HeaderValue::from_static("public, max-age=31536000, immutable")
+    } else {
+        HeaderValue::from_static("no-cache")
+    }
+}
+
+fn not_modified(etag: &str, plan: &Plan) -> Response<Body> {
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = StatusCode::NOT_MODIFIED;
+    if let Ok(v) = HeaderValue::from_str(etag) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, cache_control(plan));
+    resp
+}
+
+/// A strong tag of the request and the range end it was answered up to.
+fn etag_for(req: &Request<Incoming>, plan: &Plan) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    req.uri().path().hash(&mut h);
+    req.uri().query().unwrap_or("").hash(&mut h);
+    if let Bound::Included(end) = plan.query.end {
+        end.0.hash(&mut h);
+    }
+    format!("\"{:016x}\"", h.finish())
+}
+
+struct Inline {
+    body: Vec<u8>,
+    last_id: Option<EventId>,
+    /// Set when the answer continues past the inline part: stream the rest after this id, at
+    /// most this many more events.
+    resume_after: Option<(EventId, Option<usize>)>,
+    /// Set when `limit` cut the answer: the continuation's `after`.
+    next_after: Option<EventId>,
+}
+
+fn read_inline(hub: &Hub, plan: &Plan) -> crate::storage::Result<Inline> {
+    let reader = hub.store.reader(&plan.selector);
+    let mut body = Vec::new();
+    let mut last_id = None;
+    if plan.is_reversed {
+        // Last-N: at most 1,000,000 events; gathered newest first, printed oldest first.
+        let mut events = Vec::new();
+        for e in reader.events(&plan.query) {
+            let e = e?;
+            let mut line_bytes = Vec::new();
+            line::format_event(&mut line_bytes, e.id, e.path, e.data);
+            events.push(line_bytes);
+            last_id = last_id.or(Some(e.id));
+        }
+        for l in events.iter().rev() {
+            body.extend_from_slice(l);
+        }
+        return Ok(Inline {
+            body,
+            last_id,
+            resume_after: None,
+            next_after: None,
+        });
+    }
+    let limit = plan.limit.and_then(|l| usize::try_from(l).ok());
+    let mut next_after = None;
+    for (count, e) in reader.events(&plan.query).enumerate() {
+        let e = e?;
+        if limit.is_some_and(|l| count == l) {
+            next_after = last_id;
+            break;
+        }
+        line::format_event(&mut body, e.id, e.path, e.data);
+        last_id = Some(e.id);
+        if body.len() >= INLINE_BYTES_MAX && limit.is_none_or(|l| count + 1 < l) {
+            let remaining = limit.map(|l| l - count - 1);
+            let next_after = match remaining {
+                Some(r) => continuation_after(hub, plan, e.id, r)?,
+                None => None,
+            };
+            return Ok(Inline {
+                body,
+                last_id,
+                resume_after: Some((e.id, remaining)),
+                next_after,
+            });
+        }
+    }
+    Ok(Inline {
+        body,
+        last_id,
+        resume_after: None,
+        next_after,
+    })
+}
+
+/// For a limited answer too large to build inline: the id after which the next page starts
+/// (the last event the answer will hold), if more events follow it. A counting pass over the
+/// mapped log, without formatting.
+fn continuation_after(
+    hub: &Hub,
+    plan: &Plan,
+    after: EventId,
+    remaining: usize,
+) -> crate::storage::Result<Option<EventId>> {
+    let reader = hub.store.reader(&plan.selector);
+    let query = Query {
+        start: Bound::Excluded(after),
+        limit: Some(remaining + 1),
+        ..plan.query
+    };
+    let mut last = after;
+    for (i, e) in reader.events(&query).enumerate() {
+        let e = e?;
+        if i == remaining {
+            return Ok(Some(last));
+        }
+        last = e.id;
+    }
+    Ok(None)
+}
+
+/// Streams the rest of a large answer from a blocking task, starting after `after`.
+fn stream_rest(
+    hub: &Arc<Hub>,
+    plan: &Plan,
+    first: Vec<u8>,
+    after: EventId,
+    remaining: Option<usize>,
+) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    let hub = Arc::clone(hub);
+    let selector = plan.selector.clone();
+    let mut query = plan.query;
+    query.start = Bound::Excluded(after);
+    query.limit = remaining;
+    tokio::task::spawn_blocking(move || {
+        if tx.blocking_send(Ok(Bytes::from(first))).is_err() {
+            return;
+        }
+        let reader = hub.store.reader(&selector);
+        let mut chunk = Vec::with_capacity(CHUNK_BYTES + 4096);
+        for e in reader.events(&query) {
+            let e = match e {
+                Ok(e) => e,
+                Err(err) => {
+                    let _ = tx.blocking_send(Err(std::io::Error::other(err.to_string())));
+                    return;
+                }
+            };
+            line::format_event(&mut chunk, e.id, e.path, e.data);
+            if chunk.len() >= CHUNK_BYTES
+                && tx
+                    .blocking_send(Ok(Bytes::from(std::mem::take(&mut chunk))))
+                    .is_err()
+            {
+                return;
+            }
+        }
+        if !chunk.is_empty() {
+            let _ = tx.blocking_send(Ok(Bytes::from(chunk)));
+        }
+    });
+    ChannelBody(rx).boxed()
+}
+
+/// One byte range of a built answer (206), or 416.
+fn ranged(body: Vec<u8>, range: &HeaderValue) -> Response<Body> {
+    let len = body.len();
+    let Some((start, end)) = range.to_str().ok().and_then(|r| parse_range(r, len)) else {
+        let mut resp = text(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable");
+        if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+            resp.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+        return resp;
+    };
+    let part = Bytes::from(body).slice(start..=end);
+    let mut resp = Response::new(full(part));
+    *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+    if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
+        resp.headers_mut().insert(header::CONTENT_RANGE, v);
+    }
+    resp
+}
+
+/// `bytes=A-B`, `bytes=A-` or `bytes=-N` (one range) into inclusive offsets within `len`.
+fn parse_range(value: &str, len: usize) -> Option<(usize, usize)> {
+    let spec = value.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') || len == 0 {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", n) => {
+            let n: usize = n.parse().ok()?;
+            (len.checked_sub(n.min(len))?, len - 1)
+        }
+        (a, "") => (a.parse().ok()?, len - 1),
+        (a, b) => (a.parse().ok()?, b.parse::<usize>().ok()?.min(len - 1)),
+    };
+    (start <= end && start < len).then_some((start, end))
+}
+
+/// An RFC 7231 IMF-fixdate of an event id's second.
+fn http_date(id: EventId) -> String {
+    let secs = i64::try_from(id.seconds()).unwrap_or(i64::MAX);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {:02} {} {} {:02}:{:02}:{:02} GMT",
+        WEEKDAYS[days.rem_euclid(7) as usize],
+        d,
+        MONTHS[(m - 1) as usize],
+        y,
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+async fn publish(shared: &Arc<Shared>, req: Request<Incoming>, rest: &str) -> Response<Body> {
+    let path = match ChannelPath::parse(if rest.is_empty() { "/" } else { rest }) {
+        Ok(p) => p,
+        Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let content_type = header_str(req.headers(), header::CONTENT_TYPE)
+        .unwrap_or("")
+        .to_owned();
+    let query_sid = req.uri().query().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "sid")
+            .map(|(_, v)| v.into_owned())
+    });
+    if req.body().size_hint().lower() > shared.opts.body_bytes_max as u64 {
+        return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+    }
+    let collected = tokio::time::timeout(
+        shared.opts.body_timeout,
+        Limited::new(req.into_body(), shared.opts.body_bytes_max).collect(),
+    )
+    .await;
+    let body = match collected {
+        Err(_) => return text(StatusCode::REQUEST_TIMEOUT, "body not received in time"),
+        Ok(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+        }
+        Ok(Err(_)) => return text(StatusCode::BAD_REQUEST, "truncated or malformed body"),
+        Ok(Ok(b)) => b.to_bytes(),
+    };
+    let (data, sid) = match form_fields(&content_type, body).await {
+        Ok(fields) => fields,
+        Err(reason) => return text(StatusCode::BAD_REQUEST, reason),
+    };
+    let sid = sid.or(query_sid);
+    let origin = sid.as_deref().and_then(|s| shared.hub.session_by_sid(s));
+    let id = match shared.hub.publish(&path, &data, origin.as_ref()) {
+        Ok(id) => id,
+        Err(e) => {
+            let (status, reason) = super::error::store_failure(&e);
+            return text(status, reason);
+        }
+    };
+    if let Err(e) = shared.hub.store.committed_async(id).await {
+        let (status, reason) = super::error::store_failure(&e);
+        return text(status, reason);
+    }
+    let mut out = Vec::with_capacity(24);
+    line::format_id(&mut out, id);
+    out.push(b'\n');
+    Response::new(full(out))
+}
+
+/// The `data` and `sid` of a form body, or the raw body as data for other content types.
+async fn form_fields(content_type: &str, body: Bytes) -> Result<(Bytes, Option<String>), String> {
+    let mime = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match mime.as_str() {
+        "application/x-www-form-urlencoded" => {
+            let mut data = None;
+            let mut sid = None;
+            for (k, v) in form_urlencoded::parse(&body) {
+                match &*k {
+                    "data" => data = Some(Bytes::from(v.into_owned().into_bytes())),
+                    "sid" => sid = Some(v.into_owned()),
+                    _ => {}
+                }
+            }
+            Ok((data.ok_or("missing form field data")?, sid))
+        }
+        "multipart/form-data" => {
+            let boundary = multer::parse_boundary(content_type)
+                .map_err(|e| format!("bad multipart boundary: {e}"))?;
+            let stream =
+                futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(body) });
+            let mut form = multer::Multipart::new(stream, boundary);
+            let mut data = None;
+            let mut sid = None;
+            loop {
+                match form.next_field().await {
+                    Ok(Some(field)) => {
+                        let name = field.name().unwrap_or("").to_owned();
+                        let bytes = field
+                            .bytes()
+                            .await
+                            .map_err(|e| format!("bad multipart body: {e}"))?;
+                        match name.as_str() {
+                            "data" => data = Some(bytes),
+                            "sid" => sid = Some(String::from_utf8_lossy(&bytes).into_owned()),
+                            _ => {}
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return Err(format!("bad multipart body: {e}")),
+                }
+            }
+            Ok((data.ok_or("missing form field data")?, sid))
+        }
+        _ => Ok((body, None)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(http_date(EventId(0)), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(
+            http_date(EventId(1_700_000_000_000_000_000)),
+            "Tue, 14 Nov 2023 22:13:20 GMT"
+        );
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-4", 10), Some((0, 4)));
+        assert_eq!(parse_range("bytes=5-", 10), Some((5, 9)));
+        assert_eq!(parse_range("bytes=-3", 10), Some((7, 9)));
+        assert_eq!(parse_range("bytes=8-100", 10), Some((8, 9)));
+        assert_eq!(parse_range("bytes=10-", 10), None);
+        assert_eq!(parse_range("bytes=0-1,3-4", 10), None);
+        assert_eq!(parse_range("items=0-1", 10), None);
+        assert_eq!(parse_range("bytes=0-0", 0), None);
+    }
+}

@@ -1,0 +1,140 @@
+//! Per-connection state shared by the connection's tasks and the fan-out: the subscriptions, the
+//! bounded queue of event frames, the control lines (acks, replies) and the delivery mode.
+//!
+//! **Modes.** `Live`: fan-out pushes each event's shared frame into `queue`. When the queue
+//! would pass `queue_bytes_max`, the session turns `Lagging` with `cursor` = the last event it
+//! queued: fan-out stops queueing for it (it only counts `missed`), and the connection's writer,
+//! once the queue is drained, reads the log after `cursor` itself (`catchup.rs`) and rejoins live
+//! when it has caught up with the fan-out. The log is the buffer, so memory stays bounded
+//! whatever the subscriber's speed; past `lag_events_max` missed events it is closed with 1013.
+//!
+//! **Lock order:** the hub's state (`fanout.rs`), then a session's state. Nothing awaits while
+//! holding either.
+
+use crate::channel::ChannelPath;
+use crate::event_id::EventId;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::AtomicU64;
+
+pub type SessionId = u64;
+
+/// Own publishes remembered for sender exclusion in log reads; the oldest are forgotten past
+/// this, so a resume from far back may return a session's own events from long ago.
+const OWN_IDS_MAX: usize = 16_384;
+
+pub struct Session {
+    pub id: SessionId,
+    /// The text session id of the intro line (`~/sid`), used by HTTP publish's `sid`.
+    pub sid: Box<str>,
+    pub state: Mutex<SessionState>,
+    /// Wakes the connection's writer.
+    pub wake: tokio::sync::Notify,
+    /// The last event id fan-out considered for this session, so that overlapping
+    /// subscriptions (`/a` and `/a/b`) yield one copy.
+    pub last_considered: AtomicU64,
+}
+
+/// A message that is not an event.
+#[derive(Debug, Clone)]
+pub enum Control {
+    Text(Bytes),
+    Pong(Bytes),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Live,
+    Lagging { cursor: EventId, missed: u64 },
+}
+
+pub struct SessionState {
+    /// Event frames, in id order.
+    pub queue: VecDeque<(EventId, Bytes)>,
+    pub queued_bytes: usize,
+    /// Non-event messages (acks, time, refusals, pongs), in the order they were made.
+    pub control: VecDeque<Control>,
+    /// Publish acks waiting for their event to be committed, in id order.
+    pub pending_acks: VecDeque<(EventId, Bytes)>,
+    pub mode: Mode,
+    /// The last event id queued while live.
+    pub last_queued: EventId,
+    /// The last event id the writer took for sending: ids on the connection stay above it.
+    pub last_taken: EventId,
+    /// Channel -> the id after which its events are delivered.
+    pub subscriptions: HashMap<ChannelPath, EventId>,
+    /// Ids this session published that a catch-up read might still meet (sender exclusion).
+    pub own: BTreeSet<EventId>,
+    /// A close the writer must send: (code, reason).
+    pub close: Option<(u16, &'static str)>,
+}
+
+impl Session {
+    pub fn new(id: SessionId, sid: Box<str>) -> Session {
+        Session {
+            id,
+            sid,
+            state: Mutex::new(SessionState {
+                queue: VecDeque::new(),
+                queued_bytes: 0,
+                control: VecDeque::new(),
+                pending_acks: VecDeque::new(),
+                mode: Mode::Live,
+                last_queued: EventId(0),
+                last_taken: EventId(0),
+                subscriptions: HashMap::new(),
+                own: BTreeSet::new(),
+                close: None,
+            }),
+            wake: tokio::sync::Notify::new(),
+            last_considered: AtomicU64::new(0),
+        }
+    }
+
+    /// Queues a control message and wakes the writer.
+    pub fn send_control(&self, message: Control) {
+        self.state.lock().control.push_back(message);
+        self.wake.notify_one();
+    }
+
+    /// Asks the writer to close the connection with `code`.
+    pub fn close(&self, code: u16, reason: &'static str) {
+        let mut state = self.state.lock();
+        if state.close.is_none() {
+            state.close = Some((code, reason));
+        }
+        drop(state);
+        self.wake.notify_one();
+    }
+}
+
+impl SessionState {
+    /// Drops queued events above `cursor` (they will be read from the log again) and returns
+    /// to reading from the log after `cursor`.
+    pub fn rewind_to(&mut self, cursor: EventId) {
+        while self.queue.back().is_some_and(|(id, _)| *id > cursor) {
+            if let Some((_, frame)) = self.queue.pop_back() {
+                self.queued_bytes -= frame.len();
+            }
+        }
+        let missed = match self.mode {
+            Mode::Lagging { missed, .. } => missed,
+            Mode::Live => 0,
+        };
+        self.mode = Mode::Lagging { cursor, missed };
+    }
+
+    /// Remembers an id this session published.
+    pub fn note_own(&mut self, id: EventId) {
+        self.own.insert(id);
+        if self.own.len() > OWN_IDS_MAX {
+            self.own.pop_first();
+        }
+    }
+
+    /// Forgets own ids at or below `upto`: no read will meet them again.
+    pub fn prune_own(&mut self, upto: EventId) {
+        self.own = self.own.split_off(&upto.next());
+    }
+}

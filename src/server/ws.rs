@@ -1,0 +1,396 @@
+//! One WebSocket connection (`ivy1`): a reader task that parses commands and a writer task that
+//! drains the session's queue, sends acks once their events are committed, pings, catches up
+//! from the log when the session lags, and closes with the right code.
+//!
+//! Frames are read with fastwebsockets (automatic pong and close are off, so this module sees
+//! every frame and answers control frames through the writer); messages are reassembled here,
+//! with the size limit applied to the whole message (fastwebsockets' own collector has none).
+//! The writer formats every frame that is ready into one buffer and writes it with one call.
+
+use super::catchup;
+use super::fanout::Hub;
+use super::session::{Control, Mode, Session};
+use crate::clock::{Clock, SystemClock};
+use crate::config::ServerOptions;
+use crate::event_id::EventId;
+use crate::wire::{command, encode};
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+
+/// Events per catch-up read.
+const CATCHUP_BATCH_EVENTS: usize = 1024;
+
+/// Runs a connection until it closes. `io` is the upgraded stream.
+pub async fn run<S>(
+    hub: Arc<Hub>,
+    opts: Arc<ServerOptions>,
+    io: S,
+    session: Arc<Session>,
+    shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    hub.metrics.websockets.inc();
+    hub.register(&session);
+    let mut intro = Vec::new();
+    encode::intro(&mut intro, SystemClock.now(), &session.sid);
+    session.send_control(Control::Text(Bytes::from(intro)));
+    let (read, write) = tokio::io::split(io);
+    let reader = tokio::spawn(read_loop(
+        Arc::clone(&hub),
+        Arc::clone(&opts),
+        read,
+        Arc::clone(&session),
+    ));
+    if let Err(e) = write_loop(&hub, &opts, write, &session, shutdown).await {
+        tracing::debug!(sid = %session.sid, error = %e, "connection ended");
+    }
+    reader.abort();
+    hub.unregister(&session);
+    if matches!(session.state.lock().mode, Mode::Lagging { .. }) {
+        hub.metrics.lagging.dec();
+    }
+    hub.metrics.websockets.dec();
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    hub: Arc<Hub>,
+    opts: Arc<ServerOptions>,
+    read: R,
+    session: Arc<Session>,
+) {
+    let (mut ws, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
+    ws.set_auto_close(false);
+    ws.set_auto_pong(false);
+    ws.set_auto_apply_mask(true);
+    // fastwebsockets refuses a frame whose length is >= this; a whole message is checked below.
+    ws.set_max_message_size(opts.frame_bytes_max + 1);
+    let mut message: Vec<u8> = Vec::new();
+    let mut is_fragmented = false;
+    let mut no_send = |_: Frame<'_>| async { Ok::<(), std::convert::Infallible>(()) };
+    loop {
+        let frame = match tokio::time::timeout(opts.idle_timeout, ws.read_frame(&mut no_send)).await
+        {
+            Err(_) => return session.close(1001, "idle timeout"),
+            Ok(Err(e)) => return session.close(close_code_for(&e), close_reason_for(&e)),
+            Ok(Ok(frame)) => frame,
+        };
+        match frame.opcode {
+            OpCode::Ping => {
+                session.send_control(Control::Pong(Bytes::copy_from_slice(&frame.payload)))
+            }
+            OpCode::Pong => {}
+            OpCode::Close => return session.close(1000, ""),
+            OpCode::Binary => return session.close(1003, "binary messages are not accepted"),
+            OpCode::Text if is_fragmented => {
+                return session.close(1002, "new message inside a fragmented one")
+            }
+            OpCode::Text if frame.fin => handle(&hub, &opts, &session, &frame.payload),
+            OpCode::Text | OpCode::Continuation => {
+                if frame.opcode == OpCode::Continuation && !is_fragmented {
+                    return session.close(1002, "continuation without a message");
+                }
+                is_fragmented = true;
+                if message.len() + frame.payload.len() > opts.frame_bytes_max {
+                    return session.close(1009, "message too large");
+                }
+                message.extend_from_slice(&frame.payload);
+                if frame.fin {
+                    is_fragmented = false;
+                    handle(&hub, &opts, &session, &message);
+                    message = Vec::new();
+                }
+            }
+        }
+        if session.state.lock().close.is_some() {
+            return;
+        }
+    }
+}
+
+fn close_code_for(e: &WebSocketError) -> u16 {
+    match e {
+        WebSocketError::FrameTooLarge => 1009,
+        WebSocketError::InvalidUTF8 => 1007,
+        WebSocketError::UnexpectedEOF
+        | WebSocketError::IoError(_)
+        | WebSocketError::ConnectionClosed => 1000,
+        _ => 1002,
+    }
+}
+
+fn close_reason_for(e: &WebSocketError) -> &'static str {
+    match e {
+        WebSocketError::FrameTooLarge => "message too large",
+        WebSocketError::InvalidUTF8 => "invalid UTF-8",
+        WebSocketError::UnexpectedEOF
+        | WebSocketError::IoError(_)
+        | WebSocketError::ConnectionClosed => "",
+        _ => "protocol error",
+    }
+}
+
+/// Handles one whole text message.
+fn handle(hub: &Hub, opts: &ServerOptions, session: &Arc<Session>, payload: &[u8]) {
+    let Ok(text) = std::str::from_utf8(payload) else {
+        return session.close(1007, "invalid UTF-8");
+    };
+    let message = match command::parse(text) {
+        Ok(m) => m,
+        Err(command::Refused {
+            key: Some(key),
+            error,
+        }) => return refuse(session, key, &error.to_string()),
+        Err(command::Refused { key: None, error }) => {
+            return session.close(1008, close_reason(error))
+        }
+    };
+    let key = message.key;
+    match message.command {
+        command::Command::Time => ack(session, key, SystemClock.now()),
+        command::Command::Subscribe { path, resume_after } => {
+            match hub.subscribe(session, path, resume_after, opts.subscriptions_max) {
+                Ok(boundary) => {
+                    if key.is_some() {
+                        ack(session, key, boundary);
+                    }
+                }
+                Err(reason) => match key {
+                    Some(key) => refuse(session, key, reason),
+                    None => session.close(1008, reason),
+                },
+            }
+        }
+        command::Command::Unsubscribe { path } => {
+            let boundary = hub.unsubscribe(session, &path);
+            if key.is_some() {
+                ack(session, key, boundary);
+            }
+        }
+        command::Command::Publish { path, data } => match hub.publish(&path, data, Some(session)) {
+            Ok(id) => {
+                if let Some(key) = key {
+                    let mut line = Vec::with_capacity(key.len() + 24);
+                    encode::ack(&mut line, Some(key), id);
+                    session
+                        .state
+                        .lock()
+                        .pending_acks
+                        .push_back((id, Bytes::from(line)));
+                    session.wake.notify_one();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "publish refused by the store");
+                match key {
+                    Some(key) => refuse(session, key, &format!("not stored: {e}")),
+                    None => session.close(1011, "the store refused the event"),
+                }
+            }
+        },
+    }
+}
+
+/// The reason of a close frame: at most 123 bytes.
+fn close_reason(error: crate::wire::ParseError) -> &'static str {
+    use crate::wire::ParseError as P;
+    match error {
+        P::Empty => "empty command",
+        P::UnknownCommand => "unknown command",
+        P::UnterminatedKey => "unterminated #key#",
+        P::MissingData => "publish needs :path:data",
+        P::TrailingTime => "@ takes no argument",
+        P::Path(_) => "invalid path",
+        P::Timestamp(_) => "invalid timestamp",
+        _ => "bad command",
+    }
+}
+
+fn ack(session: &Session, key: Option<&str>, id: EventId) {
+    let mut line = Vec::with_capacity(32);
+    encode::ack(&mut line, key, id);
+    session.send_control(Control::Text(Bytes::from(line)));
+}
+
+fn refuse(session: &Session, key: &str, reason: &str) {
+    let mut line = Vec::with_capacity(key.len() + reason.len() + 3);
+    encode::refusal(&mut line, key, reason);
+    session.send_control(Control::Text(Bytes::from(line)));
+}
+
+/// What the writer took from the session in one go.
+struct Taken {
+    control: Vec<Control>,
+    events: Vec<Bytes>,
+    close: Option<(u16, &'static str)>,
+    needs_catchup: bool,
+    has_pending_acks: bool,
+}
+
+fn take(hub: &Hub, session: &Session) -> Taken {
+    let committed = hub.store.committed();
+    let mut st = session.state.lock();
+    while st
+        .pending_acks
+        .front()
+        .is_some_and(|(id, _)| *id <= committed)
+    {
+        if let Some((_, line)) = st.pending_acks.pop_front() {
+            st.control.push_back(Control::Text(line));
+        }
+    }
+    let control: Vec<Control> = st.control.drain(..).collect();
+    let mut events = Vec::with_capacity(st.queue.len());
+    while let Some((id, frame)) = st.queue.pop_front() {
+        st.last_taken = id;
+        events.push(frame);
+    }
+    st.queued_bytes = 0;
+    Taken {
+        control,
+        events,
+        close: st.close,
+        needs_catchup: matches!(st.mode, Mode::Lagging { .. }),
+        has_pending_acks: !st.pending_acks.is_empty(),
+    }
+}
+
+fn push_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
+    let mut frame = Frame::new(true, opcode, None, Payload::Borrowed(payload));
+    let mut head = [0u8; 16];
+    let n = frame.fmt_head(&mut head);
+    out.extend_from_slice(&head[..n]);
+    out.extend_from_slice(payload);
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    hub: &Arc<Hub>,
+    opts: &ServerOptions,
+    mut write: W,
+    session: &Arc<Session>,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + opts.ping_interval,
+        opts.ping_interval,
+    );
+    loop {
+        let commit = hub.store.listen_commits();
+        let taken = take(hub, session);
+        for c in &taken.control {
+            match c {
+                Control::Text(line) => push_frame(&mut buf, OpCode::Text, line),
+                Control::Pong(payload) => push_frame(&mut buf, OpCode::Pong, payload),
+            }
+        }
+        for frame in &taken.events {
+            push_frame(&mut buf, OpCode::Text, frame);
+        }
+        if let Some((code, reason)) = taken.close {
+            let mut payload = code.to_be_bytes().to_vec();
+            payload.extend_from_slice(reason.as_bytes());
+            push_frame(&mut buf, OpCode::Close, &payload);
+            write.write_all(&buf).await?;
+            return write.shutdown().await;
+        }
+        if !buf.is_empty() {
+            write.write_all(&buf).await?;
+            buf.clear();
+            // An idle connection keeps no large buffer.
+            if buf.capacity() > 64 * 1024 {
+                buf = Vec::new();
+            }
+        }
+        if taken.needs_catchup {
+            catch_up(hub, session, &mut write, &mut buf).await?;
+            continue;
+        }
+        tokio::select! {
+            _ = session.wake.notified() => {}
+            _ = commit, if taken.has_pending_acks => {}
+            _ = ping.tick() => {
+                push_frame(&mut buf, OpCode::Ping, b"");
+                write.write_all(&buf).await?;
+                buf.clear();
+            }
+            _ = shutdown.changed() => session.close(1001, "server shutting down"),
+        }
+    }
+}
+
+/// One catch-up step: reads a batch from the log after the session's cursor and sends it, or
+/// rejoins live when the fan-out is not ahead.
+async fn catch_up<W: AsyncWrite + Unpin>(
+    hub: &Arc<Hub>,
+    session: &Arc<Session>,
+    write: &mut W,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    let (cursor, subscriptions, own) = {
+        let st = session.state.lock();
+        let Mode::Lagging { cursor, .. } = st.mode else {
+            return Ok(());
+        };
+        let subs: Vec<_> = st
+            .subscriptions
+            .iter()
+            .map(|(p, s)| (p.clone(), *s))
+            .collect();
+        (cursor, subs, st.own.clone())
+    };
+    let upto = hub.dispatched();
+    if cursor >= upto {
+        hub.try_rejoin(session, cursor);
+        return Ok(());
+    }
+    let reader_hub = Arc::clone(hub);
+    let read = tokio::task::spawn_blocking(move || {
+        catchup::read_after(
+            &reader_hub,
+            &subscriptions,
+            &own,
+            cursor,
+            upto,
+            CATCHUP_BATCH_EVENTS,
+        )
+    })
+    .await;
+    let batch = match read {
+        Ok(Ok(batch)) => batch,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "catch-up read failed");
+            session.close(1011, "log read failed");
+            return Ok(());
+        }
+        Err(_) => {
+            session.close(1011, "log read failed");
+            return Ok(());
+        }
+    };
+    {
+        let mut st = session.state.lock();
+        match &mut st.mode {
+            // Rewound by a resume meanwhile: this batch is stale.
+            Mode::Lagging { cursor: c, .. } if *c != cursor => return Ok(()),
+            Mode::Lagging { cursor: c, missed } => {
+                *c = batch.cursor;
+                *missed = missed.saturating_sub(batch.frames.len() as u64);
+            }
+            Mode::Live => return Ok(()),
+        }
+        st.last_taken = st.last_taken.max(batch.cursor);
+        st.prune_own(batch.cursor);
+    }
+    for (_, frame) in &batch.frames {
+        push_frame(buf, OpCode::Text, frame);
+    }
+    if !buf.is_empty() {
+        write.write_all(buf).await?;
+        buf.clear();
+    }
+    Ok(())
+}
