@@ -25,6 +25,7 @@ pub struct Metrics {
     pub deliveries: Counter,
     pub lagging: Gauge,
     pub lag_closes: Counter,
+    pub catchup_reads: Counter,
     pub http_requests: Family<StatusLabel, Counter>,
 }
 

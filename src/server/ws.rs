@@ -347,6 +347,7 @@ async fn catch_up<W: AsyncWrite + Unpin>(
         hub.try_rejoin(session, cursor);
         return Ok(());
     }
+    hub.metrics.catchup_reads.inc();
     let reader_hub = Arc::clone(hub);
     let read = tokio::task::spawn_blocking(move || {
         catchup::read_after(

@@ -1,0 +1,314 @@
+//! A real server on 127.0.0.1:0 with a temporary data directory, and clients that speak to it as
+//! browsers and old Ivy clients do: a WebSocket client crate (tokio-tungstenite) and raw HTTP/1.1.
+#![allow(dead_code)]
+
+use futures_util::{SinkExt, StreamExt};
+use ivy::config::ServerOptions;
+use ivy::server::Server;
+use ivy::storage::{Durability, Store, StoreOptions};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+pub async fn start() -> TestServer {
+    start_with(ServerOptions::default(), StoreOptions::default()).await
+}
+
+pub async fn start_with(opts: ServerOptions, store_opts: StoreOptions) -> TestServer {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let mut server = start_in(&dir, opts, store_opts).await;
+    server._tmp = Some(tmp);
+    server
+}
+
+pub async fn start_in(
+    dir: &std::path::Path,
+    opts: ServerOptions,
+    store_opts: StoreOptions,
+) -> TestServer {
+    let store_opts = StoreOptions {
+        durability: Durability::Always,
+        ..store_opts
+    };
+    let store = tokio::task::spawn_blocking({
+        let dir = dir.to_path_buf();
+        move || Store::open(dir, store_opts)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::new(store, opts).unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve(listener, async move {
+        let _ = stopped.await;
+    }));
+    TestServer {
+        addr,
+        dir: dir.to_path_buf(),
+        _tmp: None,
+        stop: Some(stop),
+        task: Some(task),
+    }
+}
+
+impl TestServer {
+    /// Graceful shutdown, as SIGTERM does; waits until the store is closed.
+    pub async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("shutdown in time")
+                .unwrap()
+                .unwrap();
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+pub struct Ws {
+    pub stream: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+    pub sid: String,
+    pub protocol: Option<String>,
+}
+
+/// Connects with subprotocol `ivy1` and reads the intro line.
+pub async fn ws(server: &TestServer) -> Ws {
+    ws_with(server, &[("Sec-WebSocket-Protocol", "ivy1")])
+        .await
+        .expect("upgrade accepted")
+}
+
+pub async fn ws_with(
+    server: &TestServer,
+    headers: &[(&str, &str)],
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let mut req = format!("ws://{}/ws", server.addr)
+        .into_client_request()
+        .unwrap();
+    for (k, v) in headers {
+        req.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    let (stream, resp) = tokio_tungstenite::connect_async(req).await?;
+    let protocol = resp
+        .headers()
+        .get("sec-websocket-protocol")
+        .map(|v| v.to_str().unwrap().to_owned());
+    let mut ws = Ws {
+        stream,
+        sid: String::new(),
+        protocol,
+    };
+    let intro = ws.recv().await;
+    let (_, sid) = intro.split_once(":~/sid:").expect("intro line");
+    assert!(intro.starts_with('@'));
+    ws.sid = sid.to_owned();
+    Ok(ws)
+}
+
+impl Ws {
+    pub async fn send(&mut self, text: &str) {
+        self.stream.send(Message::text(text)).await.unwrap();
+    }
+
+    /// The next text message (pings are answered by the client crate).
+    pub async fn recv(&mut self) -> String {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .expect("a message in time")
+                .expect("open")
+                .unwrap();
+            match msg {
+                Message::Text(t) => return t.to_string(),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected text, got {other:?}"),
+            }
+        }
+    }
+
+    /// Sends `#KEY#...` and returns the reply to it (skipping events meanwhile).
+    pub async fn request(&mut self, key: &str, command: &str) -> String {
+        self.send(&format!("#{key}#{command}")).await;
+        let prefix = format!("#{key}#");
+        loop {
+            let m = self.recv().await;
+            if let Some(rest) = m.strip_prefix(&prefix) {
+                return rest.to_owned();
+            }
+        }
+    }
+
+    /// Waits for the close frame and returns its code.
+    pub async fn closed(&mut self) -> u16 {
+        loop {
+            match tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .expect("close in time")
+            {
+                Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
+                Some(Ok(Message::Close(None))) => return u16::from(CloseCode::Status),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return 1006,
+            }
+        }
+    }
+
+    /// Nothing arrives within `d`.
+    pub async fn quiet_for(&mut self, d: Duration) -> Option<String> {
+        match tokio::time::timeout(d, self.stream.next()).await {
+            Err(_) => None,
+            Ok(Some(Ok(Message::Text(t)))) => Some(t.to_string()),
+            Ok(other) => Some(format!("{other:?}")),
+        }
+    }
+}
+
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One raw HTTP/1.1 request (`Connection: close`), parsed with httparse; chunked bodies are
+/// decoded.
+pub async fn http(
+    server: &TestServer,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+        server.addr
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    tcp.write_all(body).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut raw))
+        .await
+        .expect("response in time")
+        .unwrap();
+    parse_response(&raw, method == "HEAD")
+}
+
+pub fn parse_response(raw: &[u8], is_head: bool) -> HttpResponse {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut resp = httparse::Response::new(&mut headers);
+    let n = match resp.parse(raw).unwrap() {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => panic!("partial response: {}", String::from_utf8_lossy(raw)),
+    };
+    let headers: Vec<(String, String)> = resp
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_owned(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    let status = resp.code.unwrap();
+    let rest = &raw[n..];
+    let is_chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if is_head {
+        Vec::new()
+    } else if is_chunked {
+        dechunk(rest)
+    } else {
+        rest.to_vec()
+    };
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut rest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("chunk size line");
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap().trim(), 16)
+                .unwrap();
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&rest[..size]);
+        rest = &rest[size + 2..];
+    }
+}
+
+/// POST raw data (content type `text/plain`) and return the id line.
+pub async fn post(server: &TestServer, path: &str, data: &[u8]) -> String {
+    let r = http(
+        server,
+        "POST",
+        &format!("/events{path}"),
+        &[("Content-Type", "text/plain")],
+        data,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.text().trim().to_owned()
+}
+
+pub async fn get(server: &TestServer, path: &str) -> HttpResponse {
+    http(server, "GET", path, &[], b"").await
+}

@@ -1,0 +1,360 @@
+//! The WebSocket rows of the protocol page.
+
+use super::harness::*;
+use ivy::config::ServerOptions;
+use ivy::event_id::EventId;
+use ivy::storage::StoreOptions;
+use std::time::Duration;
+
+fn id_of(line: &str) -> EventId {
+    let ts = line.trim_start_matches('@').split(':').next().unwrap();
+    EventId::parse(ts).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intro_subprotocol_and_time() {
+    let server = start().await;
+    let mut a = ws(&server).await;
+    assert_eq!(a.protocol.as_deref(), Some("ivy1"));
+    assert_eq!(a.sid.len(), 16);
+    let t = a.request("1", "@").await;
+    assert!(t.starts_with('@') && EventId::parse(&t).is_ok(), "{t}");
+    a.send("@").await;
+    let plain = a.recv().await;
+    assert!(
+        plain.starts_with('@') && !plain.starts_with("##"),
+        "{plain}"
+    );
+    // A client that offers another subprotocol only is refused.
+    assert!(ws_with(&server, &[("Sec-WebSocket-Protocol", "other")])
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bubbling_once_per_connection_and_sender_exclusion() {
+    let server = start().await;
+    let mut sub = ws(&server).await;
+    let mut publisher = ws(&server).await;
+    for p in ["/", "/rooms", "/rooms/abc", "/rooms/abc/chat"] {
+        assert!(sub.request("s", &format!("+{p}")).await.starts_with('@'));
+    }
+    publisher.request("p", "+/rooms").await;
+    let ack = publisher.request("1", ":/rooms/abc/chat:hello").await;
+    let got = sub.recv().await;
+    assert_eq!(got, format!("{ack}:/rooms/abc/chat:hello"));
+    // Once, not four times; and never back to the publisher.
+    assert_eq!(sub.quiet_for(Duration::from_millis(300)).await, None);
+    assert_eq!(publisher.quiet_for(Duration::from_millis(300)).await, None);
+    // Unsubscribed channels stop; the root still bubbles.
+    for p in ["/rooms", "/rooms/abc", "/rooms/abc/chat"] {
+        sub.request("u", &format!("-{p}")).await;
+    }
+    publisher.request("2", ":/other:x").await;
+    assert!(sub.recv().await.ends_with(":/other:x"));
+    publisher.request("3", ":/:at root").await;
+    assert!(sub.recv().await.ends_with(":/:at root"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_acks_are_durable_ids_and_escaping_on_the_wire() {
+    let server = start().await;
+    let mut sub = ws(&server).await;
+    let mut p = ws(&server).await;
+    sub.request("s", "+/e").await;
+    let ack = p.request("k", ":/e:100% new\nline\r and a dot.").await;
+    let id = EventId::parse(&ack).unwrap();
+    // The ack came after the event was durable: it is readable over HTTP now.
+    let r = get(&server, &format!("/events/e?at={id}")).await;
+    assert_eq!(
+        r.text(),
+        format!("@{id}:/e:100%25 new%0Aline%0D and a dot%2E\n")
+    );
+    assert_eq!(
+        sub.recv().await,
+        format!("@{id}:/e:100%25 new%0Aline%0D and a dot%2E")
+    );
+    // Bytes outside UTF-8, possible through HTTP publish, are %XX on the wire.
+    let id2 = post(&server, "/e", b"\xff\xfeok").await;
+    assert_eq!(sub.recv().await, format!("{id2}:/e:%FF%FEok"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_commands_keyed_and_unkeyed() {
+    let server = start().await;
+    let mut a = ws(&server).await;
+    assert!(a.request("k", "+/A").await.starts_with('!'));
+    assert!(a.request("k2", ":/a/../b:x").await.starts_with('!'));
+    assert!(a.request("k3", "?").await.starts_with('!'));
+    // Still open after keyed refusals.
+    assert!(a.request("k4", "@").await.starts_with('@'));
+    a.send("+/has space").await;
+    assert_eq!(a.closed().await, 1008);
+    let mut b = ws(&server).await;
+    b.send("nonsense").await;
+    assert_eq!(b.closed().await, 1008);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frame_limits_and_types() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let server = start().await;
+    let mut a = ws(&server).await;
+    a.send(&format!(":/big:{}", "x".repeat(70 * 1024))).await;
+    assert_eq!(a.closed().await, 1009);
+    let mut b = ws(&server).await;
+    b.stream
+        .send(Message::binary(vec![1u8, 2, 3]))
+        .await
+        .unwrap();
+    assert_eq!(b.closed().await, 1003);
+    // Exactly at the limit is fine.
+    let mut c = ws(&server).await;
+    let fill = 64 * 1024 - "#k#:/big:".len();
+    assert!(c
+        .request("k", &format!(":/big:{}", "y".repeat(fill)))
+        .await
+        .starts_with('@'));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_events_are_announced_and_fetched_by_id() {
+    let opts = ServerOptions {
+        large_event_bytes: 1000,
+        ..ServerOptions::default()
+    };
+    let server = start_with(opts, StoreOptions::default()).await;
+    let mut sub = ws(&server).await;
+    sub.request("s", "+/big").await;
+    let data = "z".repeat(5000);
+    let id = post(&server, "/big", data.as_bytes()).await;
+    let notice = sub.recv().await;
+    assert_eq!(notice, format!("{id}:/big."));
+    let ts = id.trim_start_matches('@');
+    let r = get(&server, &format!("/events/big?at={ts}")).await;
+    assert_eq!(r.text(), format!("{id}:/big:{data}\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_replays_then_continues_live_without_gap_or_duplicate() {
+    let server = start().await;
+    let mut p = ws(&server).await;
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        ids.push(p.request("k", &format!(":/r/x:{i}")).await);
+    }
+    let mut sub = ws(&server).await;
+    let from = &ids[19];
+    let boundary = sub
+        .request("s", &format!("+/r@{}", from.trim_start_matches('@')))
+        .await;
+    assert!(boundary.starts_with('@'));
+    for i in 50..60 {
+        ids.push(p.request("k", &format!(":/r/x:{i}")).await);
+    }
+    let mut last = EventId(0);
+    for (i, expected) in ids.iter().enumerate().skip(20) {
+        let m = sub.recv().await;
+        assert_eq!(m, format!("{expected}:/r/x:{i}"));
+        assert!(id_of(&m) > last);
+        last = id_of(&m);
+    }
+    assert_eq!(sub.quiet_for(Duration::from_millis(300)).await, None);
+}
+
+/// A subscriber far slower than the publisher: it falls back to the log and catches up with
+/// nothing lost, nothing duplicated, ids increasing; the publisher is not slowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_subscriber_catches_up_from_the_log() {
+    let opts = ServerOptions {
+        queue_bytes_max: 2048,
+        ..ServerOptions::default()
+    };
+    let server = start_with(opts, StoreOptions::default()).await;
+    let mut sub = ws(&server).await;
+    sub.request("s", "+/slow").await;
+    let mut p = ws(&server).await;
+    let total = 3000;
+    for i in 0..total {
+        p.send(&format!(":/slow/c:{i}")).await;
+    }
+    p.request("done", ":/slow/c:end").await;
+    let mut last = EventId(0);
+    for i in 0..=total {
+        let m = sub.recv().await;
+        let expected = if i == total {
+            "end".to_string()
+        } else {
+            i.to_string()
+        };
+        assert!(
+            m.ends_with(&format!(":/slow/c:{expected}")),
+            "event {i}: {m}"
+        );
+        assert!(id_of(&m) > last);
+        last = id_of(&m);
+    }
+    assert_eq!(sub.quiet_for(Duration::from_millis(300)).await, None);
+    let metrics = get(&server, "/metrics").await.text();
+    let reads: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ivy_catchup_reads_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("catch-up metric");
+    assert!(
+        reads > 0,
+        "the subscriber never fell back to the log: {metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_past_the_lag_limit_is_closed_with_1013() {
+    let opts = ServerOptions {
+        queue_bytes_max: 256,
+        lag_events_max: 50,
+        ..ServerOptions::default()
+    };
+    let server = start_with(opts, StoreOptions::default()).await;
+    // A raw client that never reads: its queue fills, then it lags, then it is closed.
+    let mut sub = ws(&server).await;
+    sub.request("s", "+/lag").await;
+    let mut p = ws(&server).await;
+    for i in 0..2000 {
+        p.send(&format!(":/lag:{i}")).await;
+    }
+    p.request("k", "@").await;
+    assert_eq!(sub.closed().await, 1013);
+}
+
+/// Publishers on many streams at once; a subscriber of `/` sees every event once, in strictly
+/// increasing id order, and a resume from the last id it saw misses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordering_across_streams_with_many_publishers() {
+    let server = start().await;
+    let mut sub = ws(&server).await;
+    sub.request("s", "+/").await;
+    let publishers = 6;
+    let each = 150;
+    let mut tasks = Vec::new();
+    for w in 0..publishers {
+        let addr = server.addr;
+        let mut p = ws_at(addr).await;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..each {
+                p.send(&format!("#{i}#:/s{w}/x:{i}")).await;
+            }
+            for _ in 0..each {
+                p.recv().await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut last = EventId(0);
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..publishers * each {
+        let m = sub.recv().await;
+        let id = id_of(&m);
+        assert!(id > last, "{m} after {last}");
+        last = id;
+        assert!(seen.insert(m));
+    }
+    assert_eq!(sub.quiet_for(Duration::from_millis(300)).await, None);
+}
+
+async fn ws_at(addr: std::net::SocketAddr) -> Ws {
+    let fake = TestServerRef { addr };
+    fake.connect().await
+}
+
+struct TestServerRef {
+    addr: std::net::SocketAddr,
+}
+
+impl TestServerRef {
+    async fn connect(&self) -> Ws {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("ws://{}/ws", self.addr)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("Sec-WebSocket-Protocol", "ivy1".parse().unwrap());
+        let (stream, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        let mut ws = Ws {
+            stream,
+            sid: String::new(),
+            protocol: None,
+        };
+        ws.recv().await;
+        ws
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_site_websocket_upgrades_are_refused() {
+    let server = start().await;
+    let host = format!("http://{}", server.addr);
+    assert!(ws_with(&server, &[("Origin", "http://evil.example")])
+        .await
+        .is_err());
+    assert!(ws_with(&server, &[("Origin", "null")]).await.is_err());
+    assert!(ws_with(&server, &[("Origin", &host)]).await.is_ok());
+    let opts = ServerOptions {
+        origins: ivy::config::OriginPolicy::from_list(&["http://app.example".into()]),
+        ..ServerOptions::default()
+    };
+    let listed = start_with(opts, StoreOptions::default()).await;
+    assert!(ws_with(&listed, &[("Origin", "http://app.example")])
+        .await
+        .is_ok());
+    assert!(ws_with(&listed, &[("Origin", "http://evil.example")])
+        .await
+        .is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_cap() {
+    let opts = ServerOptions {
+        subscriptions_max: 3,
+        ..ServerOptions::default()
+    };
+    let server = start_with(opts, StoreOptions::default()).await;
+    let mut a = ws(&server).await;
+    for i in 0..3 {
+        assert!(a.request("k", &format!("+/c{i}")).await.starts_with('@'));
+    }
+    assert_eq!(a.request("k", "+/c9").await, "!too many subscriptions");
+    a.send("+/c10").await;
+    assert_eq!(a.closed().await, 1008);
+}
+
+/// Shutdown closes WebSockets with 1001 and keeps every acknowledged event; a restart on the
+/// same directory serves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_and_restart_keep_acknowledged_events() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut server = start_in(
+        tmp.path(),
+        ServerOptions::default(),
+        StoreOptions::default(),
+    )
+    .await;
+    let mut p = ws(&server).await;
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        ids.push(p.request("k", &format!(":/keep:{i}")).await);
+    }
+    server.shutdown().await;
+    assert_eq!(p.closed().await, 1001);
+    let server = start_in(
+        tmp.path(),
+        ServerOptions::default(),
+        StoreOptions::default(),
+    )
+    .await;
+    let body = get(&server, "/events/keep").await.text();
+    let got: Vec<&str> = body.lines().map(|l| l.split(':').next().unwrap()).collect();
+    assert_eq!(got, ids.iter().map(String::as_str).collect::<Vec<_>>());
+}
