@@ -79,6 +79,11 @@ impl Metrics {
             m.lagging.clone(),
         );
         r.register(
+            "ivy_catchup_reads",
+            "Log reads by lagging or resuming sessions",
+            m.catchup_reads.clone(),
+        );
+        r.register(
             "ivy_lag_closes",
             "Sessions closed with 1013 for lagging",
             m.lag_closes.clone(),
