@@ -3,4 +3,5 @@
 
 mod harness;
 mod http_rows;
+mod limits;
 mod ws_rows;

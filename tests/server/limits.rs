@@ -1,0 +1,223 @@
+//! The original JavaScript client's behaviour, and the limits of "Limits and refusals".
+
+use super::harness::*;
+use ivy::config::ServerOptions;
+use ivy::storage::StoreOptions;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// What `ivy-client.js` (2014) does with a line: an optional `#KEY#`, then it must start with
+/// `@`; an event is split at `:` and its data decoded with decodeURIComponent; a line ending in
+/// `.` is a large-event notice.
+enum JsLine {
+    Reply {
+        key: String,
+        ts: String,
+    },
+    Event {
+        ts: String,
+        path: String,
+        data: String,
+    },
+    Notice {
+        ts: String,
+        path: String,
+    },
+}
+
+fn js_parse(line: &str) -> JsLine {
+    let (key, rest) = match line.strip_prefix('#') {
+        Some(r) => {
+            let (k, rest) = r.split_once('#').expect("key ends");
+            (Some(k.to_owned()), rest)
+        }
+        None => (None, line),
+    };
+    assert!(
+        rest.starts_with('@'),
+        "the original client throws on {line:?}"
+    );
+    if let Some(key) = key {
+        return JsLine::Reply {
+            key,
+            ts: rest[1..].to_owned(),
+        };
+    }
+    if let Some(notice) = rest.strip_suffix('.') {
+        let (ts, path) = notice[1..].split_once(':').expect("notice");
+        return JsLine::Notice {
+            ts: ts.to_owned(),
+            path: path.to_owned(),
+        };
+    }
+    let mut parts = rest[1..].splitn(3, ':');
+    let ts = parts.next().unwrap().to_owned();
+    let path = parts.next().unwrap().to_owned();
+    let raw = parts.next().expect("event data");
+    JsLine::Event {
+        ts,
+        path,
+        data: decode_uri_component(raw),
+    }
+}
+
+fn decode_uri_component(s: &str) -> String {
+    let bytes = ivy::wire::line::decode_data(s.as_bytes()).expect("decodeURIComponent accepts it");
+    String::from_utf8(bytes).expect("decodeURIComponent: valid UTF-8")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_original_javascript_client_works_unchanged() {
+    let opts = ServerOptions {
+        large_event_bytes: 2000,
+        ..ServerOptions::default()
+    };
+    let server = start_with(opts, StoreOptions::default()).await;
+    let mut alice = ws(&server).await;
+    let mut bob = ws(&server).await;
+    // Unkeyed subscribe, as the client sends it; the key counter starts at 0.
+    alice.send("+/chat/room1").await;
+    bob.send("+/chat").await;
+    // Make sure the subscriptions are in place: a keyed time request after them.
+    match js_parse(&format!("#0#{}", alice.request("0", "@").await)) {
+        JsLine::Reply { key, .. } => assert_eq!(key, "0"),
+        _ => unreachable!(),
+    }
+    bob.request("0", "@").await;
+    // A keyed publish with raw data (unescaped), including characters that must be escaped.
+    let text = "50% of \"lines\"\nend with a dot.";
+    let reply = alice.request("1", &format!(":/chat/room1:{text}")).await;
+    let JsLine::Reply { ts: acked, .. } = js_parse(&format!("#1#{reply}")) else {
+        unreachable!()
+    };
+    let JsLine::Event { ts, path, data } = js_parse(&bob.recv().await) else {
+        panic!("an event")
+    };
+    assert_eq!(
+        (ts.as_str(), path.as_str(), data.as_str()),
+        (acked.as_str(), "/chat/room1", text)
+    );
+    // sendLarge: multipart with the sid, CRLF line breaks as browsers send them.
+    let big = "x".repeat(3000) + "\r\nmore";
+    let boundary = "----jsclient";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"sid\"\r\n\r\n{}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"data\"\r\n\r\n{big}\r\n--{boundary}--\r\n",
+        alice.sid
+    );
+    let ct = format!("multipart/form-data; boundary={boundary}");
+    assert_eq!(
+        http(
+            &server,
+            "POST",
+            "/events/chat/room1",
+            &[("Content-Type", &ct)],
+            body.as_bytes()
+        )
+        .await
+        .status,
+        200
+    );
+    let JsLine::Notice { ts, path } = js_parse(&bob.recv().await) else {
+        panic!("a notice")
+    };
+    // fetch(): GET /events/PATH?at=TS, with TS as received (no @).
+    let fetched = get(&server, &format!("/events{path}?at={ts}")).await.text();
+    let lines: Vec<&str> = fetched.split('\n').filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 1);
+    let JsLine::Event { data, .. } = js_parse(lines[0]) else {
+        panic!("an event")
+    };
+    assert_eq!(data, big);
+    // History: ?n=N split at \n, empty lines skipped; every line parses.
+    let history = get(&server, "/events/chat/room1?n=10").await.text();
+    let lines: Vec<&str> = history.split('\n').filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 2);
+    for l in lines {
+        assert!(matches!(js_parse(l), JsLine::Event { .. }));
+    }
+    // The sender got neither its publish nor its own large event back.
+    assert_eq!(alice.quiet_for(Duration::from_millis(300)).await, None);
+    alice.send("-/chat/room1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_peers_are_dropped_and_pinged() {
+    let opts = ServerOptions {
+        idle_timeout: Duration::from_millis(600),
+        ping_interval: Duration::from_millis(200),
+        ..ServerOptions::default()
+    };
+    let server = start_with(opts, StoreOptions::default()).await;
+    // A raw socket that completes the upgrade and then never sends a frame: dropped.
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ivy1\r\n\r\n",
+        server.addr
+    );
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let read = tokio::time::timeout(WAIT, tcp.read_to_end(&mut seen)).await;
+    assert!(read.is_ok(), "the silent peer was dropped");
+    // Pings: 0x89 frames arrived before the close (0x88).
+    let after_head = seen.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let frames = &seen[after_head..];
+    assert!(frames.contains(&0x89), "a ping was sent");
+    assert!(frames.contains(&0x88), "a close was sent");
+    // A client that answers pings (tungstenite does, while it reads) stays past the timeout.
+    let mut ok = ws(&server).await;
+    let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while tokio::time::Instant::now() < until {
+        if let Some(m) = ok.quiet_for(Duration::from_millis(100)).await {
+            assert!(m.contains("Ping"), "only pings arrive: {m}");
+        }
+    }
+    assert!(ok.request("k", "@").await.starts_with('@'));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_and_oversized_headers() {
+    let opts = ServerOptions {
+        header_timeout: Duration::from_millis(500),
+        ..ServerOptions::default()
+    };
+    let server = start_with(opts, StoreOptions::default()).await;
+    let mut slow = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    slow.write_all(b"GET /events/x HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(WAIT, slow.read_to_end(&mut buf)).await;
+    assert!(
+        closed.is_ok(),
+        "a client that never finishes its headers is cut off"
+    );
+    // Meanwhile everyone else is served.
+    assert_eq!(get(&server, "/healthz").await.status, 200);
+    let huge = "a".repeat(20 * 1024);
+    let r = http(&server, "GET", "/events/x", &[("X-Big", &huge)], b"").await;
+    assert_eq!(r.status, 431);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_get_503() {
+    let opts = ServerOptions {
+        connections_max: 2,
+        ..ServerOptions::default()
+    };
+    let server = start_with(opts, StoreOptions::default()).await;
+    let _a = ws(&server).await;
+    let _b = ws(&server).await;
+    let r = get(&server, "/healthz").await;
+    assert_eq!(r.status, 503);
+    drop(_a);
+    // The slot frees once the first connection is gone.
+    let mut status = 0;
+    for _ in 0..100 {
+        status = get(&server, "/healthz").await.status;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status, 200);
+}
