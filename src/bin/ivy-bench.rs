@@ -1,0 +1,614 @@
+//! `ivy-bench`: the load tool. It starts `ivy serve` as a child process on a temporary data
+//! directory (or uses `--addr` of a running server) and measures, over loopback:
+//! - `publish`: acknowledged publishes/s from C connections, each keeping a window of
+//!   unacknowledged keyed publishes, and the ack latency percentiles;
+//! - `fanout`: 1 publisher to S subscribers of one channel: deliveries/s, publish-to-delivery
+//!   latency percentiles, and counts of lost, duplicated and reordered events (every event
+//!   carries a sequence number); optionally paced and with a share of deliberately slow readers;
+//! - `history`: last-N reads over keep-alive connections: requests/s and latency percentiles;
+//! - `idle`: N idle WebSocket connections, and the server's resident memory with them open.
+//!
+//! The client side uses fastwebsockets and one tokio runtime, and does no per-message
+//! allocation beyond what parsing needs, so that it is not the bottleneck (check with `top`).
+
+use clap::{Parser, Subcommand};
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketRead, WebSocketWrite};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+#[derive(Parser)]
+#[command(name = "ivy-bench", about = "Load tool for ivy serve")]
+struct Cli {
+    /// A running server; without it, `ivy serve` is started on a temporary directory.
+    #[arg(long, global = true)]
+    addr: Option<SocketAddr>,
+    /// Durability of the spawned server.
+    #[arg(long, global = true, default_value = "always")]
+    durability: String,
+    /// Seconds to measure.
+    #[arg(long, global = true, default_value_t = 10)]
+    seconds: u64,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    Publish {
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        #[arg(long, default_value_t = 256)]
+        window: usize,
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// Distinct channels, spread over the connections.
+        #[arg(long, default_value_t = 4)]
+        paths: usize,
+    },
+    Fanout {
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// Events per second from the publisher; 0 publishes as fast as acks allow.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Unacknowledged publishes in flight when unpaced.
+        #[arg(long, default_value_t = 256)]
+        window: usize,
+        /// Share of subscribers that read slowly (they must catch up from the log).
+        #[arg(long, default_value_t = 0.0)]
+        slow_fraction: f64,
+    },
+    History {
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        #[arg(long, default_value_t = 100)]
+        n: usize,
+        /// Events written to the channel first.
+        #[arg(long, default_value_t = 100_000)]
+        events: usize,
+    },
+    Idle {
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+    },
+}
+
+struct Spawned {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_server(durability: &str) -> anyhow::Result<(SocketAddr, Spawned)> {
+    let exe = std::env::current_exe()?.with_file_name("ivy");
+    let dir = tempfile::tempdir()?;
+    let mut child = Command::new(&exe)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--durability",
+            durability,
+            "--log",
+            "warn",
+        ])
+        .arg("--data")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", exe.display()))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .ok_or_else(|| anyhow::anyhow!("unexpected first line: {line}"))?
+        .parse()?;
+    Ok((addr, Spawned { child, _dir: dir }))
+}
+
+fn server_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+type Reader = WebSocketRead<OwnedReadHalf>;
+type Writer = WebSocketWrite<OwnedWriteHalf>;
+
+/// Opens a WebSocket with subprotocol ivy1 and reads the intro; returns the halves and the sid.
+async fn connect(addr: SocketAddr) -> anyhow::Result<(Reader, Writer, String)> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (read, mut write) = tcp.into_split();
+    write
+        .write_all(
+            format!(
+                "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ivy1\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await?;
+    // Read the response head byte by byte, so no WebSocket byte is consumed with it.
+    let mut head = Vec::new();
+    let mut read = read;
+    while !head.ends_with(b"\r\n\r\n") {
+        let b = read.read_u8().await?;
+        head.push(b);
+        anyhow::ensure!(head.len() < 8192, "response head too long");
+    }
+    anyhow::ensure!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "upgrade refused: {}",
+        String::from_utf8_lossy(&head)
+    );
+    let (mut r, mut w) = fastwebsockets::after_handshake_split(read, write, Role::Client);
+    r.set_auto_pong(false);
+    w.set_auto_apply_mask(true);
+    let intro = read_text(&mut r, &mut w).await?;
+    let sid = intro.split(":~/sid:").nth(1).unwrap_or("").to_owned();
+    Ok((r, w, sid))
+}
+
+/// The next text message; answers pings.
+async fn read_text(r: &mut Reader, w: &mut Writer) -> anyhow::Result<String> {
+    loop {
+        let frame = r
+            .read_frame(&mut |_| async { Ok::<(), std::convert::Infallible>(()) })
+            .await?;
+        match frame.opcode {
+            OpCode::Text => return Ok(String::from_utf8(frame.payload.to_vec())?),
+            OpCode::Ping => {
+                w.write_frame(Frame::pong(Payload::Owned(frame.payload.to_vec())))
+                    .await?
+            }
+            OpCode::Close => anyhow::bail!("closed by the server: {:?}", frame.payload.get(..2)),
+            _ => {}
+        }
+    }
+}
+
+async fn send(w: &mut Writer, text: &[u8]) -> anyhow::Result<()> {
+    w.write_frame(Frame::text(Payload::Borrowed(text))).await?;
+    Ok(())
+}
+
+fn percentiles(label: &str, mut micros: Vec<u64>) {
+    if micros.is_empty() {
+        println!("{label}: no samples");
+        return;
+    }
+    micros.sort_unstable();
+    let at = |p: f64| micros[((micros.len() as f64 - 1.0) * p) as usize];
+    println!(
+        "{label}: p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({} samples)",
+        at(0.50) as f64 / 1000.0,
+        at(0.90) as f64 / 1000.0,
+        at(0.99) as f64 / 1000.0,
+        at(1.0) as f64 / 1000.0,
+        micros.len()
+    );
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+async fn publish(
+    addr: SocketAddr,
+    seconds: u64,
+    connections: usize,
+    window: usize,
+    size: usize,
+    paths: usize,
+) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let (mut r, mut w, _) = connect(addr).await?;
+        let stop = Arc::clone(&stop);
+        let acked = Arc::clone(&acked);
+        let path = format!("/bench/p{}", c % paths.max(1));
+        tasks.push(tokio::spawn(async move {
+            let data = "x".repeat(size);
+            let sent_at = Arc::new(parking_lot::Mutex::new(
+                std::collections::VecDeque::<Instant>::new(),
+            ));
+            let permits = Arc::new(tokio::sync::Semaphore::new(window));
+            let reader = {
+                let sent_at = Arc::clone(&sent_at);
+                let permits = Arc::clone(&permits);
+                let acked = Arc::clone(&acked);
+                tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    loop {
+                        let frame = match r
+                            .read_frame(&mut |_| async { Ok::<(), std::convert::Infallible>(()) })
+                            .await
+                        {
+                            Ok(f) => f,
+                            Err(_) => break,
+                        };
+                        if frame.opcode != OpCode::Text || !frame.payload.starts_with(b"#") {
+                            continue;
+                        }
+                        if let Some(t) = sent_at.lock().pop_front() {
+                            lat.push(t.elapsed().as_micros() as u64);
+                        }
+                        acked.fetch_add(1, Ordering::Relaxed);
+                        permits.add_permits(1);
+                    }
+                    lat
+                })
+            };
+            let mut i = 0u64;
+            let mut line = Vec::with_capacity(size + 64);
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(permit) = permits.acquire().await else {
+                    break;
+                };
+                permit.forget();
+                line.clear();
+                line.extend_from_slice(format!("#{i}#:{path}:").as_bytes());
+                line.extend_from_slice(data.as_bytes());
+                sent_at.lock().push_back(Instant::now());
+                if send(&mut w, &line).await.is_err() {
+                    break;
+                }
+                i += 1;
+            }
+            // Let the outstanding acks arrive, then close.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let _ = w.write_frame(Frame::close(1000, b"")).await;
+            reader.await.unwrap_or_default()
+        }));
+    }
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let warm = acked.load(Ordering::Relaxed);
+    let measure_from = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let done = acked.load(Ordering::Relaxed) - warm;
+    let elapsed = measure_from.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await?);
+    }
+    println!(
+        "publish: {connections} connections, window {window}, {size} B: {:.0} acknowledged events/s over {elapsed:.1} s ({} total in {:.1} s)",
+        done as f64 / elapsed,
+        lat.len(),
+        started.elapsed().as_secs_f64()
+    );
+    percentiles("ack latency", lat);
+    Ok(())
+}
+
+#[derive(Default)]
+struct SubStats {
+    received: u64,
+    unique: u64,
+    duplicated: u64,
+    reordered: u64,
+    latencies: Vec<u64>,
+}
+
+async fn fanout(
+    addr: SocketAddr,
+    seconds: u64,
+    subscribers: usize,
+    size: usize,
+    rate: u64,
+    window: usize,
+    slow_fraction: f64,
+) -> anyhow::Result<()> {
+    let slow_count = ((subscribers as f64) * slow_fraction).round() as usize;
+    let published = Arc::new(AtomicU64::new(0));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let done_publishing = Arc::new(AtomicBool::new(false));
+    let mut subs = Vec::new();
+    for s in 0..subscribers {
+        let (mut r, mut w, _) = connect(addr).await?;
+        send(&mut w, b"#s#+/fan").await?;
+        loop {
+            if read_text(&mut r, &mut w).await?.starts_with("#s#") {
+                break;
+            }
+        }
+        let is_slow = s < slow_count;
+        let published = Arc::clone(&published);
+        let delivered = Arc::clone(&delivered);
+        let done_publishing = Arc::clone(&done_publishing);
+        subs.push(tokio::spawn(async move {
+            let mut st = SubStats::default();
+            let mut seen = std::collections::HashSet::new();
+            let mut next = 0u64;
+            loop {
+                if done_publishing.load(Ordering::Relaxed)
+                    && st.unique >= published.load(Ordering::Relaxed)
+                {
+                    break;
+                }
+                let text =
+                    match tokio::time::timeout(Duration::from_secs(15), read_text(&mut r, &mut w))
+                        .await
+                    {
+                        Ok(Ok(t)) => t,
+                        _ => break,
+                    };
+                // @TS:/fan:SEQ:SENT_NANOS:padding
+                let mut parts = text.splitn(5, ':');
+                let (Some(_), Some(_), Some(seq), Some(sent)) =
+                    (parts.next(), parts.next(), parts.next(), parts.next())
+                else {
+                    continue;
+                };
+                let (Ok(seq), Ok(sent)) = (seq.parse::<u64>(), sent.parse::<u64>()) else {
+                    continue;
+                };
+                st.received += 1;
+                delivered.fetch_add(1, Ordering::Relaxed);
+                if !seen.insert(seq) {
+                    st.duplicated += 1;
+                } else {
+                    st.unique += 1;
+                    if seq < next {
+                        st.reordered += 1;
+                    }
+                    next = next.max(seq + 1);
+                }
+                if !is_slow && st.received % 16 == 0 {
+                    st.latencies.push(now_nanos().saturating_sub(sent) / 1000);
+                }
+                if is_slow {
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+            }
+            (is_slow, st)
+        }));
+    }
+    let (mut pr, mut pw, _) = connect(addr).await?;
+    let pad = "p".repeat(size.saturating_sub(40));
+    let permits = Arc::new(tokio::sync::Semaphore::new(window));
+    let acker = {
+        let permits = Arc::clone(&permits);
+        tokio::spawn(async move {
+            while let Ok(frame) = pr
+                .read_frame(&mut |_| async { Ok::<(), std::convert::Infallible>(()) })
+                .await
+            {
+                if frame.opcode == OpCode::Text && frame.payload.starts_with(b"#") {
+                    permits.add_permits(1);
+                }
+            }
+        })
+    };
+    let started = Instant::now();
+    let mut seq = 0u64;
+    let interval = if rate > 0 {
+        Some(Duration::from_secs_f64(1.0 / rate as f64))
+    } else {
+        None
+    };
+    while started.elapsed() < Duration::from_secs(seconds) {
+        if let Some(iv) = interval {
+            let due = started + iv.mul_f64(seq as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let permit = permits.acquire().await?;
+        permit.forget();
+        let line = format!("#{seq}#:/fan:{seq}:{}:{pad}", now_nanos());
+        send(&mut pw, line.as_bytes()).await?;
+        seq += 1;
+        published.store(seq, Ordering::Relaxed);
+    }
+    let publish_secs = started.elapsed().as_secs_f64();
+    done_publishing.store(true, Ordering::Relaxed);
+    let deliveries_during = delivered.load(Ordering::Relaxed);
+    let mut fast_lat = Vec::new();
+    let (mut lost, mut dup, mut reorder) = (0u64, 0u64, 0u64);
+    let mut slow_done = 0;
+    for t in subs {
+        let (is_slow, st) = t.await?;
+        lost += seq.saturating_sub(st.unique);
+        dup += st.duplicated;
+        reorder += st.reordered;
+        if is_slow {
+            slow_done += usize::from(st.unique == seq);
+        } else {
+            fast_lat.extend(st.latencies);
+        }
+    }
+    acker.abort();
+    println!(
+        "fanout: {subscribers} subscribers ({slow_count} slow), {size} B, {}: {seq} events published in {publish_secs:.1} s, {:.0} deliveries/s while publishing",
+        if rate > 0 { format!("paced at {rate}/s") } else { format!("unpaced, window {window}") },
+        deliveries_during as f64 / publish_secs
+    );
+    println!("fanout: lost {lost}, duplicated {dup}, reordered {reorder}; slow subscribers complete: {slow_done}/{slow_count}");
+    percentiles("publish-to-delivery (fast subscribers)", fast_lat);
+    Ok(())
+}
+
+async fn history(
+    addr: SocketAddr,
+    seconds: u64,
+    connections: usize,
+    n: usize,
+    events: usize,
+) -> anyhow::Result<()> {
+    let (mut r, mut w, _) = connect(addr).await?;
+    let data = "h".repeat(100);
+    for i in 0..events {
+        let line = if i + 1 == events {
+            format!("#last#:/hist/c:{data}")
+        } else {
+            format!(":/hist/c:{data}")
+        };
+        send(&mut w, line.as_bytes()).await?;
+    }
+    while !read_text(&mut r, &mut w).await?.starts_with("#last#") {}
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let stop = Arc::clone(&stop);
+        let count = Arc::clone(&count);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let Ok(tcp) = TcpStream::connect(addr).await else {
+                return lat;
+            };
+            let _ = tcp.set_nodelay(true);
+            let (rd, mut wr) = tcp.into_split();
+            let mut rd = BufReader::with_capacity(64 * 1024, rd);
+            let req = format!("GET /events/hist/c?n={n} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+            let mut body = Vec::new();
+            let mut line = String::new();
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                if wr.write_all(req.as_bytes()).await.is_err() {
+                    break;
+                }
+                let mut len = 0usize;
+                loop {
+                    line.clear();
+                    if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return lat;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                body.resize(len, 0);
+                if rd.read_exact(&mut body).await.is_err() {
+                    break;
+                }
+                lat.push(t.elapsed().as_micros() as u64);
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            lat
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let warm = count.load(Ordering::Relaxed);
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let done = count.load(Ordering::Relaxed) - warm;
+    let elapsed = t.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut lat = Vec::new();
+    for task in tasks {
+        lat.extend(task.await?);
+    }
+    println!("history: last {n} of a channel of {events} events, {connections} keep-alive connections: {:.0} requests/s", done as f64 / elapsed);
+    percentiles("request latency", lat);
+    Ok(())
+}
+
+async fn idle(addr: SocketAddr, connections: usize, pid: Option<u32>) -> anyhow::Result<()> {
+    let before = pid.and_then(server_rss_kib);
+    let mut held = Vec::with_capacity(connections);
+    let started = Instant::now();
+    for _ in 0..connections {
+        held.push(connect(addr).await?);
+    }
+    println!(
+        "idle: {connections} WebSocket connections open in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    match (pid, before, pid.and_then(server_rss_kib)) {
+        (Some(_), Some(b), Some(a)) => println!(
+            "idle: server resident memory {:.1} MiB with them open ({:.1} MiB before; {:.0} bytes per connection)",
+            a as f64 / 1024.0,
+            b as f64 / 1024.0,
+            (a.saturating_sub(b) * 1024) as f64 / connections as f64
+        ),
+        _ => println!("idle: give no --addr to let the tool start the server and read its memory"),
+    }
+    drop(held);
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let spawned = match cli.addr {
+        Some(_) => None,
+        None => Some(spawn_server(&cli.durability)?),
+    };
+    let (addr, pid) = match (&spawned, cli.addr) {
+        (Some((a, s)), _) => (*a, Some(s.child.id())),
+        (None, Some(a)) => (a, None),
+        (None, None) => anyhow::bail!("no server"),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.mode {
+            Mode::Publish {
+                connections,
+                window,
+                size,
+                paths,
+            } => publish(addr, cli.seconds, connections, window, size, paths).await,
+            Mode::Fanout {
+                subscribers,
+                size,
+                rate,
+                window,
+                slow_fraction,
+            } => {
+                fanout(
+                    addr,
+                    cli.seconds,
+                    subscribers,
+                    size,
+                    rate,
+                    window,
+                    slow_fraction,
+                )
+                .await
+            }
+            Mode::History {
+                connections,
+                n,
+                events,
+            } => history(addr, cli.seconds, connections, n, events).await,
+            Mode::Idle { connections } => idle(addr, connections, pid).await,
+        }
+    })?;
+    drop(spawned);
+    Ok(())
+}
