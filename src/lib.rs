@@ -13,18 +13,25 @@
 //!
 //! - `src/main.rs`: the `ivy` binary; parses the command line (`src/cli/`), starts logging, maps
 //!   errors to exit codes (0 ok, 1 `verify` found problems, 2 could not run).
+//! - `src/cli/serve.rs`: `ivy serve`: flags into `config::ServerOptions` and
+//!   `storage::StoreOptions`, then [`server::Server::serve`] until SIGINT/SIGTERM.
+//! - [`server::Server`]: the server as a library type: `handle` answers one hyper request (to
+//!   mount in a larger program), `serve` runs a listener.
 //! - [`storage::Store::open`]: opens a data directory for writing (recovering each stream's tail);
 //!   [`storage::Store::open_read_only`] for the offline tools.
 //! - `src/cli/verify.rs`, `dump.rs`, `import.rs`, `stats.rs`: the offline tools, which need no server.
+//! - `src/bin/ivy-bench.rs`: the load tool (publish, fan-out, history, idle connections).
 //!
 //! ## Code map
 //!
 //! Layers, each using only the ones below it:
 //!
 //! ```text
-//! binary   main.rs, cli/                                  clap, anyhow, indicatif
-//! core     storage/                wire/                  memmap2, crc32fast, parking_lot | nothing
-//! base     channel.rs  event_id.rs  clock.rs              std only
+//! binary   main.rs, cli/, bin/ivy-bench.rs                clap, anyhow, indicatif
+//! config   config.rs                                      (ServerOptions; StoreOptions is storage's)
+//! serve    server/                                        hyper, fastwebsockets, tokio
+//! core     storage/                wire/                  memmap2, crc32fast, parking_lot | pure
+//! base     channel.rs  event_id.rs  clock.rs  metrics.rs  std, prometheus-client
 //! ```
 //!
 //! ### `channel.rs`, `event_id.rs`, `clock.rs`
@@ -60,6 +67,26 @@
 //! final `%2E`, `%XX` for bytes outside UTF-8), and their parser (for `ivy import`).
 //! **Architecture invariant:** pure; no I/O, no storage, no clock; every function can be fuzzed.
 //!
+//! ### `server/` — ivy1 over WebSocket and HTTP
+//! - `mod.rs`: `Server`: accept loop, connection limit (a semaphore; past it, 503 and close),
+//!   WebSocket upgrade (Origin policy, `ivy1` subprotocol), graceful shutdown.
+//! - `http.rs`: the hyper service: log reads (inline, or streamed from a blocking task when
+//!   large), caching headers, Range, CORS, HTTP publish (forms, multipart, raw), `/metrics`.
+//! - `ws.rs`: one connection: a reader task (frames, reassembly with the size limit, commands)
+//!   and a writer task (drains the session, sends acks once committed, pings, closes).
+//! - `session.rs`: per-connection state: subscriptions, bounded queue, `Live`/`Lagging` mode.
+//! - `fanout.rs`: `Hub`: the subscription index, publish with sender exclusion, and the
+//!   dispatcher thread that delivers committed events in id order.
+//! - `catchup.rs`: log reads for `+/path@TS` and for lagging sessions.
+//! - `error.rs`: store failures to HTTP statuses (507 disk full, 503 otherwise).
+//!
+//! **Architecture invariants:** only `server/` knows hyper and fastwebsockets. The dispatcher
+//! never looks at a single stream's progress, only at the store's commit watermark, so every
+//! connection sees strictly increasing, committed ids across streams written in parallel.
+//!
+//! `config.rs` holds the typed server limits (each with its unit), `metrics.rs` the Prometheus
+//! families (rendered by `prometheus-client`).
+//!
 //! ## One event's path through the engine
 //!
 //! 1. `Store::append` (`store.rs`) routes the channel to its stream (`ChannelPath::truncated` to
@@ -78,22 +105,40 @@
 //! 5. A reader (`read.rs`) snapshots the streams its selector touches and reads only committed
 //!    bytes, through the maps (`segment.rs`, `mmap.rs`), checking every record's CRC.
 //!
+//! And through the server, for a WebSocket publish `#k#:/rooms/a:hi`:
+//!
+//! 1. `server/ws.rs` reads the frame, checks the message size, and `wire/command.rs` parses it
+//!    (path checked by `ChannelPath`). A bad command is `#k#!reason`, or close 1008 unkeyed.
+//! 2. `Hub::publish` (`server/fanout.rs`) appends without waiting, under the publish gate, and
+//!    records the publisher (sender exclusion). The ack `#k#@TS` is queued as pending.
+//! 3. The engine commits it (steps 2–4 above). The connection's writer sends the ack once the
+//!    watermark passes the id (durable under `always`).
+//! 4. The dispatcher thread (`Hub::run_dispatcher`) reads the log up to the watermark, encodes
+//!    the line once, walks `/rooms/a`, `/rooms`, `/` in the index and pushes the shared frame to
+//!    each subscribed session once, except the publisher. A full queue turns the session
+//!    `Lagging`: its writer reads the log itself (`catchup.rs`) and rejoins live under the hub
+//!    lock, with no gap and no duplicate; past `lag_events_max` it is closed with 1013.
+//! 5. Each writer formats every ready frame into one buffer and writes it in one call.
+//!
 //! ## Cross-cutting concerns
 //!
-//! - **Durability and acks.** `always`: an append returns once durable. `interval=MS` and
-//!   `never`: an append returns once queued; readers see events once written. Seals are synced
-//!   under every policy.
+//! - **Durability and acks.** `always`: an append returns once durable, and the server acks and
+//!   delivers only then. `interval=MS` and `never`: an append returns once queued; readers see
+//!   events once written. Seals are synced under every policy.
 //! - **Errors.** One `thiserror` enum per layer (`storage::Error`, `wire::line::LineError`,
 //!   `channel::PathError`); storage errors carry the file and byte offset. Only the binary uses
 //!   `anyhow`. Corruption is an error, never "no data".
 //! - **Limits.** Event size, segment size and age, index interval and pending bytes are options
 //!   with their unit in their name (`StoreOptions`).
-//! - **Tests.** Unit tests beside the code; `tests/storage.rs` (engine through its API),
+//! - **Tests.** Unit tests beside the code; `tests/server/` (a real server on 127.0.0.1:0,
+//!   spoken to with a WebSocket client crate and raw HTTP: every row of the protocol page, the
+//!   original JS client's behaviour, limits); `tests/storage.rs` (engine through its API),
 //!   `tests/model.rs` (proptest against an in-memory model, with crash cuts), `tests/cli.rs` (the
 //!   binary as a user runs it), `tests/storage_format.rs` (the format page's example); fuzz
 //!   targets in `fuzz/`; benchmarks in `benches/`.
 //! - **Observability.** `tracing`: warnings for cut tails and rebuilt indexes, errors for failed
-//!   writes; nothing per event above `debug`.
+//!   writes; nothing per event above `debug`. `GET /metrics`: appends, fsyncs, commit rounds,
+//!   connections, subscriptions, deliveries, lagging sessions, HTTP requests by status.
 #![deny(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![warn(clippy::undocumented_unsafe_blocks)]
