@@ -143,6 +143,9 @@ impl Hub {
         let entry = st.subscriptions.entry(path.clone()).or_insert(since);
         *entry = (*entry).min(since);
         if let Some(ts) = resume_after {
+            if st.mode == Mode::Live {
+                self.metrics.lagging.inc();
+            }
             st.rewind_to(ts.min(boundary));
         }
         drop(st);

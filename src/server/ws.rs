@@ -258,6 +258,17 @@ fn take(hub: &Hub, session: &Session) -> Taken {
     }
 }
 
+/// Whether the oldest pending ack's event is committed already.
+fn acks_ready(hub: &Hub, session: &Session) -> bool {
+    let committed = hub.store.committed();
+    session
+        .state
+        .lock()
+        .pending_acks
+        .front()
+        .is_some_and(|(id, _)| *id <= committed)
+}
+
 fn push_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
     let mut frame = Frame::new(true, opcode, None, Payload::Borrowed(payload));
     let mut head = [0u8; 16];
@@ -279,7 +290,6 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         opts.ping_interval,
     );
     loop {
-        let commit = hub.store.listen_commits();
         let taken = take(hub, session);
         for c in &taken.control {
             match c {
@@ -309,9 +319,15 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             catch_up(hub, session, &mut write, &mut buf).await?;
             continue;
         }
+        // Listen for commits only while an ack waits: every registered listener is visited by
+        // every commit, and idle connections must cost the writer thread nothing.
+        let commit = taken.has_pending_acks.then(|| hub.store.listen_commits());
+        if commit.is_some() && acks_ready(hub, session) {
+            continue;
+        }
         tokio::select! {
             _ = session.wake.notified() => {}
-            _ = commit, if taken.has_pending_acks => {}
+            Some(()) = async { match commit { Some(l) => { l.await; Some(()) } None => None } } => {}
             _ = ping.tick() => {
                 push_frame(&mut buf, OpCode::Ping, b"");
                 write.write_all(&buf).await?;
