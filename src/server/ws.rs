@@ -56,57 +56,127 @@ pub async fn run<S>(
     hub.metrics.websockets.dec();
 }
 
+/// The read side of a connection, counting the bytes handed to the frame parser and able to
+/// put one byte back. fastwebsockets keeps an 8 KiB buffer per reader; by comparing the bytes it
+/// was given with the bytes of the frames it returned, this module knows when that buffer is
+/// empty, drops the reader, and waits for the next byte with no buffer at all: an idle
+/// connection holds none (measured: `ivy-bench idle`).
+struct Counted<R> {
+    inner: R,
+    /// Shared with the read loop, which cannot look inside while the parser borrows this.
+    given: Arc<std::sync::atomic::AtomicU64>,
+    put_back: Option<u8>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(b) = self.put_back.take() {
+            if buf.remaining() > 0 {
+                buf.put_slice(&[b]);
+                self.given
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return std::task::Poll::Ready(Ok(()));
+            }
+            self.put_back = Some(b);
+        }
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = polled {
+            let n = (buf.filled().len() - before) as u64;
+            self.given
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+/// Bytes a client frame of this payload length takes on the wire (clients mask every frame).
+fn wire_len(payload_len: usize) -> u64 {
+    let ext = match payload_len {
+        0..=125 => 0,
+        126..=65535 => 2,
+        _ => 8,
+    };
+    (2 + ext + 4 + payload_len) as u64
+}
+
 async fn read_loop<R: AsyncRead + Unpin>(
     hub: Arc<Hub>,
     opts: Arc<ServerOptions>,
     read: R,
     session: Arc<Session>,
 ) {
-    let (mut ws, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
-    ws.set_auto_close(false);
-    ws.set_auto_pong(false);
-    ws.set_auto_apply_mask(true);
-    // fastwebsockets refuses a frame whose length is >= this; a whole message is checked below.
-    ws.set_max_message_size(opts.frame_bytes_max + 1);
+    use tokio::io::AsyncReadExt;
+    let given = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut raw = Counted {
+        inner: read,
+        given: Arc::clone(&given),
+        put_back: None,
+    };
+    let mut parsed = 0u64;
     let mut message: Vec<u8> = Vec::new();
     let mut is_fragmented = false;
     let mut no_send = |_: Frame<'_>| async { Ok::<(), std::convert::Infallible>(()) };
     loop {
-        let frame = match tokio::time::timeout(opts.idle_timeout, ws.read_frame(&mut no_send)).await
-        {
+        // Idle: wait for the next byte without any buffer.
+        match tokio::time::timeout(opts.idle_timeout, raw.inner.read_u8()).await {
             Err(_) => return session.close(1001, "idle timeout"),
-            Ok(Err(e)) => return session.close(close_code_for(&e), close_reason_for(&e)),
-            Ok(Ok(frame)) => frame,
-        };
-        match frame.opcode {
-            OpCode::Ping => {
-                session.send_control(Control::Pong(Bytes::copy_from_slice(&frame.payload)))
-            }
-            OpCode::Pong => {}
-            OpCode::Close => return session.close(1000, ""),
-            OpCode::Binary => return session.close(1003, "binary messages are not accepted"),
-            OpCode::Text if is_fragmented => {
-                return session.close(1002, "new message inside a fragmented one")
-            }
-            OpCode::Text if frame.fin => handle(&hub, &opts, &session, &frame.payload),
-            OpCode::Text | OpCode::Continuation => {
-                if frame.opcode == OpCode::Continuation && !is_fragmented {
-                    return session.close(1002, "continuation without a message");
-                }
-                is_fragmented = true;
-                if message.len() + frame.payload.len() > opts.frame_bytes_max {
-                    return session.close(1009, "message too large");
-                }
-                message.extend_from_slice(&frame.payload);
-                if frame.fin {
-                    is_fragmented = false;
-                    handle(&hub, &opts, &session, &message);
-                    message = Vec::new();
-                }
-            }
+            Ok(Err(_)) => return session.close(1000, ""),
+            Ok(Ok(b)) => raw.put_back = Some(b),
         }
-        if session.state.lock().close.is_some() {
-            return;
+        let (mut ws, _) =
+            fastwebsockets::after_handshake_split(&mut raw, tokio::io::sink(), Role::Server);
+        ws.set_auto_close(false);
+        ws.set_auto_pong(false);
+        ws.set_auto_apply_mask(true);
+        // fastwebsockets refuses a frame whose length is >= this; a whole message is checked below.
+        ws.set_max_message_size(opts.frame_bytes_max + 1);
+        // Read frames while the parser holds bytes it was given; then go back to idle.
+        loop {
+            let frame =
+                match tokio::time::timeout(opts.idle_timeout, ws.read_frame(&mut no_send)).await {
+                    Err(_) => return session.close(1001, "idle timeout"),
+                    Ok(Err(e)) => return session.close(close_code_for(&e), close_reason_for(&e)),
+                    Ok(Ok(frame)) => frame,
+                };
+            parsed += wire_len(frame.payload.len());
+            match frame.opcode {
+                OpCode::Ping => {
+                    session.send_control(Control::Pong(Bytes::copy_from_slice(&frame.payload)))
+                }
+                OpCode::Pong => {}
+                OpCode::Close => return session.close(1000, ""),
+                OpCode::Binary => return session.close(1003, "binary messages are not accepted"),
+                OpCode::Text if is_fragmented => {
+                    return session.close(1002, "new message inside a fragmented one")
+                }
+                OpCode::Text if frame.fin => handle(&hub, &opts, &session, &frame.payload),
+                OpCode::Text | OpCode::Continuation => {
+                    if frame.opcode == OpCode::Continuation && !is_fragmented {
+                        return session.close(1002, "continuation without a message");
+                    }
+                    is_fragmented = true;
+                    if message.len() + frame.payload.len() > opts.frame_bytes_max {
+                        return session.close(1009, "message too large");
+                    }
+                    message.extend_from_slice(&frame.payload);
+                    if frame.fin {
+                        is_fragmented = false;
+                        handle(&hub, &opts, &session, &message);
+                        message = Vec::new();
+                    }
+                }
+            }
+            if session.state.lock().close.is_some() {
+                return;
+            }
+            if parsed == given.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
         }
     }
 }
