@@ -245,12 +245,16 @@ fn handle(hub: &Hub, opts: &ServerOptions, session: &Arc<Session>, payload: &[u8
                 if let Some(key) = key {
                     let mut line = Vec::with_capacity(key.len() + 24);
                     encode::ack(&mut line, Some(key), id);
-                    session
-                        .state
-                        .lock()
-                        .pending_acks
-                        .push_back((id, Bytes::from(line)));
-                    session.wake.notify_one();
+                    let was_empty = {
+                        let mut st = session.state.lock();
+                        st.pending_acks.push_back((id, Bytes::from(line)));
+                        st.pending_acks.len() == 1
+                    };
+                    // A writer with acks pending already waits for the next commit; only the
+                    // first pending ack needs to wake it (one wake-up per publish was measurable).
+                    if was_empty {
+                        session.wake.notify_one();
+                    }
                 }
             }
             Err(e) => {
