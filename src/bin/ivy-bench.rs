@@ -135,7 +135,7 @@ fn server_rss_kib(pid: u32) -> Option<u64> {
 }
 
 type Reader = WebSocketRead<OwnedReadHalf>;
-type Writer = WebSocketWrite<OwnedWriteHalf>;
+type Writer = WebSocketWrite<tokio::io::BufWriter<OwnedWriteHalf>>;
 
 /// Opens a WebSocket with subprotocol ivy1 and reads the intro; returns the halves and the sid.
 async fn connect(addr: SocketAddr) -> anyhow::Result<(Reader, Writer, String)> {
@@ -163,9 +163,13 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<(Reader, Writer, String)> {
         "upgrade refused: {}",
         String::from_utf8_lossy(&head)
     );
+    // Frames go through a buffer and are flushed when the sender has nothing more to send, so
+    // the tool makes one write per batch, not per message, and is not the bottleneck.
+    let write = tokio::io::BufWriter::with_capacity(64 * 1024, write);
     let (mut r, mut w) = fastwebsockets::after_handshake_split(read, write, Role::Client);
     r.set_auto_pong(false);
     w.set_auto_apply_mask(true);
+    w.set_writev(false);
     let intro = read_text(&mut r, &mut w).await?;
     let sid = intro.split(":~/sid:").nth(1).unwrap_or("").to_owned();
     Ok((r, w, sid))
@@ -189,8 +193,28 @@ async fn read_text(r: &mut Reader, w: &mut Writer) -> anyhow::Result<String> {
     }
 }
 
+/// Sends one message now.
 async fn send(w: &mut Writer, text: &[u8]) -> anyhow::Result<()> {
     w.write_frame(Frame::text(Payload::Borrowed(text))).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Queues one message in the write buffer (flushed when full or by `flush`).
+async fn send_buffered(w: &mut Writer, text: &[u8]) -> anyhow::Result<()> {
+    w.write_frame(Frame::text(Payload::Borrowed(text))).await?;
+    Ok(())
+}
+
+/// Waits for a window slot, flushing what is buffered first if none is free.
+async fn slot(permits: &tokio::sync::Semaphore, w: &mut Writer) -> anyhow::Result<()> {
+    match permits.try_acquire() {
+        Ok(p) => p.forget(),
+        Err(_) => {
+            w.flush().await?;
+            permits.acquire().await?.forget();
+        }
+    }
     Ok(())
 }
 
@@ -253,6 +277,9 @@ async fn publish(
                             Ok(f) => f,
                             Err(_) => break,
                         };
+                        if frame.opcode == OpCode::Close {
+                            break;
+                        }
                         if frame.opcode != OpCode::Text || !frame.payload.starts_with(b"#") {
                             continue;
                         }
@@ -422,10 +449,17 @@ async fn fanout(
                 tokio::time::sleep(wait).await;
             }
         }
-        let permit = permits.acquire().await?;
-        permit.forget();
+        if interval.is_some() {
+            permits.acquire().await?.forget();
+        } else {
+            slot(&permits, &mut pw).await?;
+        }
         let line = format!("#{seq}#:/fan:{seq}:{}:{pad}", now_nanos());
-        send(&mut pw, line.as_bytes()).await?;
+        if interval.is_some() {
+            send(&mut pw, line.as_bytes()).await?;
+        } else {
+            send_buffered(&mut pw, line.as_bytes()).await?;
+        }
         seq += 1;
         published.store(seq, Ordering::Relaxed);
     }

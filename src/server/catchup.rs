@@ -11,7 +11,7 @@ use crate::channel::{ChannelPath, Selector};
 use crate::event_id::EventId;
 use crate::storage::{Query, Result};
 use bytes::Bytes;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
 
 /// What one read found: frames in id order, and the cursor after them.
@@ -23,7 +23,7 @@ pub struct Batch {
 pub fn read_after(
     hub: &Hub,
     subscriptions: &[(ChannelPath, EventId)],
-    own: &BTreeSet<EventId>,
+    own: &VecDeque<EventId>,
     cursor: EventId,
     upto: EventId,
     max: usize,
@@ -49,7 +49,7 @@ pub fn read_after(
             let event = event?;
             n += 1;
             last = event.id;
-            if !own.contains(&event.id) && !found.contains_key(&event.id) {
+            if own.binary_search(&event.id).is_err() && !found.contains_key(&event.id) {
                 found.insert(event.id, hub.encode(event.id, event.path, event.data));
             }
         }

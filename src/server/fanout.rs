@@ -11,9 +11,9 @@
 //! `/`, looks each up in the index, and queues the event's frame, encoded once and shared by
 //! reference count, to each session once (`Session::last_considered`), skipping its publisher.
 //!
-//! **Sender exclusion.** Publishers record `id -> session` in `origins` while holding the publish
-//! gate for reading; the dispatcher takes the gate for writing before it reads the watermark, so
-//! every event it is about to deliver already has its origin recorded.
+//! **Sender exclusion.** A publisher records each id in its own session (`SessionState::own`)
+//! from inside the append, under the stream lock, before the event can be committed; so when the
+//! dispatcher meets an event, its publisher has always recorded it, and is skipped.
 //!
 //! **Boundaries.** Subscribing, unsubscribing and rejoining live take the hub lock, which the
 //! dispatcher holds while it delivers a batch, so `dispatched` is exact at that moment: events
@@ -27,7 +27,7 @@ use crate::storage::{Query, Store};
 use crate::wire::line;
 use bytes::Bytes;
 use event_listener::Listener;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,8 +41,6 @@ pub struct Hub {
     pub store: Store,
     pub metrics: Arc<Metrics>,
     state: Mutex<HubState>,
-    gate: RwLock<()>,
-    origins: Mutex<HashMap<u64, SessionId>>,
     sessions_by_sid: Mutex<HashMap<Box<str>, Arc<Session>>>,
     large_event_bytes: usize,
     queue_bytes_max: usize,
@@ -66,8 +64,6 @@ impl Hub {
                 index: HashMap::new(),
                 dispatched: start,
             }),
-            gate: RwLock::new(()),
-            origins: Mutex::new(HashMap::new()),
             sessions_by_sid: Mutex::new(HashMap::new()),
             large_event_bytes: opts.large_event_bytes,
             queue_bytes_max: opts.queue_bytes_max,
@@ -105,13 +101,12 @@ impl Hub {
         data: &[u8],
         origin: Option<&Arc<Session>>,
     ) -> crate::storage::Result<EventId> {
-        let _gate = self.gate.read();
-        let id = self.store.append_nowait(path, data)?;
-        if let Some(session) = origin {
-            self.origins.lock().insert(id.0, session.id);
-            session.state.lock().note_own(id);
+        match origin {
+            Some(session) => self
+                .store
+                .append_nowait_with(path, data, &mut |id| session.state.lock().note_own(id)),
+            None => self.store.append_nowait(path, data),
         }
-        Ok(id)
     }
 
     /// Subscribes; returns the boundary id. `resume_after` replays the log after it first.
@@ -209,10 +204,7 @@ impl Hub {
         let everything = Selector::Subtree(ChannelPath::root());
         while !self.is_stopping.load(Ordering::Acquire) {
             let listener = self.store.listen_commits();
-            let watermark = {
-                let _gate = self.gate.write();
-                self.store.committed()
-            };
+            let watermark = self.store.committed();
             let from = self.dispatched();
             if watermark <= from {
                 // Checked after listening, so a commit in between still wakes us.
@@ -248,31 +240,21 @@ impl Hub {
                     return Ok(());
                 };
                 let event = event?;
-                let origin = self.origins.lock().remove(&event.id.0);
-                self.deliver(&hub, event.id, event.path, event.data, origin);
+                self.deliver(&hub, event.id, event.path, event.data);
                 hub.dispatched = event.id;
                 n += 1;
             }
         }
     }
 
-    fn deliver(
-        &self,
-        hub: &HubState,
-        id: EventId,
-        path: &str,
-        data: &[u8],
-        origin: Option<SessionId>,
-    ) {
+    fn deliver(&self, hub: &HubState, id: EventId, path: &str, data: &[u8]) {
         let mut frame: Option<Bytes> = None;
         for ancestor in ancestors(path) {
             let Some(sessions) = hub.index.get(ancestor) else {
                 continue;
             };
             for session in sessions {
-                if session.last_considered.swap(id.0, Ordering::Relaxed) == id.0
-                    || Some(session.id) == origin
-                {
+                if session.last_considered.swap(id.0, Ordering::Relaxed) == id.0 {
                     continue;
                 }
                 let frame = frame.get_or_insert_with(|| self.encode(id, path, data));
@@ -283,7 +265,7 @@ impl Hub {
 
     fn push(&self, session: &Session, id: EventId, frame: &Bytes) {
         let mut st = session.state.lock();
-        if st.close.is_some() {
+        if st.close.is_some() || st.is_own(id) {
             return;
         }
         let is_full = st.queued_bytes + frame.len() > self.queue_bytes_max;

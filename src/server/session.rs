@@ -15,7 +15,7 @@ use crate::channel::ChannelPath;
 use crate::event_id::EventId;
 use bytes::Bytes;
 use parking_lot::Mutex;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::AtomicU64;
 
 pub type SessionId = u64;
@@ -64,8 +64,9 @@ pub struct SessionState {
     pub last_taken: EventId,
     /// Channel -> the id after which its events are delivered.
     pub subscriptions: HashMap<ChannelPath, EventId>,
-    /// Ids this session published that a catch-up read might still meet (sender exclusion).
-    pub own: BTreeSet<EventId>,
+    /// Ids this session published that fan-out or a log read may still meet (sender
+    /// exclusion), in increasing order.
+    pub own: VecDeque<EventId>,
     /// A close the writer must send: (code, reason).
     pub close: Option<(u16, &'static str)>,
 }
@@ -84,7 +85,7 @@ impl Session {
                 last_queued: EventId(0),
                 last_taken: EventId(0),
                 subscriptions: HashMap::new(),
-                own: BTreeSet::new(),
+                own: VecDeque::new(),
                 close: None,
             }),
             wake: tokio::sync::Notify::new(),
@@ -125,16 +126,25 @@ impl SessionState {
         self.mode = Mode::Lagging { cursor, missed };
     }
 
-    /// Remembers an id this session published.
+    /// Remembers an id this session published. Usually the largest so far; an HTTP publish with
+    /// this session's `sid` on another stream can interleave, so the place is searched.
     pub fn note_own(&mut self, id: EventId) {
-        self.own.insert(id);
+        let at = self.own.partition_point(|x| *x < id);
+        self.own.insert(at, id);
         if self.own.len() > OWN_IDS_MAX {
-            self.own.pop_first();
+            self.own.pop_front();
         }
     }
 
-    /// Forgets own ids at or below `upto`: no read will meet them again.
+    pub fn is_own(&self, id: EventId) -> bool {
+        self.own.binary_search(&id).is_ok()
+    }
+
+    /// Forgets own ids at or below `upto`: nothing delivers them again (fan-out is past them, and
+    /// log reads start above `last_taken`).
     pub fn prune_own(&mut self, upto: EventId) {
-        self.own = self.own.split_off(&upto.next());
+        while self.own.front().is_some_and(|id| *id <= upto) {
+            self.own.pop_front();
+        }
     }
 }

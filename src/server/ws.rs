@@ -20,6 +20,10 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
+/// How long a connection with nothing to parse keeps its frame parser (and its buffer) before
+/// releasing it: long enough that a busy connection never pays for re-creating it.
+const PARSER_RELEASE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Events per catch-up read.
 const CATCHUP_BATCH_EVENTS: usize = 1024;
 
@@ -121,9 +125,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mut message: Vec<u8> = Vec::new();
     let mut is_fragmented = false;
     let mut no_send = |_: Frame<'_>| async { Ok::<(), std::convert::Infallible>(()) };
+    // A peer is silent when no frame at all arrives for `idle_timeout`.
+    let mut last_frame = tokio::time::Instant::now();
     loop {
         // Idle: wait for the next byte without any buffer.
-        match tokio::time::timeout(opts.idle_timeout, raw.inner.read_u8()).await {
+        let idle_left = opts.idle_timeout.saturating_sub(last_frame.elapsed());
+        match tokio::time::timeout(idle_left, raw.inner.read_u8()).await {
             Err(_) => return session.close(1001, "idle timeout"),
             Ok(Err(_)) => return session.close(1000, ""),
             Ok(Ok(b)) => raw.put_back = Some(b),
@@ -135,15 +142,25 @@ async fn read_loop<R: AsyncRead + Unpin>(
         ws.set_auto_apply_mask(true);
         // fastwebsockets refuses a frame whose length is >= this; a whole message is checked below.
         ws.set_max_message_size(opts.frame_bytes_max + 1);
-        // Read frames while the parser holds bytes it was given; then go back to idle.
+        // Read frames; once the parser holds no byte and nothing arrives for `PARSER_RELEASE`,
+        // drop it and go back to the idle wait. Cancelling `read_frame` is safe only then: with
+        // an empty buffer it is awaiting the socket for a frame's first bytes and holds no state.
         loop {
-            let frame =
-                match tokio::time::timeout(opts.idle_timeout, ws.read_frame(&mut no_send)).await {
-                    Err(_) => return session.close(1001, "idle timeout"),
-                    Ok(Err(e)) => return session.close(close_code_for(&e), close_reason_for(&e)),
-                    Ok(Ok(frame)) => frame,
-                };
+            let is_drained = parsed == given.load(std::sync::atomic::Ordering::Relaxed);
+            let idle_left = opts.idle_timeout.saturating_sub(last_frame.elapsed());
+            let wait = if is_drained {
+                PARSER_RELEASE.min(idle_left)
+            } else {
+                idle_left
+            };
+            let frame = match tokio::time::timeout(wait, ws.read_frame(&mut no_send)).await {
+                Err(_) if is_drained => break,
+                Err(_) => return session.close(1001, "idle timeout"),
+                Ok(Err(e)) => return session.close(close_code_for(&e), close_reason_for(&e)),
+                Ok(Ok(frame)) => frame,
+            };
             parsed += wire_len(frame.payload.len());
+            last_frame = tokio::time::Instant::now();
             match frame.opcode {
                 OpCode::Ping => {
                     session.send_control(Control::Pong(Bytes::copy_from_slice(&frame.payload)))
@@ -173,9 +190,6 @@ async fn read_loop<R: AsyncRead + Unpin>(
             }
             if session.state.lock().close.is_some() {
                 return;
-            }
-            if parsed == given.load(std::sync::atomic::Ordering::Relaxed) {
-                break;
             }
         }
     }
@@ -322,6 +336,8 @@ fn take(hub: &Hub, session: &Session) -> Taken {
         st.last_taken = id;
         events.push(frame);
     }
+    let taken_upto = st.last_taken;
+    st.prune_own(taken_upto);
     st.queued_bytes = 0;
     Taken {
         control,

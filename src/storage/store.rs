@@ -142,14 +142,28 @@ impl Store {
 
     /// Appends one event without waiting for the writer; pair with `wait_committed`.
     pub fn append_nowait(&self, path: &ChannelPath, data: &[u8]) -> Result<EventId> {
-        self.append_each(&[(path, data)], None)?
+        self.append_each(&[(path, data)], None, &mut |_| {})?
+            .ok_or(Error::Closed)
+    }
+
+    /// As `append_nowait`, and calls `on_id` with the new id before the event can be committed
+    /// (and so before any reader or watermark can show it). The server records a publisher
+    /// here, so fan-out always knows whom not to send an event back to. `on_id` runs under the
+    /// stream's lock: it must be short and must not append.
+    pub fn append_nowait_with(
+        &self,
+        path: &ChannelPath,
+        data: &[u8],
+        on_id: &mut dyn FnMut(EventId),
+    ) -> Result<EventId> {
+        self.append_each(&[(path, data)], None, on_id)?
             .ok_or(Error::Closed)
     }
 
     /// Appends events in order, each with a fresh id; returns the last id once committed
     /// under the policy (as `append`). Consecutive events of one stream share one lock.
     pub fn append_batch(&self, events: &[(&ChannelPath, &[u8])]) -> Result<Option<EventId>> {
-        let last = self.append_each(events, None)?;
+        let last = self.append_each(events, None, &mut |_| {})?;
         if let (Some(id), Durability::Always) = (last, self.inner.shared.opts.durability) {
             self.inner.shared.wait_committed(id)?;
         }
@@ -165,7 +179,7 @@ impl Store {
     ) -> Result<Option<EventId>> {
         let mut last = None;
         for (id, path, data) in events {
-            last = self.append_each(&[(path, data)], Some(*id))?;
+            last = self.append_each(&[(path, data)], Some(*id), &mut |_| {})?;
         }
         Ok(last)
     }
@@ -174,6 +188,7 @@ impl Store {
         &self,
         events: &[(&ChannelPath, &[u8])],
         fixed_id: Option<EventId>,
+        on_id: &mut dyn FnMut(EventId),
     ) -> Result<Option<EventId>> {
         if self.inner.access == Access::ReadOnly {
             return Err(Error::Closed);
@@ -228,6 +243,7 @@ impl Store {
             let mut id = first_id;
             for (p, d) in batch {
                 state.append(stream.dir(), opts, id, p.as_str(), d);
+                on_id(id);
                 last = Some(id);
                 id = id.next();
             }
