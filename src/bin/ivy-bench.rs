@@ -540,8 +540,8 @@ async fn history(
                     if line == "\r\n" {
                         break;
                     }
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                        len = v.trim().parse().unwrap_or(0);
+                    if line.len() > 15 && line[..15].eq_ignore_ascii_case("content-length:") {
+                        len = line[15..].trim().parse().unwrap_or(0);
                     }
                 }
                 body.resize(len, 0);

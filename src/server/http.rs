@@ -378,17 +378,20 @@ fn read_inline(hub: &Hub, plan: &Plan) -> crate::storage::Result<Inline> {
     let mut body = Vec::new();
     let mut last_id = None;
     if plan.is_reversed {
-        // Last-N: at most 1,000,000 events; gathered newest first, printed oldest first.
-        let mut events = Vec::new();
-        for e in reader.events(&plan.query) {
-            let e = e?;
-            let mut line_bytes = Vec::new();
-            line::format_event(&mut line_bytes, e.id, e.path, e.data);
-            events.push(line_bytes);
-            last_id = last_id.or(Some(e.id));
-        }
-        for l in events.iter().rev() {
-            body.extend_from_slice(l);
+        // Last-N: at most 1,000,000 events, gathered newest first as borrowed slices of the
+        // maps, then printed oldest first into one buffer.
+        let events = reader
+            .events(&plan.query)
+            .collect::<crate::storage::Result<Vec<_>>>()?;
+        last_id = events.first().map(|e| e.id);
+        body.reserve(
+            events
+                .iter()
+                .map(|e| e.path.len() + e.data.len() + 32)
+                .sum(),
+        );
+        for e in events.iter().rev() {
+            line::format_event(&mut body, e.id, e.path, e.data);
         }
         return Ok(Inline {
             body,

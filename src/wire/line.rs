@@ -15,13 +15,17 @@ fn push_pct(out: &mut Vec<u8>, b: u8) {
 
 /// Appends DATA escaped for a line.
 pub fn escape_data(out: &mut Vec<u8>, data: &[u8]) {
+    out.reserve(data.len());
     for chunk in data.utf8_chunks() {
-        for &b in chunk.valid().as_bytes() {
-            match b {
-                b'%' | b'\n' | b'\r' => push_pct(out, b),
-                _ => out.push(b),
-            }
+        // Runs between the bytes that need escaping are copied whole (this loop is most of the
+        // cost of a log read: measured with `ivy-bench history`).
+        let mut rest = chunk.valid().as_bytes();
+        while let Some(i) = memchr::memchr3(b'%', b'\n', b'\r', rest) {
+            out.extend_from_slice(&rest[..i]);
+            push_pct(out, rest[i]);
+            rest = &rest[i + 1..];
         }
+        out.extend_from_slice(rest);
         for &b in chunk.invalid() {
             push_pct(out, b);
         }
