@@ -463,6 +463,7 @@ async fn fanout(
         seq += 1;
         published.store(seq, Ordering::Relaxed);
     }
+    pw.flush().await?;
     let publish_secs = started.elapsed().as_secs_f64();
     done_publishing.store(true, Ordering::Relaxed);
     let deliveries_during = delivered.load(Ordering::Relaxed);
