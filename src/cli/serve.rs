@@ -24,6 +24,12 @@ pub struct Args {
     /// when the data directory is created.
     #[arg(long, env = "IVY_STREAM_DEPTH", default_value_t = 1)]
     stream_depth: usize,
+    /// A segment is sealed and a new one started before it would pass this size (bytes).
+    #[arg(long, env = "IVY_SEGMENT_BYTES_MAX", default_value_t = 64 * 1024 * 1024)]
+    segment_bytes_max: u64,
+    /// A segment is sealed before an event this much younger than its first (seconds; 0: never).
+    #[arg(long, env = "IVY_SEGMENT_AGE_SECS", default_value_t = 0)]
+    segment_age_secs: u64,
     /// Events with at least this many bytes of data are announced, not sent inline (bytes).
     #[arg(long, env = "IVY_LARGE_EVENT_BYTES", default_value_t = 64 * 1024)]
     large_event_bytes: usize,
@@ -73,6 +79,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         durability: args.durability,
         stream_depth: args.stream_depth,
         event_bytes_max: args.body_bytes_max.max(args.frame_bytes_max),
+        segment_bytes_max: args.segment_bytes_max.max(4096),
+        segment_age_max: (args.segment_age_secs > 0)
+            .then(|| Duration::from_secs(args.segment_age_secs)),
         ..StoreOptions::default()
     };
     let opts = ServerOptions {

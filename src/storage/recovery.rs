@@ -158,6 +158,21 @@ pub fn open_stream(dir: &Path, opts: &StoreOptions, access: Access) -> Result<St
     }
     if let Ok(sealed) = super::segment::Sealed::open(&last_path, &file, last_first_id) {
         state.last_id = EventId(sealed.summary.last_id);
+        if access == Access::ReadWrite {
+            // A crash between the seal's fsync and the index's rename leaves this segment, the
+            // stream's last, without its index: write it now (it is derived from the records).
+            if let Err(reason) = super::segment::load_index_file(&last_path, last_first_id) {
+                tracing::warn!(path = %last_path.display(), %reason, "rebuilding the index of the last sealed segment");
+                let entries = super::index::rebuild(sealed.records(), opts.index_interval_bytes)
+                    .map_err(|(o, k)| Error::corrupt(&last_path, o, k))?;
+                super::segment::write_index_file(
+                    &last_path,
+                    last_first_id.0,
+                    opts.index_interval_bytes,
+                    &entries,
+                )?;
+            }
+        }
         segments.push(Arc::new(Segment::on_disk(last_path, last_first_id)));
         state.segments = Arc::new(segments);
         return Ok(state);

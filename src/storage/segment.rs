@@ -167,7 +167,7 @@ impl Segment {
     }
 }
 
-fn write_index_file(
+pub(crate) fn write_index_file(
     seg_path: &Path,
     first_id: u64,
     interval: u32,
@@ -255,7 +255,10 @@ impl Sealed {
     }
 }
 
-fn load_index_file(seg_path: &Path, first_id: EventId) -> std::result::Result<SealedIndex, String> {
+pub(crate) fn load_index_file(
+    seg_path: &Path,
+    first_id: EventId,
+) -> std::result::Result<SealedIndex, String> {
     let path = layout::index_path_for(seg_path);
     let file = File::open(&path).map_err(|e| e.to_string())?;
     let map = Map::whole(&file).map_err(|e| e.to_string())?;
