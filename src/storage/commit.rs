@@ -25,7 +25,6 @@ use crate::clock::IdClock;
 use crate::event_id::EventId;
 use event_listener::{Event, Listener};
 use parking_lot::{Condvar, Mutex};
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -337,10 +336,10 @@ impl Writer {
         for (stream, chunks) in batches.iter() {
             for chunk in chunks {
                 if chunk.is_create {
-                    chunk.seg.create_file(map_len)?;
+                    chunk.seg.create_file(&*opts.io, map_len)?;
                     new_files.push(stream.dir().to_path_buf());
                 }
-                chunk.seg.write_at(chunk.offset, &chunk.bytes)?;
+                chunk.seg.write_at(&*opts.io, chunk.offset, &chunk.bytes)?;
                 *bytes_written += chunk.bytes.len() as u64;
                 if chunk.is_seal {
                     self.seal(stream, &chunk.seg)?;
@@ -351,10 +350,10 @@ impl Writer {
         }
         let sync_now = opts.durability == Durability::Always || is_shutdown;
         if sync_now {
-            sync_dirs(dirs.iter().chain(new_files.iter()))?;
+            sync_dirs(&*opts.io, dirs.iter().chain(new_files.iter()))?;
             for seg in self.unsynced.drain(..).chain(written) {
                 if !seg.is_sealed_loaded() {
-                    seg.sync_data()?;
+                    seg.sync_data(&*opts.io)?;
                     self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -378,7 +377,7 @@ impl Writer {
     /// A seal record was written: make it durable (under every policy, so that every segment but
     /// the last in a stream is sealed on disk), write the index, switch readers to the sealed view.
     fn seal(&mut self, stream: &Stream, seg: &Arc<Segment>) -> Result<()> {
-        seg.sync_data()?;
+        seg.sync_data(&*self.shared.opts.io)?;
         self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
         let entries = {
             let state = stream.state.lock();
@@ -389,7 +388,11 @@ impl Writer {
                 .map(|l| l.index.clone())
                 .unwrap_or_default()
         };
-        seg.finish_seal(self.shared.opts.index_interval_bytes, &entries)?;
+        seg.finish_seal(
+            &*self.shared.opts.io,
+            self.shared.opts.index_interval_bytes,
+            &entries,
+        )?;
         self.unsynced.retain(|s| !Arc::ptr_eq(s, seg));
         Ok(())
     }
@@ -397,10 +400,10 @@ impl Writer {
     fn sync_unsynced(&mut self) {
         let dirs = std::mem::take(&mut self.shared.seq.lock().dirs_to_sync);
         let watermark = self.shared.committed();
-        let mut outcome = sync_dirs(dirs.iter());
+        let mut outcome = sync_dirs(&*self.shared.opts.io, dirs.iter());
         for seg in self.unsynced.drain(..) {
             if outcome.is_ok() && !seg.is_sealed_loaded() {
-                outcome = seg.sync_data();
+                outcome = seg.sync_data(&*self.shared.opts.io);
                 self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -426,14 +429,16 @@ pub(crate) fn live_map_len(opts: &StoreOptions) -> usize {
     usize::try_from(opts.segment_bytes_max.saturating_add(record_max)).unwrap_or(usize::MAX)
 }
 
-fn sync_dirs<'a>(dirs: impl Iterator<Item = &'a PathBuf>) -> Result<()> {
+fn sync_dirs<'a>(
+    io: &dyn super::io::FileIo,
+    dirs: impl Iterator<Item = &'a PathBuf>,
+) -> Result<()> {
     let mut done: Vec<&PathBuf> = Vec::new();
     for dir in dirs {
         if done.contains(&dir) {
             continue;
         }
-        let handle = File::open(dir).map_err(|e| Error::io(dir, "open directory", e))?;
-        handle.sync_all().map_err(|source| Error::SyncFailed {
+        io.sync_dir(dir).map_err(|source| Error::SyncFailed {
             path: dir.clone(),
             source,
         })?;

@@ -22,6 +22,7 @@
 mod commit;
 mod error;
 mod index;
+pub mod io;
 mod layout;
 mod mmap;
 mod read;
@@ -107,6 +108,8 @@ pub struct StoreOptions {
     /// Encoded bytes waiting for the writer before appends block.
     pub pending_bytes_max: u64,
     pub clock: Arc<dyn Clock>,
+    /// The writer's file operations (tests substitute a recording layer).
+    pub io: Arc<dyn io::FileIo>,
 }
 
 impl Default for StoreOptions {
@@ -120,6 +123,7 @@ impl Default for StoreOptions {
             event_bytes_max: 16 << 20,
             pending_bytes_max: 64 << 20,
             clock: Arc::new(SystemClock),
+            io: Arc::new(io::OsIo),
         }
     }
 }

@@ -166,6 +166,7 @@ pub fn open_stream(dir: &Path, opts: &StoreOptions, access: Access) -> Result<St
                 let entries = super::index::rebuild(sealed.records(), opts.index_interval_bytes)
                     .map_err(|(o, k)| Error::corrupt(&last_path, o, k))?;
                 super::segment::write_index_file(
+                    &*opts.io,
                     &last_path,
                     last_first_id.0,
                     opts.index_interval_bytes,

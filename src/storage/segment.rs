@@ -8,14 +8,13 @@
 
 use super::error::{Corruption, Error, Result};
 use super::index::{self, IndexEntry, SealedIndex};
+use super::io::FileIo;
 use super::layout;
 use super::mmap::Map;
 use super::record::{self, FooterSummary, Record, KIND_SEAL};
 use crate::event_id::EventId;
 use parking_lot::Mutex;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -93,12 +92,9 @@ impl Segment {
     }
 
     /// Writer only: creates the file (it must not exist) and maps it at `map_len`.
-    pub fn create_file(&self, map_len: usize) -> Result<()> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&self.path)
+    pub fn create_file(&self, io: &dyn FileIo, map_len: usize) -> Result<()> {
+        let file = io
+            .create(&self.path)
             .map_err(|e| Error::io(&self.path, "create", e))?;
         let map = Map::with_len(&file, map_len).map_err(|e| Error::io(&self.path, "mmap", e))?;
         *self.file.lock() = Some(file);
@@ -107,27 +103,33 @@ impl Segment {
     }
 
     /// Writer only: writes `bytes` at `offset`.
-    pub fn write_at(&self, offset: u64, bytes: &[u8]) -> Result<()> {
+    pub fn write_at(&self, io: &dyn FileIo, offset: u64, bytes: &[u8]) -> Result<()> {
         let guard = self.file.lock();
         let file = guard.as_ref().ok_or(Error::Poisoned)?;
-        file.write_all_at(bytes, offset)
+        io.write_at(&self.path, file, offset, bytes)
             .map_err(|e| Error::io(&self.path, "write", e))
     }
 
     /// Writer only: makes the written bytes durable (`fdatasync`).
-    pub fn sync_data(&self) -> Result<()> {
+    pub fn sync_data(&self, io: &dyn FileIo) -> Result<()> {
         let guard = self.file.lock();
         let file = guard.as_ref().ok_or(Error::Poisoned)?;
-        file.sync_data().map_err(|source| Error::SyncFailed {
-            path: self.path.clone(),
-            source,
-        })
+        io.sync_data(&self.path, file)
+            .map_err(|source| Error::SyncFailed {
+                path: self.path.clone(),
+                source,
+            })
     }
 
     /// Writer only, after the seal record is durable: writes the index file, switches readers to
     /// the sealed view and closes the write handle.
-    pub fn finish_seal(&self, interval_bytes: u32, entries: &[IndexEntry]) -> Result<()> {
-        write_index_file(&self.path, self.first_id.0, interval_bytes, entries)?;
+    pub fn finish_seal(
+        &self,
+        io: &dyn FileIo,
+        interval_bytes: u32,
+        entries: &[IndexEntry],
+    ) -> Result<()> {
+        write_index_file(io, &self.path, self.first_id.0, interval_bytes, entries)?;
         let file = self.file.lock().take().ok_or(Error::Poisoned)?;
         let sealed = Sealed::open(&self.path, &file, self.first_id)?;
         let _ = self.sealed.set(sealed);
@@ -167,7 +169,10 @@ impl Segment {
     }
 }
 
+/// Writes a segment's index: to `<id>.idx.tmp`, synced, then renamed, so that an index file is
+/// either absent or whole once its directory is synced (the next segment's creation syncs it).
 pub(crate) fn write_index_file(
+    io: &dyn FileIo,
     seg_path: &Path,
     first_id: u64,
     interval: u32,
@@ -176,12 +181,18 @@ pub(crate) fn write_index_file(
     let path = layout::index_path_for(seg_path);
     let tmp = path.with_extension("idx.tmp");
     let bytes = index::encode_file(first_id, interval, entries);
-    let mut f = File::create(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
-    f.write_all(&bytes)
+    let _ = fs::remove_file(&tmp);
+    let file = io.create(&tmp).map_err(|e| Error::io(&tmp, "create", e))?;
+    io.write_at(&tmp, &file, 0, &bytes)
         .map_err(|e| Error::io(&tmp, "write", e))?;
-    // No fsync: the index is derived. A torn index fails its checksums and is rebuilt.
-    drop(f);
-    fs::rename(&tmp, &path).map_err(|e| Error::io(&path, "rename", e))
+    io.sync_data(&tmp, &file)
+        .map_err(|source| Error::SyncFailed {
+            path: tmp.clone(),
+            source,
+        })?;
+    drop(file);
+    io.rename(&tmp, &path)
+        .map_err(|e| Error::io(&path, "rename", e))
 }
 
 impl Sealed {

@@ -480,7 +480,7 @@ impl Store {
                 if !live.seg.is_sealed_loaded()
                     && live.committed_end > super::record::SEGMENT_HEADER_LEN as u64
                 {
-                    live.seg.sync_data()?;
+                    live.seg.sync_data(&*self.inner.shared.opts.io)?;
                 }
             }
         }

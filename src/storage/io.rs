@@ -1,0 +1,53 @@
+//! The file operations the writer depends on for durability, behind a trait so that a test can
+//! record which bytes were made durable and throw the rest away (a power-loss test). The engine
+//! uses `OsIo`; nothing else implements it outside tests.
+//!
+//! Reads do not go through here: they use the maps (`mmap.rs`), and recovery runs at open, before
+//! any write.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+pub trait FileIo: Send + Sync + 'static {
+    /// Creates a file that must not exist yet, open for reading and writing.
+    fn create(&self, path: &Path) -> io::Result<File>;
+    /// Writes all of `bytes` at `offset`.
+    fn write_at(&self, path: &Path, file: &File, offset: u64, bytes: &[u8]) -> io::Result<()>;
+    /// Makes the file's written bytes durable (`fdatasync`).
+    fn sync_data(&self, path: &Path, file: &File) -> io::Result<()>;
+    /// Makes a directory's entries durable (new files, renames).
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+}
+
+/// The operating system's files.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OsIo;
+
+impl FileIo for OsIo {
+    fn create(&self, path: &Path) -> io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+    }
+
+    fn write_at(&self, _path: &Path, file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        file.write_all_at(bytes, offset)
+    }
+
+    fn sync_data(&self, _path: &Path, file: &File) -> io::Result<()> {
+        file.sync_data()
+    }
+
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir)?.sync_all()
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+}
