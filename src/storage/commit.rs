@@ -282,13 +282,24 @@ impl Writer {
             })
             .collect();
         let mut bytes_written = 0u64;
-        let outcome = self.write_all(
-            &mut batches,
-            &round.dirs,
-            round.is_shutdown,
-            &mut bytes_written,
-        );
-        if let Err(e) = outcome {
+        // After a failed round nothing may be published again: a later round with nothing to
+        // write would otherwise "succeed" and move the watermark over the events whose write
+        // failed, acknowledging them (the power-loss test found exactly this).
+        let outcome = if shared.poisoned.load(Ordering::Acquire) {
+            Err(Error::Poisoned)
+        } else {
+            self.write_all(
+                &mut batches,
+                &round.dirs,
+                round.is_shutdown,
+                &mut bytes_written,
+            )
+        };
+        if let Err(Error::Poisoned) = outcome {
+            for (s, _) in &batches {
+                s.state.lock().poisoned = true;
+            }
+        } else if let Err(e) = outcome {
             tracing::error!(error = %e, "write failed; the store is read-only until restart");
             *shared.failure.lock() = Some(e.to_string());
             shared.poisoned.store(true, Ordering::Release);
