@@ -194,24 +194,29 @@ impl ChannelPath {
 
     /// This path, then each ancestor up to and including `/`.
     pub fn ancestors(&self) -> impl Iterator<Item = &str> {
-        let path: &str = &self.0;
-        let mut next = Some(path);
-        std::iter::from_fn(move || {
-            let current = next?;
-            next = match current.rfind('/') {
-                _ if current == "/" => None,
-                Some(0) => Some("/"),
-                Some(i) => Some(&current[..i]),
-                None => None,
-            };
-            Some(current)
-        })
+        ancestors_of(&self.0)
     }
 
     /// Whether `other` is this channel or below it.
     pub fn contains(&self, other: &str) -> bool {
         is_in_subtree(&self.0, other)
     }
+}
+
+/// `path` (a normalised channel path), then each ancestor up to and including `/`, without
+/// allocating: the walk fan-out does for every event.
+pub fn ancestors_of(path: &str) -> impl Iterator<Item = &str> {
+    let mut next = Some(path);
+    std::iter::from_fn(move || {
+        let current = next?;
+        next = match current.rfind('/') {
+            _ if current == "/" => None,
+            Some(0) => Some("/"),
+            Some(i) => Some(&current[..i]),
+            None => None,
+        };
+        Some(current)
+    })
 }
 
 /// Whether `path` equals `root` or lies below it.

@@ -249,7 +249,7 @@ impl Hub {
 
     fn deliver(&self, hub: &HubState, id: EventId, path: &str, data: &[u8]) {
         let mut frame: Option<Bytes> = None;
-        for ancestor in ancestors(path) {
+        for ancestor in crate::channel::ancestors_of(path) {
             let Some(sessions) = hub.index.get(ancestor) else {
                 continue;
             };
@@ -311,19 +311,4 @@ fn remove_from_index(
             index.remove(path);
         }
     }
-}
-
-/// `path`, then each ancestor up to `/`, as string slices.
-fn ancestors(path: &str) -> impl Iterator<Item = &str> {
-    let mut next = Some(path);
-    std::iter::from_fn(move || {
-        let current = next?;
-        next = match current.rfind('/') {
-            _ if current == "/" => None,
-            Some(0) => Some("/"),
-            Some(i) => Some(&current[..i]),
-            None => None,
-        };
-        Some(current)
-    })
 }
