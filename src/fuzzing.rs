@@ -134,3 +134,28 @@ pub fn event_line(id: u64, data: &[u8], text: &str) {
     assert_eq!(parsed.id, Some(EventId(id)));
     let _ = line::parse_line(text);
 }
+
+/// One client WebSocket message: never panics; an accepted publish keeps its data byte for byte
+/// and its path is a valid channel.
+pub fn wire_command(text: &str) {
+    match crate::wire::command::parse(text) {
+        Ok(message) => {
+            if let crate::wire::command::Command::Publish { path, data } = message.command {
+                assert!(ChannelPath::parse_exact(path.as_str()).is_ok());
+                assert!(text.as_bytes().ends_with(data));
+            }
+        }
+        Err(refused) => {
+            let _ = refused.error.to_string();
+        }
+    }
+}
+
+/// HTTP log query strings: never panic; counts that parse are within 1..=1,000,000.
+pub fn http_query(text: &str) {
+    if let Ok(req) = crate::wire::query::parse(text) {
+        for n in [req.n, req.limit].into_iter().flatten() {
+            assert!((1..=crate::wire::query::COUNT_MAX).contains(&n));
+        }
+    }
+}

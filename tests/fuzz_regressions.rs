@@ -48,4 +48,10 @@ fn other_targets_regressions() {
     for (_, bytes) in inputs("channel_path") {
         ivy::fuzzing::channel_path(&String::from_utf8_lossy(&bytes));
     }
+    for (_, bytes) in inputs("wire_command") {
+        ivy::fuzzing::wire_command(&String::from_utf8_lossy(&bytes));
+    }
+    for (_, bytes) in inputs("http_query") {
+        ivy::fuzzing::http_query(&String::from_utf8_lossy(&bytes));
+    }
 }
