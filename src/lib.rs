@@ -55,6 +55,9 @@
 //! - `read.rs`: `Reader` (a snapshot) and `Events` (lazy, merged by id, data borrowed from maps).
 //! - `recovery.rs`: opening a stream: cut a torn tail, refuse corruption in the middle.
 //! - `verify.rs`: the offline full check and the safe repairs.
+//! - `io.rs`: `FileIo`, the writer's file operations (create, `pwrite`, `fdatasync`, directory
+//!   sync, rename) behind a trait, so `tests/power_loss.rs` can keep only what was made durable.
+//! - `tail.rs`: `Tail`, live reads of a selector bounded by the commit watermark.
 //! - `layout.rs`: the only place that makes file names from channels and ids.
 //! - `mmap.rs`: the only `unsafe` in the crate, under a written four-clause contract.
 //!
@@ -134,8 +137,10 @@
 //!   spoken to with a WebSocket client crate and raw HTTP: every row of the protocol page, the
 //!   original JS client's behaviour, limits); `tests/storage.rs` (engine through its API),
 //!   `tests/model.rs` (proptest against an in-memory model, with crash cuts), `tests/cli.rs` (the
-//!   binary as a user runs it), `tests/storage_format.rs` (the format page's example); fuzz
-//!   targets in `fuzz/`; benchmarks in `benches/`.
+//!   binary as a user runs it), `tests/storage_format.rs` (the format page's example),
+//!   `tests/crash.rs` (SIGKILL of a child server), `tests/power_loss.rs` (unsynced writes
+//!   dropped); fuzz targets in `fuzz/` (bodies in `fuzzing.rs`, replayed by
+//!   `tests/fuzz_regressions.rs`); benchmarks in `benches/`.
 //! - **Observability.** `tracing`: warnings for cut tails and rebuilt indexes, errors for failed
 //!   writes; nothing per event above `debug`. `GET /metrics`: appends, fsyncs, commit rounds,
 //!   connections, subscriptions, deliveries, lagging sessions, HTTP requests by status.
