@@ -112,8 +112,15 @@ impl Session {
 
 impl SessionState {
     /// Drops queued events above `cursor` (they will be read from the log again) and returns
-    /// to reading from the log after `cursor`.
+    /// to reading from the log after `cursor`, or after the current lagging cursor if that is
+    /// earlier (moving it forward would skip events of the other subscriptions).
     pub fn rewind_to(&mut self, cursor: EventId) {
+        let cursor = match self.mode {
+            Mode::Lagging {
+                cursor: current, ..
+            } => current.min(cursor),
+            Mode::Live => cursor,
+        };
         while self.queue.back().is_some_and(|(id, _)| *id > cursor) {
             if let Some((_, frame)) = self.queue.pop_back() {
                 self.queued_bytes -= frame.len();
@@ -146,5 +153,65 @@ impl SessionState {
         while self.own.front().is_some_and(|id| *id <= upto) {
             self.own.pop_front();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(st: &mut SessionState, ids: &[u64]) {
+        for id in ids {
+            let frame = Bytes::from(format!("@{id}"));
+            st.queued_bytes += frame.len();
+            st.queue.push_back((EventId(*id), frame));
+        }
+    }
+
+    #[test]
+    fn rewind_drops_queued_events_above_the_cursor_and_never_moves_a_lagging_cursor_forward() {
+        let session = Session::new(1, "s".into());
+        let mut st = session.state.lock();
+        queued(&mut st, &[10, 20, 30]);
+        st.rewind_to(EventId(20));
+        assert_eq!(
+            st.queue.iter().map(|(id, _)| id.0).collect::<Vec<_>>(),
+            [10, 20]
+        );
+        assert_eq!(st.queued_bytes, 6);
+        assert_eq!(
+            st.mode,
+            Mode::Lagging {
+                cursor: EventId(20),
+                missed: 0
+            }
+        );
+        st.mode = Mode::Lagging {
+            cursor: EventId(15),
+            missed: 7,
+        };
+        st.rewind_to(EventId(25));
+        assert_eq!(
+            st.mode,
+            Mode::Lagging {
+                cursor: EventId(15),
+                missed: 7
+            }
+        );
+        assert_eq!(
+            st.queue.iter().map(|(id, _)| id.0).collect::<Vec<_>>(),
+            [10]
+        );
+    }
+
+    #[test]
+    fn own_ids_stay_sorted_and_are_pruned() {
+        let mut st = Session::new(1, "s".into()).state.into_inner();
+        for id in [5, 9, 7, 11] {
+            st.note_own(EventId(id));
+        }
+        assert!(st.is_own(EventId(7)) && !st.is_own(EventId(8)));
+        st.prune_own(EventId(7));
+        assert_eq!(st.own.iter().map(|id| id.0).collect::<Vec<_>>(), [9, 11]);
     }
 }
