@@ -541,8 +541,10 @@ async fn history(
                     if line == "\r\n" {
                         break;
                     }
-                    if line.len() > 15 && line[..15].eq_ignore_ascii_case("content-length:") {
-                        len = line[15..].trim().parse().unwrap_or(0);
+                    if let Some((name, value)) = line.split_once(':') {
+                        if name.eq_ignore_ascii_case("content-length") {
+                            len = value.trim().parse().unwrap_or(0);
+                        }
                     }
                 }
                 body.resize(len, 0);
