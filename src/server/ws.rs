@@ -24,6 +24,9 @@ use tokio::sync::watch;
 /// releasing it: long enough that a busy connection never pays for re-creating it.
 const PARSER_RELEASE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How far the read timer may be from its ideal deadline before it is moved.
+const TIMER_SLACK: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Events per catch-up read.
 const CATCHUP_BATCH_EVENTS: usize = 1024;
 
@@ -145,19 +148,33 @@ async fn read_loop<R: AsyncRead + Unpin>(
         // Read frames; once the parser holds no byte and nothing arrives for `PARSER_RELEASE`,
         // drop it and go back to the idle wait. Cancelling `read_frame` is safe only then: with
         // an empty buffer it is awaiting the socket for a frame's first bytes and holds no state.
+        // One timer serves the whole burst and is moved only when it is off by more than
+        // `TIMER_SLACK` (a timer per frame was a measurable part of a publish).
+        let timer = tokio::time::sleep_until(last_frame + opts.idle_timeout);
+        tokio::pin!(timer);
         loop {
             let is_drained = parsed == given.load(std::sync::atomic::Ordering::Relaxed);
-            let idle_left = opts.idle_timeout.saturating_sub(last_frame.elapsed());
-            let wait = if is_drained {
-                PARSER_RELEASE.min(idle_left)
-            } else {
-                idle_left
+            let idle_deadline = last_frame + opts.idle_timeout;
+            let have = timer.deadline();
+            if is_drained {
+                let want = (tokio::time::Instant::now() + PARSER_RELEASE).min(idle_deadline);
+                if have > want + TIMER_SLACK || have + TIMER_SLACK < want {
+                    timer.as_mut().reset(want);
+                }
+            } else if have < idle_deadline {
+                // Mid-frame the timer must not fire before the real idle deadline.
+                timer.as_mut().reset(idle_deadline);
+            }
+            let read = tokio::select! {
+                biased;
+                read = ws.read_frame(&mut no_send) => Some(read),
+                () = &mut timer => None,
             };
-            let frame = match tokio::time::timeout(wait, ws.read_frame(&mut no_send)).await {
-                Err(_) if is_drained => break,
-                Err(_) => return session.close(1001, "idle timeout"),
-                Ok(Err(e)) => return session.close(close_code_for(&e), close_reason_for(&e)),
-                Ok(Ok(frame)) => frame,
+            let frame = match read {
+                None if is_drained => break,
+                None => return session.close(1001, "idle timeout"),
+                Some(Err(e)) => return session.close(close_code_for(&e), close_reason_for(&e)),
+                Some(Ok(frame)) => frame,
             };
             parsed += wire_len(frame.payload.len());
             last_frame = tokio::time::Instant::now();
