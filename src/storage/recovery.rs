@@ -91,7 +91,7 @@ pub fn scan_tail(path: &Path, bytes: &[u8], after_id: u64) -> Result<TailScan> {
                 scan.valid_end = at as u64;
             }
             Err(kind) => {
-                if is_followed_by_valid_record(bytes, at) {
+                if next_valid_record(bytes, at).is_some() {
                     return Err(Error::corrupt(path, at as u64, kind));
                 }
                 break;
@@ -101,17 +101,16 @@ pub fn scan_tail(path: &Path, bytes: &[u8], after_id: u64) -> Result<TailScan> {
     Ok(scan)
 }
 
-/// Whether the bad record at `at` declares a length after which a valid record starts: then the
-/// damage is inside the data, not a torn tail.
-fn is_followed_by_valid_record(bytes: &[u8], at: usize) -> bool {
-    let Some(len) = record::read_u32(bytes, at + 4).and_then(|l| usize::try_from(l).ok()) else {
-        return false;
-    };
+/// Where a valid record starts right after the bad record at `at`, going by the length the bad
+/// record declares. When there is one, the damage is inside the data, not a torn tail (recovery
+/// refuses it; verify reports it and goes on from there).
+pub(crate) fn next_valid_record(bytes: &[u8], at: usize) -> Option<usize> {
+    let len = record::read_u32(bytes, at.checked_add(4)?).and_then(|l| usize::try_from(l).ok())?;
     if len < record::RECORD_HEADER_LEN {
-        return false;
+        return None;
     }
     at.checked_add(len)
-        .is_some_and(|next| next < bytes.len() && record::decode(bytes, next).is_ok())
+        .filter(|next| *next < bytes.len() && record::decode(bytes, *next).is_ok())
 }
 
 /// Opens a stream directory: every segment, with the last one recovered.
@@ -163,14 +162,12 @@ pub fn open_stream(dir: &Path, opts: &StoreOptions, access: Access) -> Result<St
             // stream's last, without its index: write it now (it is derived from the records).
             if let Err(reason) = super::segment::load_index_file(&last_path, last_first_id) {
                 tracing::warn!(path = %last_path.display(), %reason, "rebuilding the index of the last sealed segment");
-                let entries = super::index::rebuild(sealed.records(), opts.index_interval_bytes)
-                    .map_err(|(o, k)| Error::corrupt(&last_path, o, k))?;
-                super::segment::write_index_file(
+                super::segment::rebuild_index_file(
                     &*opts.io,
                     &last_path,
-                    last_first_id.0,
+                    last_first_id,
+                    &sealed,
                     opts.index_interval_bytes,
-                    &entries,
                 )?;
             }
         }
@@ -243,7 +240,7 @@ fn sync_dir(dir: &Path) -> Result<()> {
         })
 }
 
-fn cut_tail(path: &Path, valid_end: u64, file_len: u64) -> Result<()> {
+pub(crate) fn cut_tail(path: &Path, valid_end: u64, file_len: u64) -> Result<()> {
     tracing::warn!(path = %path.display(), offset = valid_end, cut_bytes = file_len - valid_end, "torn tail cut");
     let file = OpenOptions::new()
         .write(true)

@@ -195,6 +195,20 @@ pub(crate) fn write_index_file(
         .map_err(|e| Error::io(&path, "rename", e))
 }
 
+/// Rebuilds a sealed segment's index from its records and writes it (recovery and
+/// `verify --repair`).
+pub(crate) fn rebuild_index_file(
+    io: &dyn FileIo,
+    seg_path: &Path,
+    first_id: EventId,
+    sealed: &Sealed,
+    interval: u32,
+) -> Result<()> {
+    let entries = index::rebuild(sealed.records(), interval)
+        .map_err(|(o, k)| Error::corrupt(seg_path, o, k))?;
+    write_index_file(io, seg_path, first_id.0, interval, &entries)
+}
+
 impl Sealed {
     /// Maps a sealed segment and checks its header, trailer and seal record (with its CRC).
     pub fn open(path: &Path, file: &File, first_id: EventId) -> Result<Sealed> {

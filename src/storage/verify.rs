@@ -19,7 +19,7 @@ use super::record::{self, KIND_SEAL};
 use super::recovery;
 use crate::event_id::EventId;
 use std::collections::HashMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -271,11 +271,7 @@ fn scan_records<'a>(
             }
             Ok(rec) => rec,
             Err(kind) => {
-                let follows = record::read_u32(bytes, at + 4)
-                    .and_then(|l| usize::try_from(l).ok())
-                    .filter(|l| *l >= record::RECORD_HEADER_LEN)
-                    .and_then(|l| at.checked_add(l))
-                    .filter(|next| *next < end && record::decode(&bytes[..end], *next).is_ok());
+                let follows = recovery::next_valid_record(&bytes[..end], at);
                 if job.is_last && follows.is_none() && record::decode_trailer(bytes).is_none() {
                     check.torn_tail = Some((at as u64, bytes.len() as u64));
                     check.findings.push(finding(
@@ -470,16 +466,7 @@ fn repair(job: &Job, check: &mut SegmentCheck) -> Result<(), Error> {
             if valid_end == 0 {
                 fs::remove_file(path).map_err(|e| Error::io(path, "remove", e))?;
             } else {
-                let file = OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .map_err(|e| Error::io(path, "open", e))?;
-                file.set_len(valid_end)
-                    .map_err(|e| Error::io(path, "truncate", e))?;
-                file.sync_all().map_err(|source| Error::SyncFailed {
-                    path: path.clone(),
-                    source,
-                })?;
+                recovery::cut_tail(path, valid_end, file_len)?;
             }
             let note = format!("cut {} bytes at offset {valid_end}", file_len - valid_end);
             mark_repaired(check, |f| f.file == *path && f.offset == valid_end, &note);
@@ -488,13 +475,14 @@ fn repair(job: &Job, check: &mut SegmentCheck) -> Result<(), Error> {
     if check.needs_index && check.is_sealed {
         let file = File::open(&job.path).map_err(|e| Error::io(&job.path, "open", e))?;
         let sealed = super::segment::Sealed::open(&job.path, &file, job.first_id)?;
-        let entries = index::rebuild(sealed.records(), super::DEFAULT_INDEX_INTERVAL)
-            .map_err(|(o, k)| Error::corrupt(&job.path, o, k))?;
+        super::segment::rebuild_index_file(
+            &super::io::OsIo,
+            &job.path,
+            job.first_id,
+            &sealed,
+            super::DEFAULT_INDEX_INTERVAL,
+        )?;
         let idx_path = layout::index_path_for(&job.path);
-        let tmp = idx_path.with_extension("idx.tmp");
-        let bytes = index::encode_file(job.first_id.0, super::DEFAULT_INDEX_INTERVAL, &entries);
-        fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, "write", e))?;
-        fs::rename(&tmp, &idx_path).map_err(|e| Error::io(&idx_path, "rename", e))?;
         mark_repaired(
             check,
             |f| f.file == idx_path,
