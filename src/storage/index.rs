@@ -199,6 +199,15 @@ impl Entries for [IndexEntry] {
     }
 }
 
+impl Entries for Vec<IndexEntry> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn entry(&self, i: usize) -> Option<IndexEntry> {
+        self.get(i).copied()
+    }
+}
+
 impl Entries for SealedIndex {
     fn count(&self) -> usize {
         self.len()

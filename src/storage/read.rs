@@ -324,12 +324,9 @@ impl<'r> Source<'r> {
                 at: self.seek(seg, self.lo, end)?,
             },
             Direction::Backward => {
-                let mut blocks = match live {
-                    Some(_) => self.stream.blocks_live(seg, end)?,
-                    None => {
-                        index::block_starts(seg.sealed()?.index(seg.path(), seg.first_id())?, end)
-                    }
-                };
+                let mut blocks = self
+                    .stream
+                    .with_index(seg, live.is_some(), |ix| index::block_starts(ix, end))?;
                 let last_block = self.seek(seg, self.hi, end)?;
                 blocks.retain(|b| *b <= last_block);
                 Cursor::Stack {
@@ -346,10 +343,10 @@ impl<'r> Source<'r> {
 
     /// Where to start scanning for the first event with id >= `id`.
     fn seek(&self, seg: &'r Segment, id: u64, end: u64) -> Result<u64> {
-        let found = match self.snap.live_view(seg) {
-            Some(_) => self.stream.seek_live(seg, id, end)?,
-            None => index::seek(seg.sealed()?.index(seg.path(), seg.first_id())?, id, end),
-        };
+        let is_live = self.snap.live_view(seg).is_some();
+        let found = self
+            .stream
+            .with_index(seg, is_live, |ix| index::seek(ix, id, end))?;
         Ok(found.unwrap_or(record::SEGMENT_HEADER_LEN as u64))
     }
 

@@ -212,35 +212,23 @@ impl Stream {
         }
     }
 
-    /// Index lookup in a live segment (or in its sealed view if it was sealed meanwhile).
-    pub fn seek_live(&self, seg: &Segment, id: u64, end: u64) -> Result<Option<u64>> {
-        {
+    /// Runs `f` over a segment's index: the in-memory entries while the segment is live (looked
+    /// up only when `is_live`, under the stream lock), else its sealed index file. A segment
+    /// sealed since the reader's snapshot is found through the second path.
+    pub fn with_index<R>(
+        &self,
+        seg: &Segment,
+        is_live: bool,
+        f: impl FnOnce(&dyn index::Entries) -> R,
+    ) -> Result<R> {
+        if is_live {
             let state = self.state.lock();
             if let Some(l) = state.live.iter().find(|l| std::ptr::eq(&*l.seg, seg)) {
-                return Ok(index::seek(&l.index[..], id, end));
+                return Ok(f(&l.index));
             }
         }
         let sealed = seg.sealed()?;
-        Ok(index::seek(
-            sealed.index(seg.path(), seg.first_id())?,
-            id,
-            end,
-        ))
-    }
-
-    /// Block starts of a live segment below `end`.
-    pub fn blocks_live(&self, seg: &Segment, end: u64) -> Result<Vec<u64>> {
-        {
-            let state = self.state.lock();
-            if let Some(l) = state.live.iter().find(|l| std::ptr::eq(&*l.seg, seg)) {
-                return Ok(index::block_starts(&l.index[..], end));
-            }
-        }
-        let sealed = seg.sealed()?;
-        Ok(index::block_starts(
-            sealed.index(seg.path(), seg.first_id())?,
-            end,
-        ))
+        Ok(f(sealed.index(seg.path(), seg.first_id())?))
     }
 
     /// Channel paths in live segments that lie in `scope`'s subtree.
