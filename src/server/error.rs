@@ -1,5 +1,5 @@
-//! The one table that maps failures to HTTP statuses (the WebSocket close codes are chosen in
-//! `ws.rs`, next to the frames they answer).
+//! The tables that turn failures into answers: HTTP statuses for store failures, WebSocket
+//! close codes and reasons for frame errors and bad commands.
 
 use crate::storage;
 use hyper::StatusCode;
@@ -14,5 +14,33 @@ pub fn store_failure(e: &storage::Error) -> (StatusCode, String) {
         storage::Error::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
         _ if is_full => (StatusCode::INSUFFICIENT_STORAGE, format!("not stored: {e}")),
         _ => (StatusCode::SERVICE_UNAVAILABLE, format!("not stored: {e}")),
+    }
+}
+
+/// The close code and reason for a frame the reader could not accept. A peer that went away
+/// gets a plain 1000 (nobody reads it).
+pub fn close_for_frame_error(e: &fastwebsockets::WebSocketError) -> (u16, &'static str) {
+    use fastwebsockets::WebSocketError as E;
+    match e {
+        E::FrameTooLarge => (1009, "message too large"),
+        E::InvalidUTF8 => (1007, "invalid UTF-8"),
+        E::UnexpectedEOF | E::IoError(_) | E::ConnectionClosed => (1000, ""),
+        _ => (1002, "protocol error"),
+    }
+}
+
+/// The reason of a 1008 close for an unkeyed bad command (a close reason is at most 123
+/// bytes, so it is a fixed short text, not the full parse error).
+pub fn close_reason(error: &crate::wire::ParseError) -> &'static str {
+    use crate::wire::ParseError as P;
+    match error {
+        P::Empty => "empty command",
+        P::UnknownCommand => "unknown command",
+        P::UnterminatedKey => "unterminated #key#",
+        P::MissingData => "publish needs :path:data",
+        P::TrailingTime => "@ takes no argument",
+        P::Path(_) => "invalid path",
+        P::Timestamp(_) => "invalid timestamp",
+        _ => "bad command",
     }
 }

@@ -59,7 +59,7 @@ impl hyper::body::Body for ChannelBody {
     }
 }
 
-fn text(status: StatusCode, reason: impl Into<String>) -> Response<Body> {
+pub(crate) fn text(status: StatusCode, reason: impl Into<String>) -> Response<Body> {
     let mut body = reason.into();
     body.push('\n');
     let mut resp = Response::new(full(body));

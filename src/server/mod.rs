@@ -208,17 +208,8 @@ async fn wait_for_stop(shutdown: &mut watch::Receiver<bool>) {
 /// `GET /ws`: checks the upgrade, the origin and the subprotocol, then hands the connection to
 /// a session.
 pub(crate) fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<http::Body> {
-    let reply = |status, reason: &str| {
-        let mut resp = Response::new(
-            http_body_util::Full::new(bytes::Bytes::from(format!("{reason}\n")))
-                .map_err(|never| match never {})
-                .boxed(),
-        );
-        *resp.status_mut() = status;
-        resp
-    };
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
-        return reply(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade");
+        return http::text(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade");
     }
     let headers = req.headers();
     let origin = headers
@@ -228,7 +219,7 @@ pub(crate) fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
         .get(hyper::header::HOST)
         .and_then(|v| v.to_str().ok());
     if !shared.opts.origins.allows(origin, host) {
-        return reply(StatusCode::FORBIDDEN, "origin not allowed");
+        return http::text(StatusCode::FORBIDDEN, "origin not allowed");
     }
     let offered: Vec<String> = headers
         .get_all(hyper::header::SEC_WEBSOCKET_PROTOCOL)
@@ -239,7 +230,7 @@ pub(crate) fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
         .filter(|p| !p.is_empty())
         .collect();
     if !offered.is_empty() && !offered.iter().any(|p| p == "ivy1") {
-        return reply(
+        return http::text(
             StatusCode::BAD_REQUEST,
             "unsupported subprotocol (this server speaks ivy1)",
         );
@@ -248,9 +239,9 @@ pub(crate) fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
     let (resp, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
         Err(e) => {
-            return reply(
+            return http::text(
                 StatusCode::BAD_REQUEST,
-                &format!("bad WebSocket upgrade: {e}"),
+                format!("bad WebSocket upgrade: {e}"),
             )
         }
     };

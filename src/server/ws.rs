@@ -15,7 +15,7 @@ use crate::config::ServerOptions;
 use crate::event_id::EventId;
 use crate::wire::{command, encode};
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError};
+use fastwebsockets::{Frame, OpCode, Payload, Role};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -173,7 +173,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
             let frame = match read {
                 None if is_drained => break,
                 None => return session.close(1001, "idle timeout"),
-                Some(Err(e)) => return session.close(close_code_for(&e), close_reason_for(&e)),
+                Some(Err(e)) => {
+                    let (code, reason) = super::error::close_for_frame_error(&e);
+                    return session.close(code, reason);
+                }
                 Some(Ok(frame)) => frame,
             };
             parsed += wire_len(frame.payload.len());
@@ -212,28 +215,6 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
 }
 
-fn close_code_for(e: &WebSocketError) -> u16 {
-    match e {
-        WebSocketError::FrameTooLarge => 1009,
-        WebSocketError::InvalidUTF8 => 1007,
-        WebSocketError::UnexpectedEOF
-        | WebSocketError::IoError(_)
-        | WebSocketError::ConnectionClosed => 1000,
-        _ => 1002,
-    }
-}
-
-fn close_reason_for(e: &WebSocketError) -> &'static str {
-    match e {
-        WebSocketError::FrameTooLarge => "message too large",
-        WebSocketError::InvalidUTF8 => "invalid UTF-8",
-        WebSocketError::UnexpectedEOF
-        | WebSocketError::IoError(_)
-        | WebSocketError::ConnectionClosed => "",
-        _ => "protocol error",
-    }
-}
-
 /// Handles one whole text message.
 fn handle(hub: &Hub, opts: &ServerOptions, session: &Arc<Session>, payload: &[u8]) {
     let Ok(text) = std::str::from_utf8(payload) else {
@@ -246,7 +227,7 @@ fn handle(hub: &Hub, opts: &ServerOptions, session: &Arc<Session>, payload: &[u8
             error,
         }) => return refuse(session, key, &error.to_string()),
         Err(command::Refused { key: None, error }) => {
-            return session.close(1008, close_reason(error))
+            return session.close(1008, super::error::close_reason(&error))
         }
     };
     let key = message.key;
@@ -296,21 +277,6 @@ fn handle(hub: &Hub, opts: &ServerOptions, session: &Arc<Session>, payload: &[u8
                 }
             }
         },
-    }
-}
-
-/// The reason of a close frame: at most 123 bytes.
-fn close_reason(error: crate::wire::ParseError) -> &'static str {
-    use crate::wire::ParseError as P;
-    match error {
-        P::Empty => "empty command",
-        P::UnknownCommand => "unknown command",
-        P::UnterminatedKey => "unterminated #key#",
-        P::MissingData => "publish needs :path:data",
-        P::TrailingTime => "@ takes no argument",
-        P::Path(_) => "invalid path",
-        P::Timestamp(_) => "invalid timestamp",
-        _ => "bad command",
     }
 }
 
