@@ -235,6 +235,19 @@ fn percentiles(label: &str, mut micros: Vec<u64>) {
     );
 }
 
+/// Lets the load run one second to warm up, then counts what `counter` gains over `seconds`;
+/// returns (count, seconds measured).
+async fn measure_window(counter: &AtomicU64, seconds: u64) -> (u64, f64) {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let warm = counter.load(Ordering::Relaxed);
+    let from = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    (
+        counter.load(Ordering::Relaxed) - warm,
+        from.elapsed().as_secs_f64(),
+    )
+}
+
 fn now_nanos() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -311,16 +324,12 @@ async fn publish(
             // Let the outstanding acks arrive, then close.
             tokio::time::sleep(Duration::from_millis(500)).await;
             let _ = w.write_frame(Frame::close(1000, b"")).await;
+            let _ = w.flush().await;
             reader.await.unwrap_or_default()
         }));
     }
     let started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let warm = acked.load(Ordering::Relaxed);
-    let measure_from = Instant::now();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let done = acked.load(Ordering::Relaxed) - warm;
-    let elapsed = measure_from.elapsed().as_secs_f64();
+    let (done, elapsed) = measure_window(&acked, seconds).await;
     stop.store(true, Ordering::Relaxed);
     let mut lat = Vec::new();
     for t in tasks {
@@ -557,12 +566,7 @@ async fn history(
             lat
         }));
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let warm = count.load(Ordering::Relaxed);
-    let t = Instant::now();
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let done = count.load(Ordering::Relaxed) - warm;
-    let elapsed = t.elapsed().as_secs_f64();
+    let (done, elapsed) = measure_window(&count, seconds).await;
     stop.store(true, Ordering::Relaxed);
     let mut lat = Vec::new();
     for task in tasks {
