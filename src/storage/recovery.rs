@@ -9,12 +9,13 @@
 //! - **corruption in the middle** (a damaged record followed by a valid one, or ids that do not
 //!   increase): refused with an error naming file and offset. Nothing is cut.
 //!
-//! The scan uses its own short-lived map, dropped before the file is truncated and before the
-//! store maps it for good (mmap contract, clause 2).
+//! The scan reads the segment once, through the map the store keeps, and registers each valid
+//! record as it goes. When a torn tail must be cut, that map (and everything holding it) is
+//! dropped first, the file is truncated, and the segment is mapped and registered again (mmap
+//! contract, clause 2); that second pass happens only after a crash.
 
 use super::error::{Corruption, Error, Result};
 use super::layout;
-use super::mmap::Map;
 use super::record::{self, KIND_SEAL};
 use super::segment::Segment;
 use super::stream::{LiveSegment, StreamState};
@@ -61,6 +62,16 @@ pub fn list_segments(dir: &Path) -> Result<Vec<(EventId, PathBuf)>> {
 
 /// Scans a live segment's records and classifies the first failure (see the module docs).
 pub fn scan_tail(path: &Path, bytes: &[u8], after_id: u64) -> Result<TailScan> {
+    scan_tail_with(path, bytes, after_id, |_, _| {})
+}
+
+/// `scan_tail`, calling `on_record(offset, record)` for every valid event record.
+fn scan_tail_with(
+    path: &Path,
+    bytes: &[u8],
+    after_id: u64,
+    mut on_record: impl FnMut(u64, &record::Record<'_>),
+) -> Result<TailScan> {
     let file_len = bytes.len() as u64;
     let mut scan = TailScan {
         valid_end: record::SEGMENT_HEADER_LEN as u64,
@@ -84,6 +95,7 @@ pub fn scan_tail(path: &Path, bytes: &[u8], after_id: u64) -> Result<TailScan> {
                         },
                     ));
                 }
+                on_record(at as u64, &rec);
                 previous = rec.id;
                 scan.last_id = Some(rec.id);
                 scan.events += 1;
@@ -175,22 +187,37 @@ pub fn open_stream(dir: &Path, opts: &StoreOptions, access: Access) -> Result<St
         state.segments = Arc::new(segments);
         return Ok(state);
     }
+    drop(file);
+    let writable = access == Access::ReadWrite;
+    let seg = Arc::new(Segment::reopen_live(
+        last_path.clone(),
+        last_first_id,
+        live_map_len(opts, access, file_len),
+        writable,
+    )?);
+    let mut live = LiveSegment::new(Arc::clone(&seg), opts.index_interval_bytes);
     let scan = {
-        let map = Map::whole(&file).map_err(|e| Error::io(&last_path, "mmap", e))?;
-        let bytes = map.bytes(map.len());
+        let bytes = seg.records(Some(file_len))?;
         let header_id = record::decode_segment_header(bytes)
             .map_err(|(o, k)| Error::corrupt(&last_path, o, k))?;
         if header_id != last_first_id.0 {
             return Err(Error::corrupt(&last_path, 16, Corruption::NameMismatch));
         }
-        scan_tail(&last_path, bytes, previous_last_id)?
-        // The scanning map is dropped here, before any truncation.
+        scan_tail_with(&last_path, bytes, previous_last_id, |offset, rec| {
+            live.note_recovered(offset, rec.id, rec.path, rec.len as u64);
+        })?
     };
-    drop(file);
+    if scan.events == 0 || (scan.valid_end < scan.file_len && writable) {
+        // The file is about to be removed or cut: no map of it may live (contract, clause 2).
+        drop(live);
+        drop(seg);
+    } else {
+        return Ok(with_live(state, segments, seg, live, scan.last_id));
+    }
     if scan.events == 0 {
         // No complete record survived: the segment would be named after an id it does not
         // hold. Remove it; the next append starts a segment named after its own id.
-        if access == Access::ReadWrite {
+        if writable {
             tracing::warn!(path = %last_path.display(), cut_bytes = scan.file_len, "removing a segment with no complete record");
             fs::remove_file(&last_path).map_err(|e| Error::io(&last_path, "remove", e))?;
             sync_dir(dir)?;
@@ -198,18 +225,12 @@ pub fn open_stream(dir: &Path, opts: &StoreOptions, access: Access) -> Result<St
         state.segments = Arc::new(segments);
         return Ok(state);
     }
-    if scan.valid_end < scan.file_len && access == Access::ReadWrite {
-        cut_tail(&last_path, scan.valid_end, scan.file_len)?;
-    }
-    let map_len = match access {
-        Access::ReadWrite => super::commit::live_map_len(opts),
-        Access::ReadOnly => usize::try_from(scan.valid_end).unwrap_or(usize::MAX),
-    };
+    cut_tail(&last_path, scan.valid_end, scan.file_len)?;
     let seg = Arc::new(Segment::reopen_live(
         last_path,
         last_first_id,
-        map_len,
-        access == Access::ReadWrite,
+        live_map_len(opts, access, scan.valid_end),
+        writable,
     )?);
     let mut live = LiveSegment::new(Arc::clone(&seg), opts.index_interval_bytes);
     let bytes = seg.records(Some(scan.valid_end))?;
@@ -222,13 +243,33 @@ pub fn open_stream(dir: &Path, opts: &StoreOptions, access: Access) -> Result<St
         let (offset, rec) = item?;
         live.note_recovered(offset, rec.id, rec.path, rec.len as u64);
     }
-    if let Some(last) = scan.last_id {
+    Ok(with_live(state, segments, seg, live, scan.last_id))
+}
+
+/// The length to map a recovered live segment at: room to grow for the writer, the file as it is
+/// for a reader.
+fn live_map_len(opts: &StoreOptions, access: Access, file_len: u64) -> usize {
+    let file_len = usize::try_from(file_len).unwrap_or(usize::MAX);
+    match access {
+        Access::ReadWrite => super::commit::live_map_len(opts).max(file_len),
+        Access::ReadOnly => file_len,
+    }
+}
+
+fn with_live(
+    mut state: StreamState,
+    mut segments: Vec<Arc<Segment>>,
+    seg: Arc<Segment>,
+    live: LiveSegment,
+    last_id: Option<u64>,
+) -> StreamState {
+    if let Some(last) = last_id {
         state.last_id = EventId(last);
     }
     segments.push(seg);
     state.segments = Arc::new(segments);
     state.live.push_back(live);
-    Ok(state)
+    state
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
