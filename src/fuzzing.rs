@@ -159,3 +159,18 @@ pub fn http_query(text: &str) {
         }
     }
 }
+
+/// A POST body: the first line of the input is the `Content-Type`, the rest the body. Whatever
+/// parses must have come from the body (the data is never longer than it).
+pub fn post_body(bytes: &[u8]) {
+    let split = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .unwrap_or(bytes.len());
+    let content_type = String::from_utf8_lossy(&bytes[..split]);
+    let body = bytes::Bytes::copy_from_slice(bytes.get(split + 1..).unwrap_or(&[]));
+    let len = body.len();
+    if let Ok(form) = crate::wire::form::parse(&content_type, body) {
+        assert!(form.data.len() <= len);
+    }
+}

@@ -19,6 +19,7 @@ pub struct Metrics {
     pub bytes_appended: Counter,
     pub fsyncs: Counter,
     pub commit_rounds: Counter,
+    pub write_failures: Counter,
     pub connections: Gauge,
     pub websockets: Gauge,
     pub subscriptions: Gauge,
@@ -52,6 +53,11 @@ impl Metrics {
             "ivy_commit_rounds",
             "Group-commit rounds (events per round = appended / rounds)",
             m.commit_rounds.clone(),
+        );
+        r.register(
+            "ivy_write_failures",
+            "Commit rounds whose write failed (disk full, read-only, I/O error)",
+            m.write_failures.clone(),
         );
         r.register(
             "ivy_connections",
@@ -104,6 +110,7 @@ impl Metrics {
             (&self.bytes_appended, totals.bytes_appended),
             (&self.fsyncs, totals.fsyncs),
             (&self.commit_rounds, totals.commit_rounds),
+            (&self.write_failures, totals.write_failures),
         ] {
             counter.inc_by(now.saturating_sub(counter.get()));
         }

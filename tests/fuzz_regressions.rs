@@ -54,4 +54,7 @@ fn other_targets_regressions() {
     for (_, bytes) in inputs("http_query") {
         ivy::fuzzing::http_query(&String::from_utf8_lossy(&bytes));
     }
+    for (_, bytes) in inputs("post_body") {
+        ivy::fuzzing::post_body(&bytes);
+    }
 }

@@ -31,6 +31,10 @@ struct FileRecord {
     pending: Vec<(u64, Vec<u8>)>,
     /// Whether the file's name survives a power loss.
     is_name_durable: bool,
+    /// A truncation not yet made durable by a sync of the file.
+    pending_len: Option<u64>,
+    /// Unlinked, but the directory was not synced since: a power loss may bring it back.
+    is_removed: bool,
 }
 
 #[derive(Default)]
@@ -58,8 +62,8 @@ impl Recording {
             .entry(path.to_path_buf())
             .or_insert_with(|| FileRecord {
                 durable: std::fs::read(path).unwrap_or_default(),
-                pending: Vec::new(),
                 is_name_durable: true,
+                ..FileRecord::default()
             })
     }
 
@@ -70,6 +74,7 @@ impl Recording {
                 let _ = std::fs::remove_file(path);
                 continue;
             }
+            // An unlink whose directory was not synced may be undone: the file comes back.
             let mut content = rec.durable.clone();
             let survive = rng.below(rec.pending.len() as u64 + 1) as usize;
             for (i, (offset, bytes)) in rec.pending.iter().take(survive).enumerate() {
@@ -113,6 +118,9 @@ impl FileIo for Recording {
         OsIo.sync_data(path, file)?;
         let mut files = self.files.lock();
         let rec = Recording::record(&mut files, path);
+        if let Some(len) = rec.pending_len.take() {
+            rec.durable.truncate(len as usize);
+        }
         for (offset, bytes) in rec.pending.drain(..) {
             let end = offset as usize + bytes.len();
             if rec.durable.len() < end {
@@ -126,7 +134,9 @@ impl FileIo for Recording {
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         self.step()?;
         OsIo.sync_dir(dir)?;
-        for (path, rec) in self.files.lock().iter_mut() {
+        let mut files = self.files.lock();
+        files.retain(|path, rec| path.parent() != Some(dir) || !rec.is_removed);
+        for (path, rec) in files.iter_mut() {
             if path.parent() == Some(dir) {
                 rec.is_name_durable = true;
             }
@@ -143,6 +153,29 @@ impl FileIo for Recording {
         // leaves neither name (pessimistic: the old name was a temporary).
         rec.is_name_durable = false;
         files.insert(to.to_path_buf(), rec);
+        Ok(())
+    }
+
+    fn truncate(&self, path: &Path, file: &File, len: u64) -> io::Result<()> {
+        self.step()?;
+        OsIo.truncate(path, file, len)?;
+        let mut files = self.files.lock();
+        let rec = Recording::record(&mut files, path);
+        // Unsynced bytes past the cut are gone from the cache; the durable ones stay on the
+        // disk until the cut itself is synced.
+        for (offset, bytes) in rec.pending.iter_mut() {
+            bytes.truncate(len.saturating_sub(*offset) as usize);
+        }
+        rec.pending_len = Some(len);
+        Ok(())
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        self.step()?;
+        OsIo.remove(path)?;
+        if let Some(rec) = self.files.lock().get_mut(path) {
+            rec.is_removed = true;
+        }
         Ok(())
     }
 }

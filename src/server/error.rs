@@ -7,13 +7,21 @@ use hyper::StatusCode;
 /// The status and one-line reason for a store failure on publish: a full disk is 507, any
 /// other refusal to write 503; both say why.
 pub fn store_failure(e: &storage::Error) -> (StatusCode, String) {
-    let is_full = std::error::Error::source(e)
-        .and_then(|s| s.downcast_ref::<std::io::Error>())
-        .is_some_and(|io| io.raw_os_error() == Some(28));
     match e {
         storage::Error::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
-        _ if is_full => (StatusCode::INSUFFICIENT_STORAGE, format!("not stored: {e}")),
+        storage::Error::WriteFailed(f) if f.no_space => {
+            (StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+        }
         _ => (StatusCode::SERVICE_UNAVAILABLE, format!("not stored: {e}")),
+    }
+}
+
+/// The close code and reason for an unkeyed publish the store refused (no key to answer on):
+/// 1013 "try again later" while the refusal is temporary, else 1011.
+pub fn close_for_store_failure(e: &storage::Error) -> (u16, &'static str) {
+    match e {
+        storage::Error::WriteFailed(f) if !f.until_restart => (1013, "not stored; try again later"),
+        _ => (1011, "the store refused the event"),
     }
 }
 

@@ -606,11 +606,10 @@ async fn publish(shared: &Arc<Shared>, req: Request<Incoming>, rest: &str) -> Re
         Ok(Err(_)) => return text(StatusCode::BAD_REQUEST, "truncated or malformed body"),
         Ok(Ok(b)) => b.to_bytes(),
     };
-    let (data, sid) = match form_fields(&content_type, body).await {
-        Ok(fields) => fields,
-        Err(reason) => return text(StatusCode::BAD_REQUEST, reason),
+    let (data, sid) = match crate::wire::form::parse(&content_type, body) {
+        Ok(form) => (form.data, form.sid.or(query_sid)),
+        Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    let sid = sid.or(query_sid);
     let origin = sid.as_deref().and_then(|s| shared.hub.session_by_sid(s));
     let id = match shared.hub.publish(&path, &data, origin.as_ref()) {
         Ok(id) => id,
@@ -627,59 +626,6 @@ async fn publish(shared: &Arc<Shared>, req: Request<Incoming>, rest: &str) -> Re
     line::format_id(&mut out, id);
     out.push(b'\n');
     Response::new(full(out))
-}
-
-/// The `data` and `sid` of a form body, or the raw body as data for other content types.
-async fn form_fields(content_type: &str, body: Bytes) -> Result<(Bytes, Option<String>), String> {
-    let mime = content_type
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    match mime.as_str() {
-        "application/x-www-form-urlencoded" => {
-            let mut data = None;
-            let mut sid = None;
-            for (k, v) in form_urlencoded::parse(&body) {
-                match &*k {
-                    "data" => data = Some(Bytes::from(v.into_owned().into_bytes())),
-                    "sid" => sid = Some(v.into_owned()),
-                    _ => {}
-                }
-            }
-            Ok((data.ok_or("missing form field data")?, sid))
-        }
-        "multipart/form-data" => {
-            let boundary = multer::parse_boundary(content_type)
-                .map_err(|e| format!("bad multipart boundary: {e}"))?;
-            let stream =
-                futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(body) });
-            let mut form = multer::Multipart::new(stream, boundary);
-            let mut data = None;
-            let mut sid = None;
-            loop {
-                match form.next_field().await {
-                    Ok(Some(field)) => {
-                        let name = field.name().unwrap_or("").to_owned();
-                        let bytes = field
-                            .bytes()
-                            .await
-                            .map_err(|e| format!("bad multipart body: {e}"))?;
-                        match name.as_str() {
-                            "data" => data = Some(bytes),
-                            "sid" => sid = Some(String::from_utf8_lossy(&bytes).into_owned()),
-                            _ => {}
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => return Err(format!("bad multipart body: {e}")),
-                }
-            }
-            Ok((data.ok_or("missing form field data")?, sid))
-        }
-        _ => Ok((body, None)),
-    }
 }
 
 #[cfg(test)]

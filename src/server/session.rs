@@ -56,7 +56,7 @@ pub struct SessionState {
     /// Non-event messages (acks, time, refusals, pongs), in the order they were made.
     pub control: VecDeque<Control>,
     /// Publish acks waiting for their event to be committed, in id order.
-    pub pending_acks: VecDeque<(EventId, Bytes)>,
+    pub pending_acks: VecDeque<(EventId, Box<str>)>,
     pub mode: Mode,
     /// The last event id queued while live.
     pub last_queued: EventId,

@@ -255,11 +255,9 @@ fn handle(hub: &Hub, opts: &ServerOptions, session: &Arc<Session>, payload: &[u8
         command::Command::Publish { path, data } => match hub.publish(&path, data, Some(session)) {
             Ok(id) => {
                 if let Some(key) = key {
-                    let mut line = Vec::with_capacity(key.len() + 24);
-                    encode::ack(&mut line, Some(key), id);
                     let was_empty = {
                         let mut st = session.state.lock();
-                        st.pending_acks.push_back((id, Bytes::from(line)));
+                        st.pending_acks.push_back((id, key.into()));
                         st.pending_acks.len() == 1
                     };
                     // A writer with acks pending already waits for the next commit; only the
@@ -272,8 +270,11 @@ fn handle(hub: &Hub, opts: &ServerOptions, session: &Arc<Session>, payload: &[u8
             Err(e) => {
                 tracing::warn!(error = %e, "publish refused by the store");
                 match key {
-                    Some(key) => refuse(session, key, &format!("not stored: {e}")),
-                    None => session.close(1011, "the store refused the event"),
+                    Some(key) => refuse(session, key, &refusal_reason(&e)),
+                    None => {
+                        let (code, reason) = super::error::close_for_store_failure(&e);
+                        session.close(code, reason)
+                    }
                 }
             }
         },
@@ -302,16 +303,23 @@ struct Taken {
 }
 
 fn take(hub: &Hub, session: &Session) -> Taken {
-    let committed = hub.store.committed();
     let mut st = session.state.lock();
-    while st
+    // Acks leave in id order, each once its event has an outcome: the id once committed, the
+    // write failure's reason when it failed.
+    while let Some(outcome) = st
         .pending_acks
         .front()
-        .is_some_and(|(id, _)| *id <= committed)
+        .and_then(|(id, _)| hub.store.outcome(*id))
     {
-        if let Some((_, line)) = st.pending_acks.pop_front() {
-            st.control.push_back(Control::Text(line));
+        let Some((id, key)) = st.pending_acks.pop_front() else {
+            break;
+        };
+        let mut line = Vec::with_capacity(key.len() + 24);
+        match outcome {
+            Ok(()) => encode::ack(&mut line, Some(&key), id),
+            Err(e) => encode::refusal(&mut line, &key, &refusal_reason(&e)),
         }
+        st.control.push_back(Control::Text(Bytes::from(line)));
     }
     let control: Vec<Control> = st.control.drain(..).collect();
     let mut events = Vec::with_capacity(st.queue.len());
@@ -331,15 +339,22 @@ fn take(hub: &Hub, session: &Session) -> Taken {
     }
 }
 
-/// Whether the oldest pending ack's event is committed already.
+/// Whether the oldest pending ack's event has an outcome already.
 fn acks_ready(hub: &Hub, session: &Session) -> bool {
-    let committed = hub.store.committed();
     session
         .state
         .lock()
         .pending_acks
         .front()
-        .is_some_and(|(id, _)| *id <= committed)
+        .is_some_and(|(id, _)| hub.store.outcome(*id).is_some())
+}
+
+/// The `#KEY#!REASON` text for a publish the store refused.
+fn refusal_reason(e: &crate::storage::Error) -> String {
+    match e {
+        crate::storage::Error::WriteFailed(_) => e.to_string(),
+        _ => format!("not stored: {e}"),
+    }
 }
 
 fn push_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {

@@ -16,8 +16,19 @@
 //! One `write` per chunk and one `fdatasync` per written file per round, however many appends
 //! waited: appends that arrive while a round runs form the next round's batch. The writer is a
 //! plain thread, so a tokio runtime is never blocked by fsync.
+//!
+//! **A failed round** (disk full, a read-only or vanished directory, out of descriptors, an I/O
+//! error) publishes nothing. Under the sequencer lock the store starts refusing appends, and every
+//! id above the watermark that was handed out is recorded as failed: its append returns the
+//! failure, now or whenever its caller waits. Then each stream involved is rolled back to its
+//! committed end (`rollback.rs`): files truncated, segments that hold no committed event removed,
+//! the in-memory view rebuilt. After `StoreOptions::write_retry` appends are taken again and the
+//! next round is the probe; when space has come back it succeeds and the watermark moves on
+//! (over the failed ids, which no stream holds any more). When the rollback itself fails, or an
+//! interval-policy sync fails (those events were already published), the store refuses appends
+//! until it is reopened, and recovery at open decides from the disk.
 
-use super::error::{Error, Result};
+use super::error::{Error, Result, WriteFailure};
 use super::segment::Segment;
 use super::stream::{Chunk, Stream};
 use super::{Durability, StoreOptions};
@@ -25,6 +36,7 @@ use crate::clock::IdClock;
 use crate::event_id::EventId;
 use event_listener::{Event, Listener};
 use parking_lot::{Condvar, Mutex};
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -33,6 +45,9 @@ use std::time::{Duration, Instant};
 /// See `Writer::linger`.
 const LINGER: Duration = Duration::from_micros(200);
 const LINGER_BELOW_BYTES: u64 = 256 * 1024;
+/// Failed id ranges kept for waiters; a waiter's id fails within one round of its append, so
+/// only the most recent failures can concern one.
+const FAILED_RANGES_KEPT: usize = 64;
 
 pub(crate) struct Shared {
     pub opts: StoreOptions,
@@ -46,8 +61,13 @@ pub(crate) struct Shared {
     /// Bytes encoded but not yet written; appenders wait above `pending_bytes_max`.
     pending_bytes: AtomicU64,
     space_event: Event,
-    poisoned: AtomicBool,
-    failure: Mutex<Option<String>>,
+    /// Appends are refused (`Sequencer::failure` says why).
+    is_failed: AtomicBool,
+    /// The highest id that ever failed (0: none): waiters with a higher id skip the
+    /// `failed_ids` lock, so the publish path pays nothing for past failures.
+    max_failed_id: AtomicU64,
+    /// `(first, last, why)`: ids handed out and then failed, most recent last.
+    failed_ids: Mutex<VecDeque<(u64, u64, WriteFailure)>>,
     pub counters: Counters,
 }
 
@@ -57,6 +77,7 @@ pub struct Counters {
     pub bytes_appended: AtomicU64,
     pub fsyncs: AtomicU64,
     pub commit_rounds: AtomicU64,
+    pub write_failures: AtomicU64,
 }
 
 pub(crate) struct Sequencer {
@@ -64,8 +85,22 @@ pub(crate) struct Sequencer {
     pub dirty: Vec<Arc<Stream>>,
     /// Directories whose entries (new files or subdirectories) must be synced.
     pub dirs_to_sync: Vec<PathBuf>,
+    /// While set, no id is handed out.
+    failure: Option<WriteFailure>,
+    /// When appends are taken again after a failure that was rolled back.
+    resume_at: Option<Instant>,
     is_writer_idle: bool,
     is_shutdown: bool,
+}
+
+impl Sequencer {
+    /// Refuses an append while a write failure stands.
+    pub fn check_writable(&self) -> Result<()> {
+        match &self.failure {
+            Some(f) => Err(Error::WriteFailed(f.clone())),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Shared {
@@ -76,6 +111,8 @@ impl Shared {
                 ids: IdClock::starting_after(last_id),
                 dirty: Vec::new(),
                 dirs_to_sync: Vec::new(),
+                failure: None,
+                resume_at: None,
                 is_writer_idle: false,
                 is_shutdown: false,
             }),
@@ -85,8 +122,9 @@ impl Shared {
             commit_event: Event::new(),
             pending_bytes: AtomicU64::new(0),
             space_event: Event::new(),
-            poisoned: AtomicBool::new(false),
-            failure: Mutex::new(None),
+            is_failed: AtomicBool::new(false),
+            max_failed_id: AtomicU64::new(0),
+            failed_ids: Mutex::new(VecDeque::new()),
             counters: Counters::default(),
         }
     }
@@ -99,15 +137,39 @@ impl Shared {
         EventId(self.durable.load(Ordering::Acquire))
     }
 
+    /// Fast refusal outside the sequencer lock (the lock's check is the one that counts).
     pub fn check_healthy(&self) -> Result<()> {
-        if self.poisoned.load(Ordering::Acquire) {
-            return Err(Error::Poisoned);
+        if self.is_failed.load(Ordering::Acquire) {
+            self.seq.lock().check_writable()?;
         }
         Ok(())
     }
 
-    pub fn failure(&self) -> Option<String> {
-        self.failure.lock().clone()
+    /// The write failure that makes the store refuse appends now, if any.
+    pub fn failure(&self) -> Option<WriteFailure> {
+        self.seq.lock().failure.clone()
+    }
+
+    /// Why `id` failed, if it did.
+    fn failed_for(&self, id: EventId) -> Option<WriteFailure> {
+        if id.0 > self.max_failed_id.load(Ordering::Acquire) {
+            return None;
+        }
+        let ranges = self.failed_ids.lock();
+        ranges
+            .iter()
+            .rev()
+            .find(|(first, last, _)| (*first..=*last).contains(&id.0))
+            .map(|(_, _, why)| why.clone())
+    }
+
+    fn record_failed(&self, first: u64, last: u64, why: &WriteFailure) {
+        let mut ranges = self.failed_ids.lock();
+        if ranges.len() == FAILED_RANGES_KEPT {
+            ranges.pop_front();
+        }
+        ranges.push_back((first, last, why.clone()));
+        self.max_failed_id.fetch_max(last, Ordering::AcqRel);
     }
 
     /// Called with the sequencer lock held, after an append made `stream` dirty.
@@ -139,18 +201,28 @@ impl Shared {
         }
     }
 
-    /// Blocks until `id` is committed (durable under `always`), or the writer failed.
+    /// Whether `id` has an outcome: `Some(Ok)` committed, `Some(Err)` failed.
+    ///
+    /// The watermark is read first: once it is at or past `id`, `id`'s failure (if any) was
+    /// recorded before the watermark moved, so the failed-range check that follows sees it.
+    pub fn outcome(&self, id: EventId) -> Option<Result<()>> {
+        let committed = self.committed();
+        if let Some(why) = self.failed_for(id) {
+            return Some(Err(Error::WriteFailed(why)));
+        }
+        (committed >= id).then_some(Ok(()))
+    }
+
+    /// Blocks until `id` is committed (durable under `always`), or failed.
     pub fn wait_committed(&self, id: EventId) -> Result<()> {
         loop {
-            if self.committed() >= id {
-                return Ok(());
+            if let Some(outcome) = self.outcome(id) {
+                return outcome;
             }
-            self.check_healthy()?;
             let listener = self.commit_event.listen();
-            if self.committed() >= id {
-                return Ok(());
+            if let Some(outcome) = self.outcome(id) {
+                return outcome;
             }
-            self.check_healthy()?;
             listener.wait();
         }
     }
@@ -160,7 +232,7 @@ impl Shared {
         let deadline = Instant::now() + timeout;
         loop {
             let now = self.committed();
-            if now > after || self.poisoned.load(Ordering::Acquire) {
+            if now > after {
                 return now;
             }
             let listener = self.commit_event.listen();
@@ -171,6 +243,16 @@ impl Shared {
                 return self.committed();
             }
         }
+    }
+
+    /// Returns `bytes` to the append budget and wakes appenders waiting for it.
+    fn release_pending(&self, bytes: u64) {
+        let _ = self
+            .pending_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                Some(now.saturating_sub(bytes))
+            });
+        self.space_event.notify(usize::MAX);
     }
 
     pub fn listen(&self) -> event_listener::EventListener {
@@ -224,6 +306,19 @@ impl Writer {
         let mut seq = shared.seq.lock();
         while seq.dirty.is_empty() && !seq.is_shutdown {
             seq.is_writer_idle = true;
+            if let Some(at) = seq.resume_at {
+                if Instant::now() >= at {
+                    seq.resume_at = None;
+                    seq.failure = None;
+                    shared.is_failed.store(false, Ordering::Release);
+                    tracing::info!("taking appends again after a write failure");
+                    continue;
+                }
+                let wait = at - Instant::now();
+                let wait = self.sync_due_in().map_or(wait, |s| s.min(wait));
+                shared.wake.wait_for(&mut seq, wait);
+                continue;
+            }
             match self.sync_due_in() {
                 Some(wait) if wait.is_zero() => {
                     seq.is_writer_idle = false;
@@ -281,55 +376,95 @@ impl Writer {
                 (s, chunks)
             })
             .collect();
+        let batch_bytes: u64 = batches
+            .iter()
+            .flat_map(|(_, chunks)| chunks.iter().map(|c| c.bytes.len() as u64))
+            .sum();
         let mut bytes_written = 0u64;
-        // After a failed round nothing may be published again: a later round with nothing to
-        // write would otherwise "succeed" and move the watermark over the events whose write
-        // failed, acknowledging them (the power-loss test found exactly this).
-        let outcome = if shared.poisoned.load(Ordering::Acquire) {
-            Err(Error::Poisoned)
-        } else {
-            self.write_all(
+        // While a failure stands nothing is written or published: a round with nothing to write
+        // would otherwise move the watermark (the power-loss test found exactly this, when a
+        // failure left the store poisoned; the failed ranges now also guard the waiters).
+        let writable = shared.seq.lock().check_writable();
+        let outcome = match writable {
+            Err(e) => Err(e),
+            Ok(()) => self.write_all(
                 &mut batches,
                 &round.dirs,
                 round.is_shutdown,
                 &mut bytes_written,
-            )
+            ),
         };
-        if let Err(Error::Poisoned) = outcome {
-            for (s, _) in &batches {
-                s.state.lock().poisoned = true;
-            }
-        } else if let Err(e) = outcome {
-            tracing::error!(error = %e, "write failed; the store is read-only until restart");
-            *shared.failure.lock() = Some(e.to_string());
-            shared.poisoned.store(true, Ordering::Release);
-            for (s, _) in &batches {
-                s.state.lock().poisoned = true;
-            }
-        } else {
-            for (s, chunks) in &batches {
-                s.state.lock().mark_committed(chunks);
-            }
-            shared
-                .committed
-                .fetch_max(round.watermark.0, Ordering::AcqRel);
-            if shared.opts.durability == Durability::Always || round.is_shutdown {
+        match outcome {
+            Ok(()) => {
+                for (s, chunks) in &batches {
+                    s.state.lock().mark_committed(chunks);
+                }
                 shared
-                    .durable
+                    .committed
                     .fetch_max(round.watermark.0, Ordering::AcqRel);
+                if shared.opts.durability == Durability::Always || round.is_shutdown {
+                    shared
+                        .durable
+                        .fetch_max(round.watermark.0, Ordering::AcqRel);
+                }
             }
+            Err(Error::WriteFailed(_)) if batches.is_empty() => {}
+            Err(e) => self.fail(&e, batches.into_iter().map(|(s, _)| s).collect()),
         }
         shared
             .counters
             .commit_rounds
             .fetch_add(1, Ordering::Relaxed);
-        shared.pending_bytes.fetch_sub(
-            bytes_written.min(shared.pending_bytes.load(Ordering::Acquire)),
-            Ordering::AcqRel,
-        );
-        shared.space_event.notify(usize::MAX);
+        // The round's bytes leave the budget whether written or undone.
+        shared.release_pending(batch_bytes);
         shared.commit_event.notify(usize::MAX);
         bytes_written
+    }
+
+    /// After a failed round: refuse appends, roll the streams back to their committed ends, fail
+    /// every id handed out past the watermark, and schedule the resumption (see the module docs).
+    /// Waiters learn of the failure after the rollback, so they are told whether writes resume.
+    fn fail(&mut self, error: &Error, mut streams: Vec<Arc<Stream>>) {
+        let shared = Arc::clone(&self.shared);
+        shared
+            .counters
+            .write_failures
+            .fetch_add(1, Ordering::Relaxed);
+        let mut why = WriteFailure::from_error(error);
+        let last_issued = {
+            let mut seq = shared.seq.lock();
+            seq.failure = Some(why.clone());
+            shared.is_failed.store(true, Ordering::Release);
+            for s in seq.dirty.drain(..) {
+                s.is_dirty.store(false, Ordering::Relaxed);
+                streams.push(s);
+            }
+            seq.ids.last()
+        };
+        streams.sort_by_key(|s| Arc::as_ptr(s) as usize);
+        streams.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        let mut undone = Ok(());
+        for s in &streams {
+            match super::rollback::roll_back(s, &shared.opts) {
+                Ok(dropped) => shared.release_pending(dropped),
+                Err(e) => undone = Err(e),
+            }
+        }
+        let mut last_failed = last_issued.0;
+        match undone {
+            Ok(()) => {
+                tracing::error!(error = %error, retry_in = ?shared.opts.write_retry, "write failed; the round was undone and appends are refused until the retry");
+                shared.seq.lock().resume_at = Some(Instant::now() + shared.opts.write_retry);
+            }
+            Err(e) => {
+                tracing::error!(error = %error, rollback_error = %e, "write failed and could not be undone; the store takes no writes until restart");
+                why.until_restart = true;
+                shared.seq.lock().failure = Some(why.clone());
+                last_failed = u64::MAX;
+            }
+        }
+        shared.record_failed(shared.committed().0 + 1, last_failed, &why);
+        shared.commit_event.notify(usize::MAX);
     }
 
     fn write_all(
@@ -424,9 +559,16 @@ impl Writer {
                 self.shared.durable.fetch_max(watermark.0, Ordering::AcqRel);
             }
             Err(e) => {
-                tracing::error!(error = %e, "interval sync failed; the store is read-only until restart");
-                *self.shared.failure.lock() = Some(e.to_string());
-                self.shared.poisoned.store(true, Ordering::Release);
+                // Those events were published already and the kernel may have dropped the
+                // pages it could not write: nothing can be undone, and nothing later may be
+                // built on them. Recovery at the next open decides from the disk.
+                tracing::error!(error = %e, "interval sync failed; the store takes no writes until restart");
+                let mut why = WriteFailure::from_error(&e);
+                why.until_restart = true;
+                self.shared.seq.lock().failure = Some(why.clone());
+                self.shared.is_failed.store(true, Ordering::Release);
+                self.shared
+                    .record_failed(self.shared.committed().0 + 1, u64::MAX, &why);
                 self.shared.commit_event.notify(usize::MAX);
             }
         }

@@ -58,14 +58,17 @@ pub enum Error {
         offset: u64,
         kind: Corruption,
     },
-    #[error("{}: fsync failed; the store is read-only until restart: {source}", .path.display())]
+    #[error("{}: fsync failed: {source}", .path.display())]
     SyncFailed {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("a previous write failed; the store is read-only until restart")]
-    Poisoned,
+    /// The append was refused or undone because a write failed (see `commit.rs`).
+    #[error("{0}")]
+    WriteFailed(WriteFailure),
+    #[error("{}: segment is not open for writing", .0.display())]
+    NotWritable(PathBuf),
     #[error("{}: the data directory is in use by another process (lock held)", .0.display())]
     Locked(PathBuf),
     #[error("{}: not an ivy data directory: {why}", .path.display())]
@@ -94,6 +97,49 @@ impl Error {
             path: path.into(),
             offset,
             kind,
+        }
+    }
+}
+
+/// Why appends fail after a write failed. Every append the failure refused or undid gets a copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteFailure {
+    /// The failed operation, with its file and the operating system's reason.
+    pub reason: String,
+    /// The disk (or quota) is full: HTTP answers 507 rather than 503.
+    pub no_space: bool,
+    /// The store could not undo the failed write; it takes appends again only after a restart.
+    pub until_restart: bool,
+}
+
+impl WriteFailure {
+    pub(crate) fn from_error(e: &Error) -> WriteFailure {
+        if let Error::WriteFailed(f) = e {
+            return f.clone();
+        }
+        let no_space = std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<io::Error>())
+            .is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+                )
+            });
+        WriteFailure {
+            reason: e.to_string(),
+            no_space,
+            until_restart: false,
+        }
+    }
+}
+
+impl std::fmt::Display for WriteFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "not written: {}", self.reason)?;
+        if self.until_restart {
+            f.write_str("; the store takes no writes until restart")
+        } else {
+            f.write_str("; writes resume by themselves once the cause is gone")
         }
     }
 }

@@ -20,6 +20,10 @@ pub trait FileIo: Send + Sync + 'static {
     /// Makes a directory's entries durable (new files, renames).
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Cuts a file to `len` bytes (rolling back a failed write).
+    fn truncate(&self, path: &Path, file: &File, len: u64) -> io::Result<()>;
+    /// Removes a file; one that is not there is not an error.
+    fn remove(&self, path: &Path) -> io::Result<()>;
 }
 
 /// The operating system's files.
@@ -49,5 +53,16 @@ impl FileIo for OsIo {
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         std::fs::rename(from, to)
+    }
+
+    fn truncate(&self, _path: &Path, file: &File, len: u64) -> io::Result<()> {
+        file.set_len(len)
+    }
+
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        match std::fs::remove_file(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
     }
 }

@@ -7,6 +7,9 @@
 //!    other Ivy process writes to or truncates the file.
 //! 2. A mapped file is never truncated or rewritten in place. Recovery and `verify --repair` cut
 //!    torn tails *before* the file is mapped by the store (they drop their own scanning map first).
+//!    The one exception is the rollback of a failed write (`rollback.rs`), which cuts a live
+//!    segment back to its committed end: nothing below that end changes, and by clause 3 no
+//!    slice reaches past it.
 //!    Index files are replaced by rename, never rewritten, and a map outlives an unlink or rename.
 //!    Retention (later) unlinks whole sealed segments, never truncates them.
 //! 3. A slice is only formed over bytes that will not change again: all of a sealed segment, or

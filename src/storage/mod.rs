@@ -14,7 +14,8 @@
 //!   policy before the next segment is created).
 //! - Bytes are checked (length, CRC, path) every time they are decoded; damage is an error with
 //!   file and offset, never "no data". Only recovery cuts a torn tail, and it logs the cut.
-//! - A mapped file is never truncated or rewritten (`mmap.rs` states the contract).
+//! - A mapped file is never truncated or rewritten below what readers may see (`mmap.rs` states
+//!   the contract).
 //!
 //! **Architecture invariant:** nothing here knows HTTP, WebSocket, the ivy1 text protocol or
 //! tokio. Waiting is done with `event-listener`, which serves threads and async tasks alike.
@@ -28,13 +29,14 @@ mod mmap;
 mod read;
 mod record;
 mod recovery;
+mod rollback;
 mod segment;
 mod store;
 mod stream;
 mod tail;
 pub mod verify;
 
-pub use error::{Corruption, Error, Result};
+pub use error::{Corruption, Error, Result, WriteFailure};
 pub use read::{Direction, Event, Events, Query, Reader};
 pub use store::{lock_directory, DirLock, Store, StreamStats};
 pub use tail::Tail;
@@ -50,6 +52,8 @@ pub struct Totals {
     pub bytes_appended: u64,
     pub fsyncs: u64,
     pub commit_rounds: u64,
+    /// Rounds whose write failed (and was rolled back, or stopped the store).
+    pub write_failures: u64,
 }
 
 /// The sparsity of the index: one entry per this many bytes of records (a scan of at most this
@@ -107,6 +111,9 @@ pub struct StoreOptions {
     pub event_bytes_max: usize,
     /// Encoded bytes waiting for the writer before appends block.
     pub pending_bytes_max: u64,
+    /// After a failed write is rolled back, appends are refused for this long; then the next
+    /// round tries the disk again (see `commit.rs`).
+    pub write_retry: Duration,
     pub clock: Arc<dyn Clock>,
     /// The writer's file operations (tests substitute a recording layer).
     pub io: Arc<dyn io::FileIo>,
@@ -122,6 +129,7 @@ impl Default for StoreOptions {
             index_interval_bytes: DEFAULT_INDEX_INTERVAL,
             event_bytes_max: 16 << 20,
             pending_bytes_max: 64 << 20,
+            write_retry: Duration::from_secs(1),
             clock: Arc::new(SystemClock),
             io: Arc::new(io::OsIo),
         }
@@ -138,6 +146,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("index_interval_bytes", &self.index_interval_bytes)
             .field("event_bytes_max", &self.event_bytes_max)
             .field("pending_bytes_max", &self.pending_bytes_max)
+            .field("write_retry", &self.write_retry)
             .finish_non_exhaustive()
     }
 }

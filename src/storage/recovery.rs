@@ -136,7 +136,6 @@ pub fn open_stream(dir: &Path, opts: &StoreOptions, access: Access) -> Result<St
         live: VecDeque::new(),
         pending: Vec::new(),
         last_id: EventId(0),
-        poisoned: false,
     };
     let Some((last_first_id, last_path)) = files.pop() else {
         return Ok(state);
@@ -232,17 +231,7 @@ pub fn open_stream(dir: &Path, opts: &StoreOptions, access: Access) -> Result<St
         live_map_len(opts, access, scan.valid_end),
         writable,
     )?);
-    let mut live = LiveSegment::new(Arc::clone(&seg), opts.index_interval_bytes);
-    let bytes = seg.records(Some(scan.valid_end))?;
-    for item in super::segment::Records::new(
-        &seg,
-        bytes,
-        record::SEGMENT_HEADER_LEN as u64,
-        scan.valid_end,
-    ) {
-        let (offset, rec) = item?;
-        live.note_recovered(offset, rec.id, rec.path, rec.len as u64);
-    }
+    let live = LiveSegment::recover(Arc::clone(&seg), scan.valid_end, opts.index_interval_bytes)?;
     Ok(with_live(state, segments, seg, live, scan.last_id))
 }
 

@@ -105,7 +105,9 @@ impl Segment {
     /// Writer only: writes `bytes` at `offset`.
     pub fn write_at(&self, io: &dyn FileIo, offset: u64, bytes: &[u8]) -> Result<()> {
         let guard = self.file.lock();
-        let file = guard.as_ref().ok_or(Error::Poisoned)?;
+        let file = guard
+            .as_ref()
+            .ok_or_else(|| Error::NotWritable(self.path.clone()))?;
         io.write_at(&self.path, file, offset, bytes)
             .map_err(|e| Error::io(&self.path, "write", e))
     }
@@ -113,12 +115,61 @@ impl Segment {
     /// Writer only: makes the written bytes durable (`fdatasync`).
     pub fn sync_data(&self, io: &dyn FileIo) -> Result<()> {
         let guard = self.file.lock();
-        let file = guard.as_ref().ok_or(Error::Poisoned)?;
+        let file = guard
+            .as_ref()
+            .ok_or_else(|| Error::NotWritable(self.path.clone()))?;
         io.sync_data(&self.path, file)
             .map_err(|source| Error::SyncFailed {
                 path: self.path.clone(),
                 source,
             })
+    }
+
+    /// Writer only, rolling back a failed write: cuts the file to `len` and syncs the cut. A file
+    /// no longer than `len` is left alone, so that a write refused outright (a read-only
+    /// filesystem) needs no write to undo. The write handle is reopened if a failed seal had
+    /// already closed it. Readers never look past the committed end, which `len` is, so no map
+    /// access can fall beyond the new end of file.
+    pub fn truncate(&self, io: &dyn FileIo, len: u64) -> Result<()> {
+        let on_disk = fs::metadata(&self.path)
+            .map_err(|e| Error::io(&self.path, "stat", e))?
+            .len();
+        if on_disk <= len {
+            return Ok(());
+        }
+        let mut guard = self.file.lock();
+        if guard.is_none() {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&self.path)
+                .map_err(|e| Error::io(&self.path, "open", e))?;
+            *guard = Some(file);
+        }
+        let file = guard
+            .as_ref()
+            .ok_or_else(|| Error::NotWritable(self.path.clone()))?;
+        io.truncate(&self.path, file, len)
+            .map_err(|e| Error::io(&self.path, "truncate", e))?;
+        io.sync_data(&self.path, file)
+            .map_err(|source| Error::SyncFailed {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Writer only, rolling back a failed write: removes the file and any index written for it.
+    pub fn remove_files(&self, io: &dyn FileIo) -> Result<()> {
+        self.file.lock().take();
+        self.remove_index_files(io)?;
+        remove_existing(io, &self.path)
+    }
+
+    /// Writer only, rolling back a seal that did not complete: removes its index files.
+    pub fn remove_index_files(&self, io: &dyn FileIo) -> Result<()> {
+        let index = layout::index_path_for(&self.path);
+        remove_existing(io, &index.with_extension("idx.tmp"))?;
+        remove_existing(io, &index)
     }
 
     /// Writer only, after the seal record is durable: writes the index file, switches readers to
@@ -130,7 +181,11 @@ impl Segment {
         entries: &[IndexEntry],
     ) -> Result<()> {
         write_index_file(io, &self.path, self.first_id.0, interval_bytes, entries)?;
-        let file = self.file.lock().take().ok_or(Error::Poisoned)?;
+        let file = self
+            .file
+            .lock()
+            .take()
+            .ok_or_else(|| Error::NotWritable(self.path.clone()))?;
         let sealed = Sealed::open(&self.path, &file, self.first_id)?;
         let _ = self.sealed.set(sealed);
         Ok(())
@@ -166,6 +221,15 @@ impl Segment {
     pub fn decode<'a>(&self, bytes: &'a [u8], offset: u64) -> Result<Record<'a>> {
         let at = usize::try_from(offset).unwrap_or(usize::MAX);
         record::decode(bytes, at).map_err(|k| Error::corrupt(&self.path, offset, k))
+    }
+}
+
+/// Removes a file if it is there. Existence is checked first because `unlink` on a read-only
+/// filesystem fails even for a name that does not exist.
+fn remove_existing(io: &dyn FileIo, path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        _ => io.remove(path).map_err(|e| Error::io(path, "remove", e)),
     }
 }
 

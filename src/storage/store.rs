@@ -2,7 +2,7 @@
 //! streams, appends and reads.
 
 use super::commit::{self, Shared};
-use super::error::{Error, Result};
+use super::error::{Error, Result, WriteFailure};
 use super::layout;
 use super::read::Reader;
 use super::recovery::{self, Access};
@@ -213,11 +213,9 @@ impl Store {
             }
             shared.reserve(bytes)?;
             let mut state = stream.state.lock();
-            if state.poisoned {
-                return Err(Error::Poisoned);
-            }
             let first_id = {
                 let mut seq = shared.seq.lock();
+                seq.check_writable()?;
                 let first = match fixed_id {
                     Some(id) => {
                         let last_id = seq.ids.last();
@@ -281,7 +279,6 @@ impl Store {
             live: VecDeque::new(),
             pending: Vec::new(),
             last_id: EventId(0),
-            poisoned: false,
         };
         let stream = Arc::new(Stream::new(root.clone(), dir, state));
         streams.insert(root, Arc::clone(&stream));
@@ -296,16 +293,15 @@ impl Store {
     /// Waits, without blocking a thread, until `id` is committed under the policy. Runtime
     /// agnostic: it awaits an `event-listener`.
     pub async fn committed_async(&self, id: EventId) -> Result<()> {
+        let shared = &self.inner.shared;
         loop {
-            if self.committed() >= id {
-                return Ok(());
+            if let Some(outcome) = shared.outcome(id) {
+                return outcome;
             }
-            self.inner.shared.check_healthy()?;
             let listener = self.listen_commits();
-            if self.committed() >= id {
-                return Ok(());
+            if let Some(outcome) = shared.outcome(id) {
+                return outcome;
             }
-            self.inner.shared.check_healthy()?;
             listener.await;
         }
     }
@@ -342,12 +338,19 @@ impl Store {
             bytes_appended: get(&c.bytes_appended),
             fsyncs: get(&c.fsyncs),
             commit_rounds: get(&c.commit_rounds),
+            write_failures: get(&c.write_failures),
         }
     }
 
-    /// The reason the store stopped taking writes, if it did.
-    pub fn failure(&self) -> Option<String> {
+    /// The write failure for which the store refuses appends now, if any.
+    pub fn failure(&self) -> Option<WriteFailure> {
         self.inner.shared.failure()
+    }
+
+    /// Whether the append that returned `id` has an outcome yet: `Some(Ok)` committed under
+    /// the policy, `Some(Err)` failed (its write failed and was undone).
+    pub fn outcome(&self, id: EventId) -> Option<Result<()>> {
+        self.inner.shared.outcome(id)
     }
 
     /// A snapshot for reading the events `selector` names.

@@ -43,8 +43,6 @@ pub(crate) struct StreamState {
     pub pending: Vec<Chunk>,
     /// The last id appended (pending or not), or the last id on disk.
     pub last_id: EventId,
-    /// A sticky write error: the stream takes no more appends.
-    pub poisoned: bool,
 }
 
 /// Per-channel state of a live segment.
@@ -103,6 +101,20 @@ impl LiveSegment {
             last_event_offset: 0,
             is_sealing: false,
         }
+    }
+
+    /// The view of a live segment whose records end at `end`, rebuilt from the records on disk
+    /// (recovery at open, and the rollback of a failed write).
+    pub fn recover(seg: Arc<Segment>, end: u64, interval_bytes: u32) -> Result<LiveSegment> {
+        let mut live = LiveSegment::new(Arc::clone(&seg), interval_bytes);
+        let bytes = seg.records(Some(end))?;
+        for item in
+            super::segment::Records::new(&seg, bytes, record::SEGMENT_HEADER_LEN as u64, end)
+        {
+            let (offset, rec) = item?;
+            live.note_recovered(offset, rec.id, rec.path, rec.len as u64);
+        }
+        Ok(live)
     }
 
     /// Registers an event record at `offset` as written and committed (recovery).

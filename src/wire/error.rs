@@ -30,4 +30,8 @@ pub enum ParseError {
     Duplicate(&'static str),
     #[error("%-escapes are not allowed in a channel path")]
     EscapedPath,
+    #[error("missing form field {0}")]
+    MissingField(&'static str),
+    #[error("bad multipart body: {0}")]
+    Multipart(String),
 }
