@@ -30,7 +30,8 @@ fn segment_bytes_regressions() {
 }
 
 /// `index::decode_file` did not check `header_len`, so a file with another value (and a header
-/// CRC that matched it) decoded but did not re-encode to itself (found by `index_decode`).
+/// CRC that matched it) decoded but did not re-encode to itself (found by `index_decode`). Later
+/// the same for the reserved header field (the two `crash-1ba0…` and `crash-223f…` inputs).
 #[test]
 fn index_decode_regressions() {
     let found = inputs("index_decode");
@@ -54,7 +55,16 @@ fn other_targets_regressions() {
     for (_, bytes) in inputs("http_query") {
         ivy::fuzzing::http_query(&String::from_utf8_lossy(&bytes));
     }
-    for (_, bytes) in inputs("post_body") {
+}
+
+/// A urlencoded `data` value holding bytes that are not UTF-8 came back longer than it was
+/// sent: `form_urlencoded` replaces such bytes with U+FFFD (found by `post_body` in its first
+/// minute). Values are now percent-decoded to bytes.
+#[test]
+fn post_body_regressions() {
+    let found = inputs("post_body");
+    assert!(!found.is_empty());
+    for (_, bytes) in found {
         ivy::fuzzing::post_body(&bytes);
     }
 }

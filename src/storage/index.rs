@@ -118,6 +118,9 @@ pub fn decode_file(bytes: &[u8]) -> Result<IndexFile<'_>, (u64, Corruption)> {
     if read_u32(head, 12) != Some(INDEX_HEADER_LEN as u32) {
         return Err((12, Corruption::BadHeader("header_len")));
     }
+    if read_u32(head, 40) != Some(0) {
+        return Err((40, Corruption::BadHeader("reserved")));
+    }
     let count = read_u64(head, 24).unwrap_or_default();
     let body = &bytes[INDEX_HEADER_LEN..];
     if Some(body.len())
