@@ -46,7 +46,10 @@
 //! - `store.rs`: the data directory: lock file, `IVY` metadata, routing a channel to its stream,
 //!   appends (ids from the sequencer), readers, listings, stats, close.
 //! - `commit.rs`: group commit: the sequencer that hands out ids, the writer thread that writes,
-//!   syncs and publishes the **commit watermark**.
+//!   syncs and publishes the **commit watermark**; after a failed round, the failed ids, the
+//!   pause, and the resumption.
+//! - `rollback.rs`: undoing a failed write in one stream: files cut back to the committed end,
+//!   segments holding no committed event removed, the in-memory view rebuilt.
 //! - `stream.rs`: one stream: its segments, the pending chunks, the in-memory channel heads and
 //!   index of its live segment, snapshots for readers.
 //! - `segment.rs`: one segment file: create, `pwrite`, sync, seal, its sealed view and index.
@@ -56,7 +59,9 @@
 //! - `recovery.rs`: opening a stream: cut a torn tail, refuse corruption in the middle.
 //! - `verify.rs`: the offline full check and the safe repairs.
 //! - `io.rs`: `FileIo`, the writer's file operations (create, `pwrite`, `fdatasync`, directory
-//!   sync, rename) behind a trait, so `tests/power_loss.rs` can keep only what was made durable.
+//!   sync, rename, and the rollback's truncate and remove) behind a trait, so
+//!   `tests/power_loss.rs` can keep only what was made durable and `tests/faults.rs` can fail
+//!   them.
 //! - `tail.rs`: `Tail`, live reads of a selector bounded by the commit watermark.
 //! - `layout.rs`: the only place that makes file names from channels and ids.
 //! - `mmap.rs`: the only `unsafe` in the crate, under a written four-clause contract.
@@ -68,6 +73,8 @@
 //! ### `wire/` — the ivy1 text forms
 //! `line.rs`: event lines `@TS:/path:DATA` with the protocol's escaping (`%25`, `%0A`, `%0D`, a
 //! final `%2E`, `%XX` for bytes outside UTF-8), and their parser (for `ivy import`).
+//! `command.rs`: a WebSocket message into a command; `query.rs`: log query parameters;
+//! `form.rs`: a POST body (urlencoded or multipart form, or raw) into data and sid.
 //! **Architecture invariant:** pure; no I/O, no storage, no clock; every function can be fuzzed.
 //!
 //! ### `server/` — ivy1 over WebSocket and HTTP
@@ -81,7 +88,8 @@
 //! - `fanout.rs`: `Hub`: the subscription index, publish with sender exclusion, and the
 //!   dispatcher thread that delivers committed events in id order.
 //! - `catchup.rs`: log reads for `+/path@TS` and for lagging sessions.
-//! - `error.rs`: store failures to HTTP statuses (507 disk full, 503 otherwise).
+//! - `error.rs`: store failures to HTTP statuses (507 disk full, 503 otherwise) and close codes
+//!   (1013 while a write failure is temporary).
 //!
 //! **Architecture invariants:** only `server/` knows hyper and fastwebsockets. The dispatcher
 //! never looks at a single stream's progress, only at the store's commit watermark, so every
@@ -101,7 +109,8 @@
 //!    and feeding the sparse index (`index.rs`).
 //! 3. The writer thread (`commit.rs`) takes every dirty stream's chunks in one round: one `pwrite`
 //!    per chunk, one `fdatasync` per file under `always` (group commit), seals made durable before
-//!    the next segment exists.
+//!    the next segment exists. If any of it fails, nothing of the round is published: its ids are
+//!    failed, the streams are cut back (`rollback.rs`), and appends pause for a second.
 //! 4. Only then does it publish: each live segment's committed end and channel heads
 //!    (`StreamState::mark_committed`), and the store's commit watermark; waiters wake
 //!    (`Store::append` under `always` returns here).
@@ -139,11 +148,12 @@
 //!   `tests/model.rs` (proptest against an in-memory model, with crash cuts), `tests/cli.rs` (the
 //!   binary as a user runs it), `tests/storage_format.rs` (the format page's example),
 //!   `tests/crash.rs` (SIGKILL of a child server), `tests/power_loss.rs` (unsynced writes
-//!   dropped); fuzz targets in `fuzz/` (bodies in `fuzzing.rs`, replayed by
+//!   dropped), `tests/faults.rs` and `tests/server/faults.rs` (full disk, read-only directory,
+//!   descriptors exhausted); fuzz targets in `fuzz/` (bodies in `fuzzing.rs`, replayed by
 //!   `tests/fuzz_regressions.rs`); benchmarks in `benches/`.
 //! - **Observability.** `tracing`: warnings for cut tails and rebuilt indexes, errors for failed
 //!   writes; nothing per event above `debug`. `GET /metrics`: appends, fsyncs, commit rounds,
-//!   connections, subscriptions, deliveries, lagging sessions, HTTP requests by status.
+//!   write failures, connections, subscriptions, deliveries, lagging sessions, HTTP requests by status.
 #![deny(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![warn(clippy::undocumented_unsafe_blocks)]

@@ -84,6 +84,17 @@ impl TestServer {
         }
     }
 
+    /// A server run by someone else (a child `ivy serve`): the helpers talk to it alike.
+    pub fn external(addr: SocketAddr, dir: PathBuf) -> TestServer {
+        TestServer {
+            addr,
+            dir,
+            _tmp: None,
+            stop: None,
+            task: None,
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
