@@ -88,6 +88,8 @@
 //! - `fanout.rs`: `Hub`: the subscription index, publish with sender exclusion, and the
 //!   dispatcher thread that delivers committed events in id order.
 //! - `catchup.rs`: log reads for `+/path@TS` and for lagging sessions.
+//! - `linger.rs`: lingering close, so that an answer sent before the request was read whole (a
+//!   413) reaches the client instead of being erased by a TCP reset.
 //! - `error.rs`: store failures to HTTP statuses (507 disk full, 503 otherwise) and close codes
 //!   (1013 while a write failure is temporary).
 //!

@@ -13,6 +13,7 @@ mod catchup;
 mod error;
 mod fanout;
 pub mod http;
+mod linger;
 mod session;
 mod ws;
 
@@ -156,9 +157,9 @@ impl Drop for Server {
 /// A connection past the limit: 503 and close.
 async fn refuse(mut tcp: tokio::net::TcpStream) {
     let _ = tcp
-        .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 24\r\nconnection: close\r\n\r\ntoo many connections, retry\n")
+        .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 28\r\nconnection: close\r\n\r\ntoo many connections, retry\n")
         .await;
-    let _ = tcp.shutdown().await;
+    linger::linger(tcp).await;
 }
 
 async fn serve_connection(
@@ -167,7 +168,7 @@ async fn serve_connection(
     permit: Arc<OwnedSemaphorePermit>,
 ) {
     shared.hub.metrics.connections.inc();
-    let io = TokioIo::new(tcp);
+    let io = TokioIo::new(linger::LingeringTcp::new(tcp));
     let service_shared = Arc::clone(&shared);
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let shared = Arc::clone(&service_shared);

@@ -99,7 +99,7 @@ async fn ids(server: &TestServer, path: &str) -> Vec<String> {
         .collect()
 }
 
-fn verify_clean(dir: &Path) {
+pub fn verify_clean(dir: &Path) {
     let out = Command::new(env!("CARGO_BIN_EXE_ivy"))
         .arg("verify")
         .arg(dir)
@@ -247,33 +247,8 @@ async fn read_only_data_directory_is_503_then_publishing_resumes() {
 async fn out_of_descriptors_refuses_then_recovers() {
     let tmp = tempfile::tempdir().unwrap();
     let data_dir = tmp.path().join("data");
-    let mut child = ChildServer(
-        std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "ulimit -n 64 && exec '{}' serve --listen 127.0.0.1:0 --log error --data '{}'",
-                env!("CARGO_BIN_EXE_ivy"),
-                data_dir.display()
-            ))
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn ivy serve"),
-    );
-    let addr = {
-        use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(child.0.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        line.split("http://")
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .parse()
-            .unwrap()
-    };
-    let server = TestServer::external(addr, data_dir.clone());
+    let (mut child, server) = harness::spawn_serve(&data_dir, &["--log", "error"], "ulimit -n 64");
+    let addr = server.addr;
     let mut ws = harness::ws(&server).await;
     let first = ws.request("a", ":/fd/a:before").await;
     assert!(!first.starts_with('!'), "{first}");
@@ -314,20 +289,6 @@ async fn out_of_descriptors_refuses_then_recovers() {
     assert_eq!(ids(&server, "/fd-new/x").await, vec![id_of(&stored)]);
     assert_eq!(harness::get(&server, "/healthz").await.status, 200);
 
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.0.id().to_string()])
-        .status();
-    let status = child.0.wait().unwrap();
-    assert!(status.success(), "{status}");
+    child.terminate();
     verify_clean(&data_dir);
-}
-
-/// Kills the child server if the test fails before stopping it.
-struct ChildServer(std::process::Child);
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

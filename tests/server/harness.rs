@@ -323,3 +323,78 @@ pub async fn post(server: &TestServer, path: &str, data: &[u8]) -> String {
 pub async fn get(server: &TestServer, path: &str) -> HttpResponse {
     http(server, "GET", path, &[], b"").await
 }
+
+/// A child `ivy serve` on 127.0.0.1:0 over `dir`, run by `sh -c "SETUP && exec ivy serve ..."`
+/// (SETUP sets limits, such as `ulimit -n 64`); killed when dropped unless terminated.
+pub fn spawn_serve(dir: &std::path::Path, args: &[&str], setup: &str) -> (ChildServer, TestServer) {
+    let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "{setup} && exec '{}' serve --listen 127.0.0.1:0 --data '{}' {}",
+            env!("CARGO_BIN_EXE_ivy"),
+            dir.display(),
+            quoted.join(" ")
+        ))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn ivy serve");
+    let mut line = String::new();
+    {
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("first line");
+    }
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .expect("address");
+    (
+        ChildServer(child),
+        TestServer::external(addr, dir.to_path_buf()),
+    )
+}
+
+/// A child server process; killed if the test ends before `terminate`.
+pub struct ChildServer(std::process::Child);
+
+impl ChildServer {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Resident memory of the server, from `/proc`.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))
+            .expect("server still running");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmRSS line")
+            * 1024
+    }
+
+    /// SIGTERM, and the graceful exit it must lead to.
+    pub fn terminate(&mut self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let exit = self.0.wait().expect("wait");
+        assert!(exit.success(), "ivy serve exited with {exit}");
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

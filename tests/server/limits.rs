@@ -209,6 +209,9 @@ async fn connections_past_the_limit_get_503() {
     let _b = ws(&server).await;
     let r = get(&server, "/healthz").await;
     assert_eq!(r.status, 503);
+    // The whole reason, exactly as long as its Content-Length says.
+    assert_eq!(r.text(), "too many connections, retry\n");
+    assert_eq!(r.header("content-length"), Some("28"));
     drop(_a);
     // The slot frees once the first connection is gone.
     let mut status = 0;

@@ -4,6 +4,7 @@
 mod faults;
 mod frames;
 mod harness;
+mod hostile;
 mod http_rows;
 mod limits;
 mod ws_rows;

@@ -1,0 +1,318 @@
+//! Limits under attack, counted (issue "Hostile input"): a child `ivy serve` is attacked from
+//! many connections at once while a well-behaved client keeps using it. What must hold: the
+//! attackers get their refusals (413, 1008 and `#KEY#!reason`, closed connections), never a 5xx;
+//! the well-behaved client is served throughout; the server's memory stays bounded; nothing
+//! stored is lost and `ivy verify` is clean afterwards.
+//!
+//! Also the issue "server" row: 10,000 WebSocket connections opened at once and left idle cost
+//! under 100 MiB of server memory.
+
+use super::faults::verify_clean;
+use super::harness::{self, TestServer};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const MIB: u64 = 1024 * 1024;
+
+/// The test process needs a descriptor per client connection.
+fn raise_fd_limit() {
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_websockets_at_once_stay_under_100_mib() {
+    const N: usize = 10_000;
+    raise_fd_limit();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, server) = harness::spawn_serve(
+        &tmp.path().join("data"),
+        &["--log", "error"],
+        "ulimit -n $(ulimit -Hn)",
+    );
+    let server = Arc::new(server);
+    let rss_before = child.rss_bytes();
+    let start = Instant::now();
+    // All at once: the connects are not paced; the listener's backlog absorbs the burst.
+    let tasks: Vec<_> = (0..N)
+        .map(|_| {
+            let server = Arc::clone(&server);
+            tokio::spawn(async move {
+                harness::ws_with(&server, &[("Sec-WebSocket-Protocol", "ivy1")]).await
+            })
+        })
+        .collect();
+    let mut open = Vec::with_capacity(N);
+    let mut failed = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(ws) => open.push(ws),
+            Err(_) => failed += 1,
+        }
+    }
+    let opened_in = start.elapsed();
+    assert_eq!(failed, 0, "{failed} of {N} upgrades failed");
+
+    // Still serving: one of the ten thousand subscribes, a newcomer publishes, it arrives.
+    let sub = &mut open[N / 2];
+    assert!(sub.request("s", "+/idle/room").await.starts_with('@'));
+    let mut publisher = harness::ws(&server).await;
+    assert!(publisher
+        .request("p", ":/idle/room:hello")
+        .await
+        .starts_with('@'));
+    let line = open[N / 2].recv().await;
+    assert!(line.ends_with(":/idle/room:hello"), "{line}");
+    assert_eq!(harness::get(&server, "/healthz").await.status, 200);
+
+    // Let the idle connections drop their per-connection buffers (released after 2 s idle).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss = child.rss_bytes();
+    eprintln!(
+        "{N} WebSockets opened at once in {:.1} s; server RSS {:.1} MiB ({:.1} MiB before, {:.0} bytes per connection)",
+        opened_in.as_secs_f64(),
+        rss as f64 / MIB as f64,
+        rss_before as f64 / MIB as f64,
+        (rss - rss_before.min(rss)) as f64 / N as f64
+    );
+    assert!(rss < 100 * MIB, "server RSS {} MiB", rss / MIB);
+    drop(open);
+    child.terminate();
+}
+
+/// Counts of what the attackers got.
+#[derive(Default)]
+struct Tally {
+    server_errors: AtomicU64,
+    refused_413: AtomicU64,
+    slowloris_closed: AtomicU64,
+    slowloris_max_ms: AtomicU64,
+}
+
+/// Sends a header that never ends, a line every 200 ms, until the server closes the
+/// connection; returns how long that took. The timeout is on the whole header, so trickling
+/// bytes must not keep it open.
+async fn slowloris(server: &TestServer) -> Duration {
+    let start = Instant::now();
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    let _ = tcp
+        .write_all(b"GET /events/h/a?n=1 HTTP/1.1\r\nHost: x\r\n")
+        .await;
+    let mut buf = [0u8; 512];
+    for i in 0..100 {
+        if tcp
+            .write_all(format!("X-{i}: y\r\n").as_bytes())
+            .await
+            .is_err()
+        {
+            break;
+        }
+        match tokio::time::timeout(Duration::from_millis(200), tcp.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => {
+                // A 408 may come before the close; never a 5xx.
+                let head = String::from_utf8_lossy(&buf[..n]);
+                assert!(!head.starts_with("HTTP/1.1 5"), "{head}");
+            }
+            Err(_) => {}
+        }
+    }
+    start.elapsed()
+}
+
+/// A POST announcing a body far over the limit, then a chunked one that grows past it.
+async fn oversized_posts(server: &TestServer, tally: &Tally) {
+    for chunked in [false, true] {
+        let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+        let head = if chunked {
+            "POST /events/h/big HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_owned()
+        } else {
+            "POST /events/h/big HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 1000000000\r\nConnection: close\r\n\r\n".to_owned()
+        };
+        let _ = tcp.write_all(head.as_bytes()).await;
+        let chunk = vec![b'z'; 16 * 1024];
+        for _ in 0..8 {
+            let framed = if chunked {
+                [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat()
+            } else {
+                chunk.clone()
+            };
+            if tcp.write_all(&framed).await.is_err() {
+                break;
+            }
+        }
+        let mut raw = Vec::new();
+        let _ = tokio::time::timeout(harness::WAIT, tcp.read_to_end(&mut raw)).await;
+        let status = harness::parse_response(&raw, false).status;
+        if status >= 500 {
+            tally.server_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        assert_eq!(status, 413, "{}", String::from_utf8_lossy(&raw));
+        tally.refused_413.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attacks_leave_other_clients_served_memory_bounded_and_data_intact() {
+    const SLOWLORIS: usize = 2_000;
+    const BIG_POSTERS: usize = 100;
+    const SUBSCRIBES: usize = 5_000;
+    const SUBSCRIPTIONS_MAX: usize = 1_000;
+    raise_fd_limit();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let (mut child, server) = harness::spawn_serve(
+        &data,
+        &[
+            "--log",
+            "error",
+            "--header-timeout-secs",
+            "1",
+            "--subscriptions-max",
+            &SUBSCRIPTIONS_MAX.to_string(),
+            "--body-bytes-max",
+            "65536",
+        ],
+        "ulimit -n $(ulimit -Hn)",
+    );
+    let server = Arc::new(server);
+    let mut stored = Vec::new();
+    for n in 0..100 {
+        stored.push(harness::post(&server, "/h/a", format!("kept {n}").as_bytes()).await);
+    }
+    let rss_before = child.rss_bytes();
+    let tally = Arc::new(Tally::default());
+
+    // The attackers, all at once.
+    let mut attacks = Vec::new();
+    for _ in 0..SLOWLORIS {
+        let (server, tally) = (Arc::clone(&server), Arc::clone(&tally));
+        attacks.push(tokio::spawn(async move {
+            let took = slowloris(&server).await;
+            tally.slowloris_closed.fetch_add(1, Ordering::Relaxed);
+            tally
+                .slowloris_max_ms
+                .fetch_max(took.as_millis() as u64, Ordering::Relaxed);
+        }));
+    }
+    for _ in 0..BIG_POSTERS {
+        let (server, tally) = (Arc::clone(&server), Arc::clone(&tally));
+        attacks.push(tokio::spawn(async move {
+            oversized_posts(&server, &tally).await
+        }));
+    }
+    let flood = {
+        let server = Arc::clone(&server);
+        tokio::spawn(async move {
+            let mut ws = harness::ws(&server).await;
+            let mut commands = String::new();
+            for i in 0..SUBSCRIBES {
+                commands.push_str(&format!("#s{i}#+/flood/{i}\n"));
+            }
+            // One message per command, sent back to back without waiting for replies.
+            for line in commands.lines() {
+                ws.send(line).await;
+            }
+            let (mut acked, mut refused) = (0, 0);
+            while acked + refused < SUBSCRIBES {
+                let reply = ws.recv().await;
+                match reply.strip_prefix("#s") {
+                    Some(r) if r.contains("#!") => refused += 1,
+                    Some(_) => acked += 1,
+                    None => panic!("unexpected message {reply}"),
+                }
+            }
+            (ws, acked, refused)
+        })
+    };
+
+    // Meanwhile a well-behaved client reads and publishes, and must be served each time.
+    let mut client = harness::ws(&server).await;
+    let mut worst = Duration::ZERO;
+    let mut rounds = 0;
+    let attack_start = Instant::now();
+    while attacks.iter().any(|a| !a.is_finished()) || !flood.is_finished() {
+        let t = Instant::now();
+        let r = harness::get(&server, "/events/h/a?n=10").await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let ack = client.request("c", &format!(":/h/a:during {rounds}")).await;
+        assert!(ack.starts_with('@'), "{ack}");
+        stored.push(ack);
+        worst = worst.max(t.elapsed());
+        rounds += 1;
+        assert!(
+            attack_start.elapsed() < Duration::from_secs(120),
+            "attacks did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rss_peak = child.rss_bytes();
+    for a in attacks {
+        a.await.unwrap();
+    }
+    let (mut flooder, acked, refused) = flood.await.unwrap();
+    assert_eq!(
+        (acked, refused),
+        (SUBSCRIPTIONS_MAX, SUBSCRIBES - SUBSCRIPTIONS_MAX)
+    );
+    // The flooder keeps its connection and its first thousand subscriptions.
+    assert!(client
+        .request("f", ":/flood/7:still subscribed")
+        .await
+        .starts_with('@'));
+    let delivered = flooder.recv().await;
+    assert!(
+        delivered.ends_with(":/flood/7:still subscribed"),
+        "{delivered}"
+    );
+
+    let tally = &*tally;
+    assert_eq!(tally.server_errors.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        tally.refused_413.load(Ordering::Relaxed),
+        2 * BIG_POSTERS as u64
+    );
+    assert_eq!(
+        tally.slowloris_closed.load(Ordering::Relaxed),
+        SLOWLORIS as u64
+    );
+    let slowest = tally.slowloris_max_ms.load(Ordering::Relaxed);
+    assert!(
+        slowest < 10_000,
+        "a slowloris connection lived {slowest} ms"
+    );
+    let ids: Vec<String> = harness::get(&server, "/events/h/a?n=100000")
+        .await
+        .text()
+        .lines()
+        .map(|l| {
+            l.split(':')
+                .next()
+                .unwrap_or("")
+                .trim_start_matches('@')
+                .to_owned()
+        })
+        .collect();
+    let want: Vec<String> = stored
+        .iter()
+        .map(|s| s.trim().trim_start_matches('@').to_owned())
+        .collect();
+    assert_eq!(ids, want, "stored events changed under attack");
+    eprintln!(
+        "hostile: {SLOWLORIS} slowloris (all closed, slowest {slowest} ms), {} oversized POSTs (all 413), \
+         {SUBSCRIBES} subscribes on one connection ({acked} taken, {refused} refused), 0 5xx; \
+         the other client was served {rounds} times, worst round trip {} ms; \
+         server RSS {:.1} MiB before, {:.1} MiB during",
+        2 * BIG_POSTERS,
+        worst.as_millis(),
+        rss_before as f64 / MIB as f64,
+        rss_peak as f64 / MIB as f64,
+    );
+    assert!(rss_peak < 200 * MIB, "server RSS {} MiB", rss_peak / MIB);
+    drop(flooder);
+    drop(client);
+    child.terminate();
+    verify_clean(&data);
+}
