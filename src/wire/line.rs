@@ -16,18 +16,16 @@ fn push_pct(out: &mut Vec<u8>, b: u8) {
 /// Appends DATA escaped for a line.
 pub fn escape_data(out: &mut Vec<u8>, data: &[u8]) {
     out.reserve(data.len());
-    for chunk in data.utf8_chunks() {
-        // Runs between the bytes that need escaping are copied whole (this loop is most of the
-        // cost of a log read: measured with `ivy-bench history`).
-        let mut rest = chunk.valid().as_bytes();
-        while let Some(i) = memchr::memchr3(b'%', b'\n', b'\r', rest) {
-            out.extend_from_slice(&rest[..i]);
-            push_pct(out, rest[i]);
-            rest = &rest[i + 1..];
-        }
-        out.extend_from_slice(rest);
-        for &b in chunk.invalid() {
-            push_pct(out, b);
+    // Nearly all data is valid UTF-8, and `from_utf8` checks it several times faster than
+    // walking `utf8_chunks` (which was 9% of a log read's CPU in `ivy-bench history`).
+    if std::str::from_utf8(data).is_ok() {
+        escape_valid(out, data);
+    } else {
+        for chunk in data.utf8_chunks() {
+            escape_valid(out, chunk.valid().as_bytes());
+            for &b in chunk.invalid() {
+                push_pct(out, b);
+            }
         }
     }
     if data.last() == Some(&b'.') {
@@ -35,6 +33,16 @@ pub fn escape_data(out: &mut Vec<u8>, data: &[u8]) {
         out.pop();
         push_pct(out, b'.');
     }
+}
+
+/// Escapes valid UTF-8: runs between the bytes that need escaping are copied whole.
+fn escape_valid(out: &mut Vec<u8>, mut rest: &[u8]) {
+    while let Some(i) = memchr::memchr3(b'%', b'\n', b'\r', rest) {
+        out.extend_from_slice(&rest[..i]);
+        push_pct(out, rest[i]);
+        rest = &rest[i + 1..];
+    }
+    out.extend_from_slice(rest);
 }
 
 /// Appends `@TS:/path:DATA\n` (a log line, as HTTP and `ivy dump` print it).
@@ -59,23 +67,37 @@ pub fn format_large_notice(out: &mut Vec<u8>, id: EventId, path: &str) {
 /// Appends `@TS` (`%010d.%09d`) without allocating.
 pub fn format_id(out: &mut Vec<u8>, id: EventId) {
     let mut digits = [b'0'; 20];
-    let mut secs = id.seconds();
-    for d in digits[..10].iter_mut().rev() {
-        *d = b'0' + (secs % 10) as u8;
-        secs /= 10;
-    }
-    // Ids past year 2286 have more than ten digits of seconds; print them whole.
-    let mut nanos = id.subsec_nanos();
-    for d in digits[11..20].iter_mut().rev() {
-        *d = b'0' + (nanos % 10) as u8;
-        nanos /= 10;
-    }
+    let secs = id.seconds();
+    // Two digits per step (half the divisions: this was 4% of a log read's CPU).
+    put_digits(&mut digits[..10], secs % 10_000_000_000);
+    put_digits(&mut digits[11..20], u64::from(id.subsec_nanos()));
     digits[10] = b'.';
+    // Ids past year 2286 have more than ten digits of seconds; print them whole.
+    let secs = secs / 10_000_000_000;
     out.push(b'@');
     if secs > 0 {
         out.extend_from_slice(id.to_string().as_bytes());
     } else {
         out.extend_from_slice(&digits);
+    }
+}
+
+/// Writes `n` right-aligned in `out` (zero-padded; `out` must be long enough for it).
+fn put_digits(out: &mut [u8], mut n: u64) {
+    const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+        2021222324252627282930313233343536373839\
+        4041424344454647484950515253545556575859\
+        6061626364656667686970717273747576777879\
+        8081828384858687888990919293949596979899";
+    let mut end = out.len();
+    while end >= 2 && n > 0 {
+        let pair = (n % 100) as usize * 2;
+        out[end - 2..end].copy_from_slice(&PAIRS[pair..pair + 2]);
+        n /= 100;
+        end -= 2;
+    }
+    if end == 1 {
+        out[0] = b'0' + (n % 10) as u8;
     }
 }
 
@@ -170,7 +192,11 @@ mod tests {
             1_795_563_809_018_347_337,
             9_999_999_999_999_999_999,
             u64::MAX,
-        ] {
+        ]
+        .into_iter()
+        .chain((1..10_000u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+        .chain((0..20).map(|p| 10u64.pow(p)))
+        {
             let mut out = Vec::new();
             format_id(&mut out, EventId(n));
             assert_eq!(String::from_utf8(out).unwrap(), format!("@{}", EventId(n)));
