@@ -107,8 +107,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("cannot start the runtime")?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(opts.listen)
-            .await
+        let listener = ivy::server::listen(opts.listen)
             .with_context(|| format!("cannot listen on {}", opts.listen))?;
         let addr = listener.local_addr()?;
         let data = std::fs::canonicalize(&args.data).unwrap_or(args.data.clone());

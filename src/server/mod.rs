@@ -155,6 +155,23 @@ impl Drop for Server {
 }
 
 /// A connection past the limit: 503 and close.
+/// The accept queue asked of the kernel (which caps it at `net.core.somaxconn`). With the usual
+/// 1024, a burst of a few thousand connects overflows it and the kernel resets connections that
+/// the client already believes open (seen in `tests/server/hostile.rs`, 2,200 at once).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// A listener for `Server::serve` with a deep accept queue (see `LISTEN_BACKLOG`).
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 async fn refuse(mut tcp: tokio::net::TcpStream) {
     let _ = tcp
         .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 28\r\nconnection: close\r\n\r\ntoo many connections, retry\n")

@@ -26,7 +26,9 @@
 //! next round is the probe; when space has come back it succeeds and the watermark moves on
 //! (over the failed ids, which no stream holds any more). When the rollback itself fails, or an
 //! interval-policy sync fails (those events were already published), the store refuses appends
-//! until it is reopened, and recovery at open decides from the disk.
+//! until it is reopened, and recovery at open decides from the disk. Events of a segment whose
+//! seal completed before the failure are kept, not failed: the rollback cannot cut a sealed file
+//! under its readers, and they are durable and whole.
 
 use super::error::{Error, Result, WriteFailure};
 use super::segment::Segment;
@@ -66,8 +68,8 @@ pub(crate) struct Shared {
     /// The highest id that ever failed (0: none): waiters with a higher id skip the
     /// `failed_ids` lock, so the publish path pays nothing for past failures.
     max_failed_id: AtomicU64,
-    /// `(first, last, why)`: ids handed out and then failed, most recent last.
-    failed_ids: Mutex<VecDeque<(u64, u64, WriteFailure)>>,
+    /// Ids handed out and then failed, most recent last.
+    failed_ids: Mutex<VecDeque<FailedIds>>,
     pub counters: Counters,
 }
 
@@ -78,6 +80,21 @@ pub struct Counters {
     pub fsyncs: AtomicU64,
     pub commit_rounds: AtomicU64,
     pub write_failures: AtomicU64,
+}
+
+/// The ids of one failed round: `first..=last`, except `kept` (sorted), whose events stayed
+/// stored (`rollback.rs`).
+struct FailedIds {
+    first: u64,
+    last: u64,
+    kept: Vec<u64>,
+    why: WriteFailure,
+}
+
+impl FailedIds {
+    fn contains(&self, id: u64) -> bool {
+        (self.first..=self.last).contains(&id) && self.kept.binary_search(&id).is_err()
+    }
 }
 
 pub(crate) struct Sequencer {
@@ -159,16 +176,21 @@ impl Shared {
         ranges
             .iter()
             .rev()
-            .find(|(first, last, _)| (*first..=*last).contains(&id.0))
-            .map(|(_, _, why)| why.clone())
+            .find(|f| f.contains(id.0))
+            .map(|f| f.why.clone())
     }
 
-    fn record_failed(&self, first: u64, last: u64, why: &WriteFailure) {
+    fn record_failed(&self, first: u64, last: u64, kept: Vec<u64>, why: &WriteFailure) {
         let mut ranges = self.failed_ids.lock();
         if ranges.len() == FAILED_RANGES_KEPT {
             ranges.pop_front();
         }
-        ranges.push_back((first, last, why.clone()));
+        ranges.push_back(FailedIds {
+            first,
+            last,
+            kept,
+            why: why.clone(),
+        });
         self.max_failed_id.fetch_max(last, Ordering::AcqRel);
     }
 
@@ -444,26 +466,40 @@ impl Writer {
         streams.sort_by_key(|s| Arc::as_ptr(s) as usize);
         streams.dedup_by(|a, b| Arc::ptr_eq(a, b));
         let mut undone = Ok(());
+        let mut kept = Vec::new();
         for s in &streams {
             match super::rollback::roll_back(s, &shared.opts) {
-                Ok(dropped) => shared.release_pending(dropped),
+                Ok(rolled) => {
+                    shared.release_pending(rolled.dropped_bytes);
+                    kept.extend(rolled.kept);
+                }
                 Err(e) => undone = Err(e),
             }
         }
-        let mut last_failed = last_issued.0;
+        kept.sort_unstable();
+        let first_failed = shared.committed().0 + 1;
         match undone {
             Ok(()) => {
-                tracing::error!(error = %error, retry_in = ?shared.opts.write_retry, "write failed; the round was undone and appends are refused until the retry");
+                tracing::error!(error = %error, kept = kept.len(), retry_in = ?shared.opts.write_retry, "write failed; the round was undone and appends are refused until the retry");
+                shared.record_failed(first_failed, last_issued.0, kept, &why);
+                // Every id handed out is settled: failed and gone from every stream, or kept
+                // (durable, in a sealed segment). So the watermark may pass them all now, and
+                // the waiters of kept ids are answered without waiting for another round.
+                shared.committed.fetch_max(last_issued.0, Ordering::AcqRel);
+                if shared.opts.durability == Durability::Always {
+                    shared.durable.fetch_max(last_issued.0, Ordering::AcqRel);
+                }
                 shared.seq.lock().resume_at = Some(Instant::now() + shared.opts.write_retry);
             }
             Err(e) => {
                 tracing::error!(error = %error, rollback_error = %e, "write failed and could not be undone; the store takes no writes until restart");
                 why.until_restart = true;
                 shared.seq.lock().failure = Some(why.clone());
-                last_failed = u64::MAX;
+                // Nothing is known of the streams whose rollback failed: no id from here on
+                // may be reported committed.
+                shared.record_failed(first_failed, u64::MAX, Vec::new(), &why);
             }
         }
-        shared.record_failed(shared.committed().0 + 1, last_failed, &why);
         shared.commit_event.notify(usize::MAX);
     }
 
@@ -567,8 +603,12 @@ impl Writer {
                 why.until_restart = true;
                 self.shared.seq.lock().failure = Some(why.clone());
                 self.shared.is_failed.store(true, Ordering::Release);
-                self.shared
-                    .record_failed(self.shared.committed().0 + 1, u64::MAX, &why);
+                self.shared.record_failed(
+                    self.shared.committed().0 + 1,
+                    u64::MAX,
+                    Vec::new(),
+                    &why,
+                );
                 self.shared.commit_event.notify(usize::MAX);
             }
         }
