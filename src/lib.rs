@@ -78,7 +78,8 @@
 //! **Architecture invariant:** pure; no I/O, no storage, no clock; every function can be fuzzed.
 //!
 //! ### `server/` — ivy1 over WebSocket and HTTP
-//! - `mod.rs`: `Server`: accept loop, connection limit (a semaphore; past it, 503 and close),
+//! - `mod.rs`: `Server`: `listen` (a deep accept queue for connection bursts), accept loop,
+//!   connection limit (a semaphore; past it, 503 and close),
 //!   WebSocket upgrade (Origin policy, `ivy1` subprotocol), graceful shutdown.
 //! - `http.rs`: the hyper service: log reads (inline, or streamed from a blocking task when
 //!   large), caching headers, Range, CORS, HTTP publish (forms, multipart, raw), `/metrics`.
