@@ -278,10 +278,16 @@ impl Hub {
                 self.metrics.lagging.inc();
             }
             Mode::Live => {
+                let was_empty = st.queue.is_empty();
                 st.queued_bytes += frame.len();
                 st.queue.push_back((id, frame.clone()));
                 st.last_queued = id;
                 self.metrics.deliveries.inc();
+                // The writer drains the whole queue whenever it is woken, and it was woken when
+                // the queue became non-empty: one wake-up per batch, not per event.
+                if !was_empty {
+                    return;
+                }
             }
             Mode::Lagging { cursor, missed } => {
                 st.mode = Mode::Lagging {

@@ -18,17 +18,20 @@
 //! plain thread, so a tokio runtime is never blocked by fsync.
 //!
 //! **A failed round** (disk full, a read-only or vanished directory, out of descriptors, an I/O
-//! error) publishes nothing. Under the sequencer lock the store starts refusing appends, and every
-//! id above the watermark that was handed out is recorded as failed: its append returns the
-//! failure, now or whenever its caller waits. Then each stream involved is rolled back to its
-//! committed end (`rollback.rs`): files truncated, segments that hold no committed event removed,
-//! the in-memory view rebuilt. After `StoreOptions::write_retry` appends are taken again and the
-//! next round is the probe; when space has come back it succeeds and the watermark moves on
-//! (over the failed ids, which no stream holds any more). When the rollback itself fails, or an
-//! interval-policy sync fails (those events were already published), the store refuses appends
-//! until it is reopened, and recovery at open decides from the disk. Events of a segment whose
-//! seal completed before the failure are kept, not failed: the rollback cannot cut a sealed file
-//! under its readers, and they are durable and whole.
+//! error) publishes nothing. In `Writer::fail`:
+//! 1. Under the sequencer lock the store starts refusing appends and reads the last id handed
+//!    out; every id above the watermark up to it is now settled by what follows.
+//! 2. Each stream involved is rolled back to its committed end (`rollback.rs`): files cut,
+//!    segments that hold no committed event removed, the in-memory view rebuilt. A segment whose
+//!    seal completed cannot be cut under its readers; its events are durable and whole, so they
+//!    are kept.
+//! 3. The other ids are recorded as failed (their appends return the failure, now or whenever
+//!    their callers wait), and the watermark passes them all: no stream holds a failed event.
+//! 4. After `StoreOptions::write_retry` appends are taken again; the next round is the probe.
+//!
+//! When the rollback itself fails, or an interval-policy sync fails (those events were already
+//! published), the store refuses appends until it is reopened, and recovery at open decides from
+//! the disk.
 
 use super::error::{Error, Result, WriteFailure};
 use super::segment::Segment;
