@@ -325,7 +325,8 @@ pub async fn get(server: &TestServer, path: &str) -> HttpResponse {
 }
 
 /// A child `ivy serve` on 127.0.0.1:0 over `dir`, run by `sh -c "SETUP && exec ivy serve ..."`
-/// (SETUP sets limits, such as `ulimit -n 64`); killed when dropped unless terminated.
+/// (SETUP sets limits, such as `ulimit -n 64`); killed when dropped unless terminated. Its stderr
+/// goes to `DIR.stderr`, which `terminate` checks for panics.
 pub fn spawn_serve(dir: &std::path::Path, args: &[&str], setup: &str) -> (ChildServer, TestServer) {
     let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
     let mut child = std::process::Command::new("sh")
@@ -337,7 +338,7 @@ pub fn spawn_serve(dir: &std::path::Path, args: &[&str], setup: &str) -> (ChildS
             quoted.join(" ")
         ))
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.with_extension("stderr")).expect("stderr file"))
         .spawn()
         .expect("spawn ivy serve");
     let mut line = String::new();
@@ -355,13 +356,13 @@ pub fn spawn_serve(dir: &std::path::Path, args: &[&str], setup: &str) -> (ChildS
         .parse()
         .expect("address");
     (
-        ChildServer(child),
+        ChildServer(child, dir.with_extension("stderr")),
         TestServer::external(addr, dir.to_path_buf()),
     )
 }
 
-/// A child server process; killed if the test ends before `terminate`.
-pub struct ChildServer(std::process::Child);
+/// A child server process and its stderr file; killed if the test ends before `terminate`.
+pub struct ChildServer(std::process::Child, PathBuf);
 
 impl ChildServer {
     pub fn pid(&self) -> u32 {
@@ -389,6 +390,12 @@ impl ChildServer {
         assert!(status.success());
         let exit = self.0.wait().expect("wait");
         assert!(exit.success(), "ivy serve exited with {exit}");
+        // A panic in a connection task does not end the process; it is printed, though.
+        let stderr = std::fs::read_to_string(&self.1).unwrap_or_default();
+        assert!(
+            !stderr.contains("panicked"),
+            "ivy serve panicked:\n{stderr}"
+        );
     }
 }
 
