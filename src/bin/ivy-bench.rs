@@ -307,20 +307,22 @@ async fn publish(
             };
             let mut i = 0u64;
             let mut line = Vec::with_capacity(size + 64);
+            // A pipelining client: every message the window allows right now goes out in one
+            // write; it waits (after flushing) only when the window is full.
             while !stop.load(Ordering::Relaxed) {
-                let Ok(permit) = permits.acquire().await else {
+                if slot(&permits, &mut w).await.is_err() {
                     break;
-                };
-                permit.forget();
+                }
                 line.clear();
                 line.extend_from_slice(format!("#{i}#:{path}:").as_bytes());
                 line.extend_from_slice(data.as_bytes());
                 sent_at.lock().push_back(Instant::now());
-                if send(&mut w, &line).await.is_err() {
+                if send_buffered(&mut w, &line).await.is_err() {
                     break;
                 }
                 i += 1;
             }
+            let _ = w.flush().await;
             // Let the outstanding acks arrive, then close.
             tokio::time::sleep(Duration::from_millis(500)).await;
             let _ = w.write_frame(Frame::close(1000, b"")).await;
