@@ -170,6 +170,20 @@ impl Shared {
         self.seq.lock().failure.clone()
     }
 
+    /// Sets or clears the standing failure; `is_failed` follows it, so that appends can check
+    /// without the lock.
+    fn set_failure(&self, seq: &mut Sequencer, failure: Option<WriteFailure>) {
+        self.is_failed.store(failure.is_some(), Ordering::Release);
+        seq.failure = failure;
+    }
+
+    /// Refuses appends until the store is reopened, and fails every id not committed yet.
+    fn fail_until_restart(&self, mut why: WriteFailure) {
+        why.until_restart = true;
+        self.set_failure(&mut self.seq.lock(), Some(why.clone()));
+        self.record_failed(self.committed().0 + 1, u64::MAX, Vec::new(), &why);
+    }
+
     /// Why `id` failed, if it did.
     fn failed_for(&self, id: EventId) -> Option<WriteFailure> {
         if id.0 > self.max_failed_id.load(Ordering::Acquire) {
@@ -334,8 +348,7 @@ impl Writer {
             if let Some(at) = seq.resume_at {
                 if Instant::now() >= at {
                     seq.resume_at = None;
-                    seq.failure = None;
-                    shared.is_failed.store(false, Ordering::Release);
+                    shared.set_failure(&mut seq, None);
                     tracing::info!("taking appends again after a write failure");
                     continue;
                 }
@@ -409,7 +422,7 @@ impl Writer {
         // While a failure stands nothing is written or published: a round with nothing to write
         // would otherwise move the watermark (the power-loss test found exactly this, when a
         // failure left the store poisoned; the failed ranges now also guard the waiters).
-        let writable = shared.seq.lock().check_writable();
+        let writable = shared.check_healthy();
         let outcome = match writable {
             Err(e) => Err(e),
             Ok(()) => self.write_all(
@@ -455,11 +468,10 @@ impl Writer {
             .counters
             .write_failures
             .fetch_add(1, Ordering::Relaxed);
-        let mut why = WriteFailure::from_error(error);
+        let why = WriteFailure::from_error(error);
         let last_issued = {
             let mut seq = shared.seq.lock();
-            seq.failure = Some(why.clone());
-            shared.is_failed.store(true, Ordering::Release);
+            shared.set_failure(&mut seq, Some(why.clone()));
             for s in seq.dirty.drain(..) {
                 s.is_dirty.store(false, Ordering::Relaxed);
                 streams.push(s);
@@ -496,11 +508,9 @@ impl Writer {
             }
             Err(e) => {
                 tracing::error!(error = %error, rollback_error = %e, "write failed and could not be undone; the store takes no writes until restart");
-                why.until_restart = true;
-                shared.seq.lock().failure = Some(why.clone());
                 // Nothing is known of the streams whose rollback failed: no id from here on
                 // may be reported committed.
-                shared.record_failed(first_failed, u64::MAX, Vec::new(), &why);
+                shared.fail_until_restart(why);
             }
         }
         shared.commit_event.notify(usize::MAX);
@@ -602,16 +612,7 @@ impl Writer {
                 // pages it could not write: nothing can be undone, and nothing later may be
                 // built on them. Recovery at the next open decides from the disk.
                 tracing::error!(error = %e, "interval sync failed; the store takes no writes until restart");
-                let mut why = WriteFailure::from_error(&e);
-                why.until_restart = true;
-                self.shared.seq.lock().failure = Some(why.clone());
-                self.shared.is_failed.store(true, Ordering::Release);
-                self.shared.record_failed(
-                    self.shared.committed().0 + 1,
-                    u64::MAX,
-                    Vec::new(),
-                    &why,
-                );
+                self.shared.fail_until_restart(WriteFailure::from_error(&e));
                 self.shared.commit_event.notify(usize::MAX);
             }
         }
