@@ -124,3 +124,14 @@ impl Metrics {
         out
     }
 }
+
+/// The resident memory of process `pid` (`VmRSS` in `/proc/PID/status`), for the load tool and
+/// the memory tests; `None` where there is no such file.
+pub fn resident_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+}

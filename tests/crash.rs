@@ -48,13 +48,8 @@ fn start(dir: &Path) -> (Child, SocketAddr) {
     std::io::BufReader::new(stdout)
         .read_line(&mut line)
         .expect("first line");
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .expect("address");
+    let addr = ivy::server::listening_addr(&line)
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
     (child, addr)
 }
 

@@ -117,21 +117,13 @@ fn spawn_server(durability: &str) -> anyhow::Result<(SocketAddr, Spawned)> {
         .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .ok_or_else(|| anyhow::anyhow!("unexpected first line: {line}"))?
-        .parse()?;
+    let addr = ivy::server::listening_addr(&line)
+        .ok_or_else(|| anyhow::anyhow!("unexpected first line: {line}"))?;
     Ok((addr, Spawned { child, _dir: dir }))
 }
 
 fn server_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    ivy::metrics::resident_bytes(pid).map(|b| b / 1024)
 }
 
 type Reader = WebSocketRead<OwnedReadHalf>;

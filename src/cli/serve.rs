@@ -111,10 +111,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}", opts.listen))?;
         let addr = listener.local_addr()?;
         let data = std::fs::canonicalize(&args.data).unwrap_or(args.data.clone());
-        println!(
-            "ivy listening on http://{addr} (WebSocket ws://{addr}/ws), data in {}",
-            data.display()
-        );
+        println!("{}", ivy::server::listening_line(addr, &data));
         tracing::info!(%addr, data = %data.display(), durability = ?args.durability, "listening");
         let server = Server::new(store, opts)?;
         server.serve(listener, shutdown_signal()).await?;

@@ -155,6 +155,25 @@ impl Drop for Server {
 }
 
 /// A connection past the limit: 503 and close.
+/// The first line `ivy serve` prints on stdout. Programs that start it (the load tool, the
+/// tests) read the address from it with `listening_addr`, so the two stay together here.
+pub fn listening_line(addr: std::net::SocketAddr, data: &std::path::Path) -> String {
+    format!(
+        "ivy listening on http://{addr} (WebSocket ws://{addr}/ws), data in {}",
+        data.display()
+    )
+}
+
+/// The address in a `listening_line`.
+pub fn listening_addr(line: &str) -> Option<std::net::SocketAddr> {
+    line.split("http://")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The accept queue asked of the kernel (which caps it at `net.core.somaxconn`). With the usual
 /// 1024, a burst of a few thousand connects overflows it and the kernel resets connections that
 /// the client already believes open (seen in `tests/server/hostile.rs`, 2,200 at once).

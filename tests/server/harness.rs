@@ -348,13 +348,8 @@ pub fn spawn_serve(dir: &std::path::Path, args: &[&str], setup: &str) -> (ChildS
             .read_line(&mut line)
             .expect("first line");
     }
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .expect("address");
+    let addr = ivy::server::listening_addr(&line)
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
     (
         ChildServer(child, dir.with_extension("stderr")),
         TestServer::external(addr, dir.to_path_buf()),
@@ -371,14 +366,7 @@ impl ChildServer {
 
     /// Resident memory of the server, from `/proc`.
     pub fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))
-            .expect("server still running");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .expect("VmRSS line")
-            * 1024
+        ivy::metrics::resident_bytes(self.0.id()).expect("the server is running")
     }
 
     /// SIGTERM, and the graceful exit it must lead to.
