@@ -172,10 +172,7 @@ fn dechunk(mut rest: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_never_loses_an_acknowledged_event() {
-    let cycles: usize = std::env::var("IVY_CRASH_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let cycles = common::cycles("IVY_CRASH_CYCLES", 20) as usize;
     let mut rng = common::Rng(common::seed() | 1);
     let dir = tempfile::tempdir().expect("temp dir");
     let acked: Acked = Arc::new(Mutex::new(BTreeMap::new()));

@@ -302,10 +302,7 @@ fn roll_faults(errno: i32, positions: usize) -> usize {
 
 #[test]
 fn random_faults_lose_nothing_acknowledged_and_keep_nothing_failed() {
-    let cycles: u64 = std::env::var("IVY_FAULT_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(60);
+    let cycles = common::cycles("IVY_FAULT_CYCLES", 60);
     let mut rng = common::Rng(common::seed() | 1);
     let dir = tempfile::tempdir().unwrap();
     let paths = ["/p/a", "/p/b", "/q/c", "/"];

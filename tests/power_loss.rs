@@ -192,10 +192,7 @@ fn options(io: Arc<dyn FileIo>) -> StoreOptions {
 
 #[test]
 fn power_loss_never_loses_an_acknowledged_event() {
-    let cycles: u64 = std::env::var("IVY_POWER_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let cycles = common::cycles("IVY_POWER_CYCLES", 200);
     let mut rng = common::Rng(common::seed() | 1);
     let dir = tempfile::tempdir().unwrap();
     let mut acked: BTreeMap<EventId, (String, Vec<u8>)> = BTreeMap::new();

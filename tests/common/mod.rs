@@ -62,6 +62,15 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// How many cycles a long test runs: the number in environment variable `name`, else `default`
+/// (CI runs the defaults; long runs set the variable).
+pub fn cycles(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// A seed for randomised tests: `IVY_TEST_SEED` or the time; printed so a failure replays.
 pub fn seed() -> u64 {
     let seed = std::env::var("IVY_TEST_SEED")

@@ -49,24 +49,11 @@ fn mounts_allowed(test: &str) -> bool {
     true
 }
 
-/// POSTs `data` and returns (status, body).
-async fn try_post(server: &TestServer, path: &str, data: &[u8]) -> (u16, String) {
-    let r = harness::http(
-        server,
-        "POST",
-        &format!("/events{path}"),
-        &[("Content-Type", "text/plain")],
-        data,
-    )
-    .await;
-    (r.status, r.text())
-}
-
 /// POSTs until one is stored again; returns its id.
 async fn post_until_stored(server: &TestServer, path: &str, data: &[u8]) -> String {
     let start = Instant::now();
     loop {
-        let (status, body) = try_post(server, path, data).await;
+        let (status, body) = harness::try_post(server, path, data).await;
         if status == 200 {
             return body.trim().to_owned();
         }
@@ -76,41 +63,6 @@ async fn post_until_stored(server: &TestServer, path: &str, data: &[u8]) -> Stri
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// An id as an ack, a POST answer or an event line gives it (with or without `@`).
-fn id_of(s: &str) -> String {
-    s.trim().trim_start_matches('@').to_owned()
-}
-
-/// The ids of `path`'s events, oldest first.
-async fn ids(server: &TestServer, path: &str) -> Vec<String> {
-    let r = harness::get(server, &format!("/events{path}?n=100000")).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.text()
-        .lines()
-        .map(|l| {
-            l.split(':')
-                .next()
-                .unwrap_or("")
-                .trim_start_matches('@')
-                .to_owned()
-        })
-        .collect()
-}
-
-pub fn verify_clean(dir: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ivy"))
-        .arg("verify")
-        .arg(dir)
-        .output()
-        .expect("run ivy verify");
-    assert!(
-        out.status.success(),
-        "verify: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[tokio::test]
@@ -125,7 +77,7 @@ async fn disk_full_is_507_reads_keep_working_and_publishing_resumes() {
         harness::start_in(&data_dir, ServerOptions::default(), StoreOptions::default()).await;
     let mut stored = Vec::new();
     for n in 0..20 {
-        stored.push(id_of(
+        stored.push(harness::id_of(
             &harness::post(&server, "/full/a", format!("before {n}").as_bytes()).await,
         ));
     }
@@ -140,11 +92,11 @@ async fn disk_full_is_507_reads_keep_working_and_publishing_resumes() {
     }
     let event = vec![b'x'; 1000];
     let (status, reason) = loop {
-        let (status, body) = try_post(&server, "/full/a", &event).await;
+        let (status, body) = harness::try_post(&server, "/full/a", &event).await;
         if status != 200 {
             break (status, body);
         }
-        stored.push(id_of(&body));
+        stored.push(harness::id_of(&body));
         assert!(stored.len() < 2000, "the disk never filled");
     };
     assert_eq!(status, 507, "{reason}");
@@ -156,7 +108,7 @@ async fn disk_full_is_507_reads_keep_working_and_publishing_resumes() {
         "{refusal}"
     );
     assert_eq!(
-        ids(&server, "/full/a").await,
+        harness::ids(&server, "/full/a").await,
         stored,
         "reads during the fault"
     );
@@ -169,19 +121,19 @@ async fn disk_full_is_507_reads_keep_working_and_publishing_resumes() {
     );
 
     std::fs::remove_file(&filler).unwrap();
-    stored.push(id_of(
+    stored.push(harness::id_of(
         &post_until_stored(&server, "/full/a", b"after").await,
     ));
     let ack = ws.request("k2", ":/full/a:after, over WebSocket").await;
     assert!(!ack.starts_with('!'), "{ack}");
-    stored.push(id_of(&ack));
+    stored.push(harness::id_of(&ack));
     assert_eq!(
-        ids(&server, "/full/a").await,
+        harness::ids(&server, "/full/a").await,
         stored,
         "nothing failed was stored"
     );
     server.shutdown().await;
-    verify_clean(&data_dir);
+    harness::verify_clean(&data_dir);
 }
 
 #[tokio::test]
@@ -203,7 +155,9 @@ async fn read_only_data_directory_is_503_then_publishing_resumes() {
         },
     )
     .await;
-    let mut stored = vec![id_of(&harness::post(&server, "/ro/a", b"before").await)];
+    let mut stored = vec![harness::id_of(
+        &harness::post(&server, "/ro/a", b"before").await,
+    )];
     let dir_arg = data_dir.to_str().unwrap();
     let read_only = Mount::run(&["--bind", dir_arg], &data_dir);
     let remounted = Command::new("mount")
@@ -212,32 +166,34 @@ async fn read_only_data_directory_is_503_then_publishing_resumes() {
         .unwrap();
     assert!(remounted.success());
 
-    let (status, reason) = try_post(&server, "/other", b"new channel").await;
+    let (status, reason) = harness::try_post(&server, "/other", b"new channel").await;
     assert_eq!(status, 503, "{reason}");
     assert!(reason.contains("Read-only file system"), "{reason}");
     let event = vec![b'y'; 900];
     let (status, reason) = loop {
-        let (status, body) = try_post(&server, "/ro/a", &event).await;
+        let (status, body) = harness::try_post(&server, "/ro/a", &event).await;
         if status != 200 {
             break (status, body);
         }
-        stored.push(id_of(&body));
+        stored.push(harness::id_of(&body));
         assert!(stored.len() < 20, "a roll never needed a new file");
     };
     assert_eq!(status, 503, "{reason}");
     assert!(reason.contains("Read-only file system"), "{reason}");
     assert_eq!(
-        ids(&server, "/ro/a").await,
+        harness::ids(&server, "/ro/a").await,
         stored,
         "reads during the fault"
     );
 
     drop(read_only);
-    stored.push(id_of(&post_until_stored(&server, "/ro/a", &event).await));
+    stored.push(harness::id_of(
+        &post_until_stored(&server, "/ro/a", &event).await,
+    ));
     harness::post(&server, "/other", b"new channel").await;
-    assert_eq!(ids(&server, "/ro/a").await, stored);
+    assert_eq!(harness::ids(&server, "/ro/a").await, stored);
     server.shutdown().await;
-    verify_clean(&data_dir);
+    harness::verify_clean(&data_dir);
 }
 
 /// A child `ivy serve` with 64 descriptors: connections beyond them wait in the backlog, a
@@ -286,9 +242,12 @@ async fn out_of_descriptors_refuses_then_recovers() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(ids(&server, "/fd-new/x").await, vec![id_of(&stored)]);
+    assert_eq!(
+        harness::ids(&server, "/fd-new/x").await,
+        vec![harness::id_of(&stored)]
+    );
     assert_eq!(harness::get(&server, "/healthz").await.status, 200);
 
     child.terminate();
-    verify_clean(&data_dir);
+    harness::verify_clean(&data_dir);
 }

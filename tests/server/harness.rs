@@ -306,8 +306,8 @@ fn dechunk(mut rest: &[u8]) -> Vec<u8> {
     }
 }
 
-/// POST raw data (content type `text/plain`) and return the id line.
-pub async fn post(server: &TestServer, path: &str, data: &[u8]) -> String {
+/// POSTs raw data (content type `text/plain`); returns (status, body).
+pub async fn try_post(server: &TestServer, path: &str, data: &[u8]) -> (u16, String) {
     let r = http(
         server,
         "POST",
@@ -316,8 +316,44 @@ pub async fn post(server: &TestServer, path: &str, data: &[u8]) -> String {
         data,
     )
     .await;
+    (r.status, r.text())
+}
+
+/// POST raw data (content type `text/plain`) and return the id line.
+pub async fn post(server: &TestServer, path: &str, data: &[u8]) -> String {
+    let (status, body) = try_post(server, path, data).await;
+    assert_eq!(status, 200, "{body}");
+    body.trim().to_owned()
+}
+
+/// An id as an ack, a POST answer or an event line gives it (with or without `@`).
+pub fn id_of(s: &str) -> String {
+    s.trim().trim_start_matches('@').to_owned()
+}
+
+/// The ids of `path`'s events, oldest first.
+pub async fn ids(server: &TestServer, path: &str) -> Vec<String> {
+    let r = get(server, &format!("/events{path}?n=100000")).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    r.text().trim().to_owned()
+    r.text()
+        .lines()
+        .map(|l| id_of(l.split(':').next().unwrap_or("")))
+        .collect()
+}
+
+/// `ivy verify DIR` exits 0.
+pub fn verify_clean(dir: &std::path::Path) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ivy"))
+        .arg("verify")
+        .arg(dir)
+        .output()
+        .expect("run ivy verify");
+    assert!(
+        out.status.success(),
+        "verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub async fn get(server: &TestServer, path: &str) -> HttpResponse {

@@ -7,7 +7,6 @@
 //! Also the issue "server" row: 10,000 WebSocket connections opened at once and left idle cost
 //! under 100 MiB of server memory.
 
-use super::faults::verify_clean;
 use super::harness::{self, TestServer};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -296,22 +295,8 @@ async fn attacks_leave_other_clients_served_memory_bounded_and_data_intact() {
         slowest < 10_000,
         "a slowloris connection lived {slowest} ms"
     );
-    let ids: Vec<String> = harness::get(&server, "/events/h/a?n=100000")
-        .await
-        .text()
-        .lines()
-        .map(|l| {
-            l.split(':')
-                .next()
-                .unwrap_or("")
-                .trim_start_matches('@')
-                .to_owned()
-        })
-        .collect();
-    let want: Vec<String> = stored
-        .iter()
-        .map(|s| s.trim().trim_start_matches('@').to_owned())
-        .collect();
+    let ids = harness::ids(&server, "/h/a").await;
+    let want: Vec<String> = stored.iter().map(|s| harness::id_of(s)).collect();
     assert_eq!(ids, want, "stored events changed under attack");
     eprintln!(
         "hostile: {SLOWLORIS} slowloris (all closed, slowest {slowest} ms), {} oversized POSTs (all 413), \
@@ -327,5 +312,5 @@ async fn attacks_leave_other_clients_served_memory_bounded_and_data_intact() {
     drop(flooder);
     drop(client);
     child.terminate();
-    verify_clean(&data);
+    harness::verify_clean(&data);
 }

@@ -285,42 +285,9 @@ async fn http_publish_forms_sid_and_limits() {
         None
     );
     // Refusals.
-    assert_eq!(
-        http(
-            &server,
-            "POST",
-            "/events/f",
-            &[("Content-Type", "text/plain")],
-            &[b'x'; 1001]
-        )
-        .await
-        .status,
-        413
-    );
-    assert_eq!(
-        http(
-            &server,
-            "POST",
-            "/events/F",
-            &[("Content-Type", "text/plain")],
-            b"x"
-        )
-        .await
-        .status,
-        400
-    );
-    assert_eq!(
-        http(
-            &server,
-            "POST",
-            "/events/a/../b",
-            &[("Content-Type", "text/plain")],
-            b"x"
-        )
-        .await
-        .status,
-        400
-    );
+    assert_eq!(try_post(&server, "/f", &[b'x'; 1001]).await.0, 413);
+    assert_eq!(try_post(&server, "/F", b"x").await.0, 400);
+    assert_eq!(try_post(&server, "/a/../b", b"x").await.0, 400);
     assert_eq!(
         http(
             &server,
