@@ -114,46 +114,23 @@ mod tests {
         ChannelPath::parse(p).unwrap()
     }
 
+    fn subscribe(p: &str, resume_after: Option<EventId>) -> Command<'static> {
+        Command::Subscribe {
+            path: path(p),
+            resume_after,
+        }
+    }
+
     #[test]
     fn parse_table() {
-        check(
-            "+/a/b",
-            Ok((
-                None,
-                Command::Subscribe {
-                    path: path("/a/b"),
-                    resume_after: None,
-                },
-            )),
-        );
-        check(
-            "+/",
-            Ok((
-                None,
-                Command::Subscribe {
-                    path: path("/"),
-                    resume_after: None,
-                },
-            )),
-        );
-        check(
-            "+a/b/ ",
-            Ok((
-                None,
-                Command::Subscribe {
-                    path: path("/a/b"),
-                    resume_after: None,
-                },
-            )),
-        );
+        check("+/a/b", Ok((None, subscribe("/a/b", None))));
+        check("+/", Ok((None, subscribe("/", None))));
+        check("+a/b/ ", Ok((None, subscribe("/a/b", None))));
         check(
             "+/a@1700000000.5",
             Ok((
                 None,
-                Command::Subscribe {
-                    path: path("/a"),
-                    resume_after: Some(EventId(1_700_000_000_500_000_000)),
-                },
+                subscribe("/a", Some(EventId(1_700_000_000_500_000_000))),
             )),
         );
         check("-/a", Ok((None, Command::Unsubscribe { path: path("/a") })));

@@ -357,7 +357,12 @@ pub fn verify_clean(dir: &std::path::Path) {
 }
 
 pub async fn get(server: &TestServer, path: &str) -> HttpResponse {
-    http(server, "GET", path, &[], b"").await
+    get_with(server, path, &[]).await
+}
+
+/// A GET with request headers (conditional requests, ranges, origins).
+pub async fn get_with(server: &TestServer, path: &str, headers: &[(&str, &str)]) -> HttpResponse {
+    http(server, "GET", path, headers, b"").await
 }
 
 /// A child `ivy serve` on 127.0.0.1:0 over `dir`, run by `sh -c "SETUP && exec ivy serve ..."`

@@ -155,27 +155,15 @@ async fn ranges_paging_and_caching() {
     let etag = r.header("etag").unwrap().to_owned();
     let lm = r.header("last-modified").unwrap().to_owned();
     assert_eq!(
-        http(
-            &server,
-            "GET",
-            "/events/p?n=3",
-            &[("If-None-Match", &etag)],
-            b""
-        )
-        .await
-        .status,
+        get_with(&server, "/events/p?n=3", &[("If-None-Match", &etag)])
+            .await
+            .status,
         304
     );
     assert_eq!(
-        http(
-            &server,
-            "GET",
-            "/events/p?n=3",
-            &[("If-Modified-Since", &lm)],
-            b""
-        )
-        .await
-        .status,
+        get_with(&server, "/events/p?n=3", &[("If-Modified-Since", &lm)])
+            .await
+            .status,
         304
     );
     let head = http(&server, "HEAD", "/events/p?n=3", &[], b"").await;
@@ -184,39 +172,20 @@ async fn ranges_paging_and_caching() {
         head.header("content-length"),
         Some(r.body.len().to_string().as_str())
     );
-    let part = http(
-        &server,
-        "GET",
-        "/events/p?n=3",
-        &[("Range", "bytes=0-9")],
-        b"",
-    )
-    .await;
+    let part = get_with(&server, "/events/p?n=3", &[("Range", "bytes=0-9")]).await;
     assert_eq!(part.status, 206);
     assert_eq!(part.body, r.body[..10]);
     assert_eq!(
-        http(
-            &server,
-            "GET",
-            "/events/p?n=3",
-            &[("Range", "bytes=9999-")],
-            b""
-        )
-        .await
-        .status,
+        get_with(&server, "/events/p?n=3", &[("Range", "bytes=9999-")])
+            .await
+            .status,
         416
     );
     post(&server, "/p", b"newer").await;
     assert_eq!(
-        http(
-            &server,
-            "GET",
-            "/events/p?n=3",
-            &[("If-None-Match", &etag)],
-            b""
-        )
-        .await
-        .status,
+        get_with(&server, "/events/p?n=3", &[("If-None-Match", &etag)])
+            .await
+            .status,
         200
     );
 }
@@ -305,8 +274,8 @@ async fn http_publish_forms_sid_and_limits() {
         405
     );
     assert_eq!(http(&server, "POST", "/log/f", &[], b"").await.status, 405);
-    assert_eq!(http(&server, "GET", "/nope", &[], b"").await.status, 404);
-    assert_eq!(http(&server, "GET", "/healthz", &[], b"").await.status, 200);
+    assert_eq!(get_with(&server, "/nope", &[]).await.status, 404);
+    assert_eq!(get_with(&server, "/healthz", &[]).await.status, 200);
     // A root publish works (the original panicked on it).
     assert_eq!(
         http(
