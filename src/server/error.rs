@@ -10,9 +10,18 @@ pub fn store_failure(e: &storage::Error) -> (StatusCode, String) {
     match e {
         storage::Error::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
         storage::Error::WriteFailed(f) if f.no_space => {
-            (StatusCode::INSUFFICIENT_STORAGE, e.to_string())
+            (StatusCode::INSUFFICIENT_STORAGE, store_failure_reason(e))
         }
-        _ => (StatusCode::SERVICE_UNAVAILABLE, format!("not stored: {e}")),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, store_failure_reason(e)),
+    }
+}
+
+/// The one-line reason for a refused publish, the same over HTTP and in `#KEY#!REASON`: a
+/// write failure already reads "not written: ...", anything else gets "not stored: ".
+pub fn store_failure_reason(e: &storage::Error) -> String {
+    match e {
+        storage::Error::WriteFailed(_) => e.to_string(),
+        _ => format!("not stored: {e}"),
     }
 }
 

@@ -270,7 +270,7 @@ fn handle(hub: &Hub, opts: &ServerOptions, session: &Arc<Session>, payload: &[u8
             Err(e) => {
                 tracing::warn!(error = %e, "publish refused by the store");
                 match key {
-                    Some(key) => refuse(session, key, &refusal_reason(&e)),
+                    Some(key) => refuse(session, key, &super::error::store_failure_reason(&e)),
                     None => {
                         let (code, reason) = super::error::close_for_store_failure(&e);
                         session.close(code, reason)
@@ -317,7 +317,7 @@ fn take(hub: &Hub, session: &Session) -> Taken {
         let mut line = Vec::with_capacity(key.len() + 24);
         match outcome {
             Ok(()) => encode::ack(&mut line, Some(&key), id),
-            Err(e) => encode::refusal(&mut line, &key, &refusal_reason(&e)),
+            Err(e) => encode::refusal(&mut line, &key, &super::error::store_failure_reason(&e)),
         }
         st.control.push_back(Control::Text(Bytes::from(line)));
     }
@@ -347,14 +347,6 @@ fn acks_ready(hub: &Hub, session: &Session) -> bool {
         .pending_acks
         .front()
         .is_some_and(|(id, _)| hub.store.outcome(*id).is_some())
-}
-
-/// The `#KEY#!REASON` text for a publish the store refused.
-fn refusal_reason(e: &crate::storage::Error) -> String {
-    match e {
-        crate::storage::Error::WriteFailed(_) => e.to_string(),
-        _ => format!("not stored: {e}"),
-    }
 }
 
 fn push_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
