@@ -138,17 +138,16 @@ impl Segment {
             return Ok(());
         }
         let mut guard = self.file.lock();
-        if guard.is_none() {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&self.path)
-                .map_err(|e| Error::io(&self.path, "open", e))?;
-            *guard = Some(file);
-        }
-        let file = guard
-            .as_ref()
-            .ok_or_else(|| Error::NotWritable(self.path.clone()))?;
+        let file = match &mut *guard {
+            Some(file) => file,
+            closed => closed.insert(
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&self.path)
+                    .map_err(|e| Error::io(&self.path, "open", e))?,
+            ),
+        };
         io.truncate(&self.path, file, len)
             .map_err(|e| Error::io(&self.path, "truncate", e))?;
         io.sync_data(&self.path, file)
