@@ -192,9 +192,13 @@ pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 async fn refuse(mut tcp: tokio::net::TcpStream) {
-    let _ = tcp
-        .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: 28\r\nconnection: close\r\n\r\ntoo many connections, retry\n")
-        .await;
+    // Written by hand (no hyper connection is spent on it); the length is derived, not typed.
+    const BODY: &str = "too many connections, retry\n";
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let _ = tcp.write_all(answer.as_bytes()).await;
     linger::linger(tcp).await;
 }
 

@@ -53,7 +53,7 @@ pub async fn start_in(
     .await
     .unwrap()
     .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = ivy::server::listen("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
     let server = Server::new(store, opts).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
