@@ -49,6 +49,25 @@ fn mounts_allowed(test: &str) -> bool {
     true
 }
 
+/// POSTs `data` until a publish is refused, adding the ids of those stored meanwhile to
+/// `stored` (at most `limit` in all); returns the refusal's status and reason.
+async fn post_until_refused(
+    server: &TestServer,
+    path: &str,
+    data: &[u8],
+    stored: &mut Vec<String>,
+    limit: usize,
+) -> (u16, String) {
+    loop {
+        let (status, body) = harness::try_post(server, path, data).await;
+        if status != 200 {
+            return (status, body);
+        }
+        stored.push(harness::id_of(&body));
+        assert!(stored.len() < limit, "{path}: no publish was refused");
+    }
+}
+
 /// POSTs until one is stored again; returns its id.
 async fn post_until_stored(server: &TestServer, path: &str, data: &[u8]) -> String {
     let start = Instant::now();
@@ -91,14 +110,7 @@ async fn disk_full_is_507_reads_keep_working_and_publishing_resumes() {
         while f.write_all(&[7u8; 64 * 1024]).is_ok() {}
     }
     let event = vec![b'x'; 1000];
-    let (status, reason) = loop {
-        let (status, body) = harness::try_post(&server, "/full/a", &event).await;
-        if status != 200 {
-            break (status, body);
-        }
-        stored.push(harness::id_of(&body));
-        assert!(stored.len() < 2000, "the disk never filled");
-    };
+    let (status, reason) = post_until_refused(&server, "/full/a", &event, &mut stored, 2000).await;
     assert_eq!(status, 507, "{reason}");
     assert!(reason.contains("No space left"), "{reason}");
     let mut ws = harness::ws(&server).await;
@@ -170,14 +182,7 @@ async fn read_only_data_directory_is_503_then_publishing_resumes() {
     assert_eq!(status, 503, "{reason}");
     assert!(reason.contains("Read-only file system"), "{reason}");
     let event = vec![b'y'; 900];
-    let (status, reason) = loop {
-        let (status, body) = harness::try_post(&server, "/ro/a", &event).await;
-        if status != 200 {
-            break (status, body);
-        }
-        stored.push(harness::id_of(&body));
-        assert!(stored.len() < 20, "a roll never needed a new file");
-    };
+    let (status, reason) = post_until_refused(&server, "/ro/a", &event, &mut stored, 20).await;
     assert_eq!(status, 503, "{reason}");
     assert!(reason.contains("Read-only file system"), "{reason}");
     assert_eq!(
