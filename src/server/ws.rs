@@ -21,11 +21,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 /// How long a connection with nothing to parse keeps its frame parser (and its buffer) before
-/// releasing it: long enough that a busy connection never pays for re-creating it.
+/// releasing it (it is checked every this long, so between one and two of these): long enough
+/// that a busy connection never pays for re-creating it.
 const PARSER_RELEASE: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// How far the read timer may be from its ideal deadline before it is moved.
-const TIMER_SLACK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Events per catch-up read.
 const CATCHUP_BATCH_EVENTS: usize = 1024;
@@ -145,42 +143,45 @@ async fn read_loop<R: AsyncRead + Unpin>(
         ws.set_auto_apply_mask(true);
         // fastwebsockets refuses a frame whose length is >= this; a whole message is checked below.
         ws.set_max_message_size(opts.frame_bytes_max + 1);
-        // Read frames; once the parser holds no byte and nothing arrives for `PARSER_RELEASE`,
-        // drop it and go back to the idle wait. Cancelling `read_frame` is safe only then: with
-        // an empty buffer it is awaiting the socket for a frame's first bytes and holds no state.
-        // One timer serves the whole burst and is moved only when it is off by more than
-        // `TIMER_SLACK` (a timer per frame was a measurable part of a publish).
-        let timer = tokio::time::sleep_until(last_frame + opts.idle_timeout);
+        // Read frames; once the parser holds no byte and no frame arrives for a whole check
+        // period, drop it and go back to the idle wait. Cancelling `read_frame` is safe only then:
+        // with an empty buffer it is awaiting the socket for a frame's first bytes and holds no
+        // state. The clock is read only when the check timer fires, not per frame (a clock read
+        // and a timer move per frame were a measurable part of a publish): a frame only sets
+        // `saw_frame`, so `last_frame` may be late by up to one period.
+        let period = PARSER_RELEASE.min(opts.idle_timeout / 4);
+        let mut saw_frame = false;
+        let timer = tokio::time::sleep(period);
         tokio::pin!(timer);
         loop {
-            let is_drained = parsed == given.load(std::sync::atomic::Ordering::Relaxed);
-            let idle_deadline = last_frame + opts.idle_timeout;
-            let have = timer.deadline();
-            if is_drained {
-                let want = (tokio::time::Instant::now() + PARSER_RELEASE).min(idle_deadline);
-                if have > want + TIMER_SLACK || have + TIMER_SLACK < want {
-                    timer.as_mut().reset(want);
-                }
-            } else if have < idle_deadline {
-                // Mid-frame the timer must not fire before the real idle deadline.
-                timer.as_mut().reset(idle_deadline);
-            }
             let read = tokio::select! {
                 biased;
                 read = ws.read_frame(&mut no_send) => Some(read),
                 () = &mut timer => None,
             };
             let frame = match read {
-                None if is_drained => break,
-                None => return session.close(1001, "idle timeout"),
+                None => {
+                    let now = tokio::time::Instant::now();
+                    let is_drained = parsed == given.load(std::sync::atomic::Ordering::Relaxed);
+                    if saw_frame {
+                        last_frame = now;
+                        saw_frame = false;
+                    } else if is_drained {
+                        break;
+                    } else if now >= last_frame + opts.idle_timeout {
+                        return session.close(1001, "idle timeout");
+                    }
+                    timer.as_mut().reset(now + period);
+                    continue;
+                }
                 Some(Err(e)) => {
                     let (code, reason) = super::error::close_for_frame_error(&e);
                     return session.close(code, reason);
                 }
                 Some(Ok(frame)) => frame,
             };
+            saw_frame = true;
             parsed += wire_len(frame.payload.len());
-            last_frame = tokio::time::Instant::now();
             match frame.opcode {
                 OpCode::Ping => {
                     session.send_control(Control::Pong(Bytes::copy_from_slice(&frame.payload)))
