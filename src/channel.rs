@@ -188,10 +188,11 @@ impl ChannelPath {
 
     /// The text of the ancestor at `depth` segments, without allocating.
     pub fn prefix(&self, depth: usize) -> &str {
-        // The (depth+1)-th '/' ends the first `depth` segments.
-        match self.0.match_indices('/').nth(depth) {
-            Some((0, _)) => "/",
-            Some((cut, _)) => &self.0[..cut],
+        // The (depth+1)-th '/' ends the first `depth` segments. (memchr: `match_indices` with a
+        // char pattern compared each hit with memcmp, a visible cost at two calls per publish.)
+        match memchr::memchr_iter(b'/', self.0.as_bytes()).nth(depth) {
+            Some(0) => "/",
+            Some(cut) => &self.0[..cut],
             None => &self.0,
         }
     }
@@ -213,7 +214,7 @@ pub fn ancestors_of(path: &str) -> impl Iterator<Item = &str> {
     let mut next = Some(path);
     std::iter::from_fn(move || {
         let current = next?;
-        next = match current.rfind('/') {
+        next = match memchr::memrchr(b'/', current.as_bytes()) {
             _ if current == "/" => None,
             Some(0) => Some("/"),
             Some(i) => Some(&current[..i]),

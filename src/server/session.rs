@@ -55,8 +55,9 @@ pub struct SessionState {
     pub queued_bytes: usize,
     /// Non-event messages (acks, time, refusals, pongs), in the order they were made.
     pub control: VecDeque<Control>,
-    /// Publish acks waiting for their event to be committed, in id order.
-    pub pending_acks: VecDeque<(EventId, Box<str>)>,
+    /// Publish acks waiting for their event to be committed, in id order, with their keys (kept
+    /// inline up to 24 bytes: an allocation per publish was measurable).
+    pub pending_acks: VecDeque<(EventId, compact_str::CompactString)>,
     pub mode: Mode,
     /// The last event id queued while live.
     pub last_queued: EventId,

@@ -16,6 +16,7 @@ use crate::event_id::EventId;
 use crate::wire::{command, encode};
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, Role};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
@@ -258,7 +259,8 @@ fn handle(hub: &Hub, opts: &ServerOptions, session: &Arc<Session>, payload: &[u8
                 if let Some(key) = key {
                     let was_empty = {
                         let mut st = session.state.lock();
-                        st.pending_acks.push_back((id, key.into()));
+                        st.pending_acks
+                            .push_back((id, compact_str::CompactString::new(key)));
                         st.pending_acks.len() == 1
                     };
                     // A writer with acks pending already waits for the next commit; only the
@@ -294,17 +296,46 @@ fn refuse(session: &Session, key: &str, reason: &str) {
     session.send_control(Control::Text(Bytes::from(line)));
 }
 
-/// What the writer took from the session in one go.
+/// What the writer took from the session in one go, besides the frames it formatted.
 struct Taken {
-    control: Vec<Control>,
-    events: Vec<Bytes>,
     close: Option<(u16, &'static str)>,
     needs_catchup: bool,
     has_pending_acks: bool,
 }
 
-fn take(hub: &Hub, session: &Session) -> Taken {
+/// The writer's buffers, kept across rounds so that a busy connection allocates nothing per
+/// message: `out` the bytes for the next write, `line` scratch for one ack, `events` the queue
+/// taken from the session (swapped out whole, so the session lock is not held while the frames
+/// are copied).
+#[derive(Default)]
+struct WriteBuffers {
+    out: Vec<u8>,
+    line: Vec<u8>,
+    events: VecDeque<(EventId, Bytes)>,
+}
+
+impl WriteBuffers {
+    /// An idle connection keeps no large buffer.
+    fn release_if_large(&mut self) {
+        if self.out.capacity() > 64 * 1024 {
+            self.out = Vec::new();
+        }
+        if self.events.capacity() > 1024 {
+            self.events = VecDeque::new();
+        }
+    }
+}
+
+/// Formats the session's control messages and ready acks into `bufs.out` and takes its queued
+/// event frames into `bufs.events`.
+fn take(hub: &Hub, session: &Session, bufs: &mut WriteBuffers) -> Taken {
     let mut st = session.state.lock();
+    for c in st.control.drain(..) {
+        match c {
+            Control::Text(line) => push_frame(&mut bufs.out, OpCode::Text, &line),
+            Control::Pong(payload) => push_frame(&mut bufs.out, OpCode::Pong, &payload),
+        }
+    }
     // Acks leave in id order, each once its event has an outcome: the id once committed, the
     // write failure's reason when it failed.
     while let Some(outcome) = st
@@ -315,25 +346,26 @@ fn take(hub: &Hub, session: &Session) -> Taken {
         let Some((id, key)) = st.pending_acks.pop_front() else {
             break;
         };
-        let mut line = Vec::with_capacity(key.len() + 24);
+        bufs.line.clear();
         match outcome {
-            Ok(()) => encode::ack(&mut line, Some(&key), id),
-            Err(e) => encode::refusal(&mut line, &key, &super::error::store_failure_reason(&e)),
+            Ok(()) => encode::ack(&mut bufs.line, Some(&key), id),
+            Err(e) => encode::refusal(
+                &mut bufs.line,
+                &key,
+                &super::error::store_failure_reason(&e),
+            ),
         }
-        st.control.push_back(Control::Text(Bytes::from(line)));
+        push_frame(&mut bufs.out, OpCode::Text, &bufs.line);
     }
-    let control: Vec<Control> = st.control.drain(..).collect();
-    let mut events = Vec::with_capacity(st.queue.len());
-    while let Some((id, frame)) = st.queue.pop_front() {
-        st.last_taken = id;
-        events.push(frame);
+    debug_assert!(bufs.events.is_empty());
+    std::mem::swap(&mut st.queue, &mut bufs.events);
+    if let Some((id, _)) = bufs.events.back() {
+        st.last_taken = *id;
     }
     let taken_upto = st.last_taken;
     st.prune_own(taken_upto);
     st.queued_bytes = 0;
     Taken {
-        control,
-        events,
         close: st.close,
         needs_catchup: matches!(st.mode, Mode::Lagging { .. }),
         has_pending_acks: !st.pending_acks.is_empty(),
@@ -365,39 +397,30 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     session: &Arc<Session>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let mut buf: Vec<u8> = Vec::new();
+    let mut bufs = WriteBuffers::default();
     let mut ping = tokio::time::interval_at(
         tokio::time::Instant::now() + opts.ping_interval,
         opts.ping_interval,
     );
     loop {
-        let taken = take(hub, session);
-        for c in &taken.control {
-            match c {
-                Control::Text(line) => push_frame(&mut buf, OpCode::Text, line),
-                Control::Pong(payload) => push_frame(&mut buf, OpCode::Pong, payload),
-            }
-        }
-        for frame in &taken.events {
-            push_frame(&mut buf, OpCode::Text, frame);
+        let taken = take(hub, session, &mut bufs);
+        for (_, frame) in bufs.events.drain(..) {
+            push_frame(&mut bufs.out, OpCode::Text, &frame);
         }
         if let Some((code, reason)) = taken.close {
             let mut payload = code.to_be_bytes().to_vec();
             payload.extend_from_slice(reason.as_bytes());
-            push_frame(&mut buf, OpCode::Close, &payload);
-            write.write_all(&buf).await?;
+            push_frame(&mut bufs.out, OpCode::Close, &payload);
+            write.write_all(&bufs.out).await?;
             return write.shutdown().await;
         }
-        if !buf.is_empty() {
-            write.write_all(&buf).await?;
-            buf.clear();
-            // An idle connection keeps no large buffer.
-            if buf.capacity() > 64 * 1024 {
-                buf = Vec::new();
-            }
+        if !bufs.out.is_empty() {
+            write.write_all(&bufs.out).await?;
+            bufs.out.clear();
+            bufs.release_if_large();
         }
         if taken.needs_catchup {
-            catch_up(hub, session, &mut write, &mut buf).await?;
+            catch_up(hub, session, &mut write, &mut bufs.out).await?;
             continue;
         }
         // Listen for commits only while an ack waits: every registered listener is visited by
@@ -410,9 +433,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             _ = session.wake.notified() => {}
             Some(()) = async { match commit { Some(l) => { l.await; Some(()) } None => None } } => {}
             _ = ping.tick() => {
-                push_frame(&mut buf, OpCode::Ping, b"");
-                write.write_all(&buf).await?;
-                buf.clear();
+                push_frame(&mut bufs.out, OpCode::Ping, b"");
+                write.write_all(&bufs.out).await?;
+                bufs.out.clear();
             }
             _ = shutdown.changed() => session.close(1001, "server shutting down"),
         }

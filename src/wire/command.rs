@@ -69,9 +69,8 @@ pub fn parse(message: &str) -> Result<Message<'_>, Refused<'_>> {
         },
         Some(':') => {
             let body = chars.as_str();
-            let (path, data) = body
-                .split_once(':')
-                .ok_or(refuse(ParseError::MissingData))?;
+            let (path, data) =
+                split_once_ascii(body, b':').ok_or(refuse(ParseError::MissingData))?;
             Command::Publish {
                 path: parse_path(path).map_err(refuse)?,
                 data: data.as_bytes(),
@@ -88,11 +87,20 @@ pub fn parse(message: &str) -> Result<Message<'_>, Refused<'_>> {
 fn split_key(message: &str) -> Result<(Option<&str>, &str), ParseError> {
     match message.strip_prefix('#') {
         Some(rest) => {
-            let (key, rest) = rest.split_once('#').ok_or(ParseError::UnterminatedKey)?;
+            let (key, rest) = split_once_ascii(rest, b'#').ok_or(ParseError::UnterminatedKey)?;
             Ok((Some(key), rest))
         }
         None => Ok((None, message)),
     }
+}
+
+/// `str::split_once` for an ASCII byte, by memchr: the char-pattern search compares every hit
+/// with memcmp, and this runs on every publish.
+fn split_once_ascii(text: &str, byte: u8) -> Option<(&str, &str)> {
+    debug_assert!(byte.is_ascii());
+    let at = memchr::memchr(byte, text.as_bytes())?;
+    // Both sides of an ASCII byte are char boundaries.
+    Some((&text[..at], &text[at + 1..]))
 }
 
 fn parse_path(text: &str) -> Result<ChannelPath, ParseError> {
