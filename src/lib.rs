@@ -87,7 +87,10 @@
 //!   and a writer task (drains the session, sends acks once committed, pings, closes).
 //! - `session.rs`: per-connection state: subscriptions, bounded queue, `Live`/`Lagging` mode.
 //! - `fanout.rs`: `Hub`: the subscription index, publish with sender exclusion, and the
-//!   dispatcher thread that delivers committed events in id order.
+//!   dispatcher thread that delivers committed events in id order, writing them to an idle
+//!   connection's socket itself.
+//! - `tcp.rs`: the upgraded connection's socket, shared by its reader, its writer and the
+//!   dispatcher (recovered from hyper's upgrade; an embedder's other streams take the plain path).
 //! - `catchup.rs`: log reads for `+/path@TS` and for lagging sessions.
 //! - `linger.rs`: lingering close, so that an answer sent before the request was read whole (a
 //!   413) reaches the client instead of being erased by a TCP reset.
@@ -133,7 +136,11 @@
 //!    each subscribed session once, except the publisher. A full queue turns the session
 //!    `Lagging`: its writer reads the log itself (`catchup.rs`) and rejoins live under the hub
 //!    lock, with no gap and no duplicate; past `lag_events_max` it is closed with 1013.
-//! 5. Each writer formats every ready frame into one buffer and writes it in one call.
+//! 5. After each batch of up to 256 events, the dispatcher flushes every session it queued
+//!    for: if the connection's writer task is idle and nothing else waits to go out, it frames
+//!    the queued events into one buffer and writes them to the socket without blocking; what the
+//!    socket does not take (or everything, when the writer is busy) is left to the writer task,
+//!    which formats every ready frame into one buffer and writes it in one call.
 //!
 //! ## Cross-cutting concerns
 //!

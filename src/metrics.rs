@@ -24,6 +24,7 @@ pub struct Metrics {
     pub websockets: Gauge,
     pub subscriptions: Gauge,
     pub deliveries: Counter,
+    pub direct_writes: Counter,
     pub lagging: Gauge,
     pub lag_closes: Counter,
     pub catchup_reads: Counter,
@@ -88,6 +89,11 @@ impl Metrics {
             "ivy_catchup_reads",
             "Log reads by lagging or resuming sessions",
             m.catchup_reads.clone(),
+        );
+        r.register(
+            "ivy_direct_writes",
+            "Writes of queued events that fan-out made itself, without waking the connection's writer",
+            m.direct_writes.clone(),
         );
         r.register(
             "ivy_lag_closes",

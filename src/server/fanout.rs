@@ -11,6 +11,12 @@
 //! `/`, looks each up in the index, and queues the event's frame, encoded once and shared by
 //! reference count, to each session once (`Session::last_considered`), skipping its publisher.
 //!
+//! **Writing.** The dispatcher queues frames in a batch, then flushes each session it queued for
+//! (`flush`): when the connection's writer task is idle, it writes the frames to the socket
+//! itself, without blocking, and leaves only what the socket does not take to the writer. Waking
+//! a task per connection for every write cost more than the write (measured under `ivy-bench
+//! fanout`: 4.2-4.3 M deliveries/s with a wake per write, 5.1-5.3 M without).
+//!
 //! **Sender exclusion.** A publisher records each id in its own session (`SessionState::own`)
 //! from inside the append, under the stream lock, before the event can be committed; so when the
 //! dispatcher meets an event, its publisher has always recorded it, and is skipped.
@@ -247,23 +253,46 @@ impl Hub {
             ..Query::all()
         };
         let mut events = reader.events(&query);
+        let mut touched: Vec<Arc<Session>> = Vec::new();
+        let mut out = Vec::new();
         loop {
             let mut hub = self.state.lock();
             let mut n = 0;
+            let mut is_done = false;
             while n < DISPATCH_BATCH_EVENTS {
                 let Some(event) = events.next() else {
                     hub.dispatched = to;
-                    return Ok(());
+                    is_done = true;
+                    break;
                 };
-                let event = event?;
-                self.deliver(&hub, event.id, event.path, event.data);
+                let event = match event {
+                    Ok(event) => event,
+                    Err(e) => {
+                        drop(hub);
+                        self.flush_all(&mut touched, &mut out);
+                        return Err(e);
+                    }
+                };
+                self.deliver(&hub, event.id, event.path, event.data, &mut touched);
                 hub.dispatched = event.id;
                 n += 1;
+            }
+            drop(hub);
+            self.flush_all(&mut touched, &mut out);
+            if is_done {
+                return Ok(());
             }
         }
     }
 
-    fn deliver(&self, hub: &HubState, id: EventId, path: &str, data: &[u8]) {
+    fn deliver(
+        &self,
+        hub: &HubState,
+        id: EventId,
+        path: &str,
+        data: &[u8],
+        touched: &mut Vec<Arc<Session>>,
+    ) {
         let mut frame: Option<Bytes> = None;
         for ancestor in crate::channel::ancestors_of(path) {
             let Some(sessions) = hub.index.get(ancestor) else {
@@ -274,15 +303,20 @@ impl Hub {
                     continue;
                 }
                 let frame = frame.get_or_insert_with(|| self.encode(id, path, data));
-                self.push(session, id, frame);
+                if self.push(session, id, frame) {
+                    touched.push(Arc::clone(session));
+                }
             }
         }
     }
 
-    fn push(&self, session: &Session, id: EventId, frame: &Bytes) {
+    /// Queues one event for a session. Returns whether its queue was empty before, so the
+    /// session must be flushed after the batch (`flush`); a lagging session is woken here when it
+    /// has to be closed.
+    fn push(&self, session: &Session, id: EventId, frame: &Bytes) -> bool {
         let mut st = session.state.lock();
         if st.close.is_some() || st.is_own(id) {
-            return;
+            return false;
         }
         let is_full = st.queued_bytes + frame.len() > self.queue_bytes_max;
         match st.mode {
@@ -299,11 +333,9 @@ impl Hub {
                 st.queue.push_back((id, frame.clone()));
                 st.last_queued = id;
                 self.metrics.deliveries.inc();
-                // The writer drains the whole queue whenever it is woken, and it was woken when
-                // the queue became non-empty: one wake-up per batch, not per event.
-                if !was_empty {
-                    return;
-                }
+                // A non-empty queue was flushed or handed to the writer already, and its writer
+                // drains the whole queue: one flush per batch, not per event.
+                return was_empty;
             }
             Mode::Lagging { cursor, missed } => {
                 st.mode = Mode::Lagging {
@@ -311,12 +343,62 @@ impl Hub {
                     missed: missed + 1,
                 };
                 if missed < self.lag_events_max {
-                    return;
+                    return false;
                 }
                 st.close = Some((1013, "lagging"));
                 self.metrics.lag_closes.inc();
             }
         }
+        drop(st);
+        session.wake.notify_one();
+        false
+    }
+
+    fn flush_all(&self, touched: &mut Vec<Arc<Session>>, out: &mut Vec<u8>) {
+        for session in touched.drain(..) {
+            self.flush(&session, out);
+        }
+    }
+
+    /// Sends a live session's queued events, at the end of a dispatch batch. When its writer
+    /// task is idle and nothing else waits to go out, fan-out writes the frames to the socket
+    /// itself, without blocking (`try_write`); otherwise, or for what the socket does not take,
+    /// it wakes the writer. (Measured: at 1,000 subscribers, waking a task to make each write
+    /// cost more than the write.) The session lock is held across the write, and the writer sets
+    /// `is_writing` under it, so the two never write at once.
+    fn flush(&self, session: &Session, out: &mut Vec<u8>) {
+        let mut st = session.state.lock();
+        if st.queue.is_empty() {
+            return;
+        }
+        let can_write_here = st.mode == Mode::Live
+            && st.partial.is_none()
+            && st.control.is_empty()
+            && st.close.is_none()
+            && !session.is_writing.load(Ordering::Acquire);
+        if !can_write_here || st.direct.is_none() {
+            drop(st);
+            session.wake.notify_one();
+            return;
+        }
+        out.clear();
+        while let Some((id, frame)) = st.queue.pop_front() {
+            super::ws::push_frame(out, fastwebsockets::OpCode::Text, &frame);
+            st.last_taken = id;
+        }
+        st.queued_bytes = 0;
+        let taken_upto = st.last_taken;
+        st.prune_own(taken_upto);
+        let sent = match st.direct.as_ref().map(|tcp| tcp.try_write(out)) {
+            Some(Ok(n)) => n,
+            // Nothing went; on an error the writer meets it too and ends the connection.
+            _ => 0,
+        };
+        if sent == out.len() {
+            self.metrics.direct_writes.inc();
+            return;
+        }
+        st.partial = Some(Bytes::copy_from_slice(&out[sent..]));
         drop(st);
         session.wake.notify_one();
     }

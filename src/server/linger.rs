@@ -30,6 +30,12 @@ impl LingeringTcp {
         LingeringTcp { tcp: Some(tcp) }
     }
 
+    /// The socket, to be closed by its new owner (an upgraded WebSocket connection, which
+    /// lingers through `linger` itself when it ends).
+    pub fn into_tcp(mut self) -> Option<TcpStream> {
+        self.tcp.take()
+    }
+
     fn tcp(self: Pin<&mut Self>) -> io::Result<Pin<&mut TcpStream>> {
         match self.get_mut().tcp.as_mut() {
             Some(tcp) => Ok(Pin::new(tcp)),

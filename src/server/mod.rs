@@ -15,6 +15,7 @@ mod fanout;
 pub mod http;
 mod linger;
 mod session;
+mod tcp;
 mod ws;
 
 use crate::config::ServerOptions;

@@ -8,15 +8,21 @@
 //! when it has caught up with the fan-out. The log is the buffer, so memory stays bounded
 //! whatever the subscriber's speed; past `lag_events_max` missed events it is closed with 1013.
 //!
+//! **One writer at a time.** Two parties write to a connection's socket: its writer task, and
+//! fan-out's direct write of queued events (`Hub::flush`). Fan-out writes only under the state
+//! lock, when `is_writing` is clear and no control message or `partial` rest waits; the writer
+//! sets `is_writing` under the same lock when it takes anything, and clears it once written.
+//!
 //! **Lock order:** the hub's state (`fanout.rs`), then a session's state. Nothing awaits while
-//! holding either.
+//! holding either; fan-out's direct write under a session's lock never blocks (`try_write`).
 
 use crate::channel::ChannelPath;
 use crate::event_id::EventId;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
 
 pub type SessionId = u64;
 
@@ -34,6 +40,9 @@ pub struct Session {
     /// The last event id fan-out considered for this session, so that overlapping
     /// subscriptions (`/a` and `/a/b`) yield one copy.
     pub last_considered: AtomicU64,
+    /// The writer task is writing what it took: nobody else may write to the socket. Set under
+    /// the state lock (in `take`), cleared by the writer when its write is complete.
+    pub is_writing: AtomicBool,
 }
 
 /// A message that is not an event.
@@ -41,6 +50,7 @@ pub struct Session {
 pub enum Control {
     Text(Bytes),
     Pong(Bytes),
+    Ping,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +80,11 @@ pub struct SessionState {
     pub own: VecDeque<EventId>,
     /// A close the writer must send: (code, reason).
     pub close: Option<(u16, &'static str)>,
+    /// The socket, when fan-out may write to it directly (`fanout.rs`, `tcp.rs`).
+    pub direct: Option<Arc<tokio::net::TcpStream>>,
+    /// The unsent end of a direct write that the socket did not take whole: already framed,
+    /// the writer sends it before anything else.
+    pub partial: Option<Bytes>,
 }
 
 impl Session {
@@ -88,9 +103,12 @@ impl Session {
                 subscriptions: HashMap::new(),
                 own: VecDeque::new(),
                 close: None,
+                direct: None,
+                partial: None,
             }),
             wake: tokio::sync::Notify::new(),
             last_considered: AtomicU64::new(0),
+            is_writing: AtomicBool::new(false),
         }
     }
 

@@ -9,16 +9,21 @@
 
 use super::catchup;
 use super::fanout::Hub;
+use super::linger::LingeringTcp;
 use super::session::{Control, Mode, Session};
+use super::tcp::{self, SharedTcp};
 use crate::clock::{Clock, SystemClock};
 use crate::config::ServerOptions;
 use crate::event_id::EventId;
 use crate::wire::{command, encode};
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, Role};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 
 /// How long a connection with nothing to parse keeps its frame parser (and its buffer) before
@@ -30,32 +35,63 @@ const PARSER_RELEASE: std::time::Duration = std::time::Duration::from_secs(2);
 const CATCHUP_BATCH_EVENTS: usize = 1024;
 
 /// Runs a connection until it closes. `io` is the upgraded stream.
-pub async fn run<S>(
+pub async fn run(
     hub: Arc<Hub>,
     opts: Arc<ServerOptions>,
-    io: S,
+    io: TokioIo<Upgraded>,
     session: Arc<Session>,
     shutdown: watch::Receiver<bool>,
+) {
+    match tcp::recover(io) {
+        tcp::Upgraded::Tcp { tcp, read_ahead } => {
+            let tcp = Arc::new(tcp);
+            session.state.lock().direct = Some(Arc::clone(&tcp));
+            let read = std::io::Cursor::new(read_ahead).chain(SharedTcp(Arc::clone(&tcp)));
+            let write = SharedTcp(Arc::clone(&tcp));
+            run_halves(hub, opts, read, write, &session, shutdown).await;
+            session.state.lock().direct = None;
+            // Both tasks are done with it: close as every connection does, lingering.
+            if let Ok(tcp) = Arc::try_unwrap(tcp) {
+                drop(LingeringTcp::new(tcp));
+            }
+        }
+        tcp::Upgraded::Other(io) => {
+            let (read, write) = tokio::io::split(io);
+            run_halves(hub, opts, read, write, &session, shutdown).await;
+        }
+        tcp::Upgraded::Closed => {}
+    }
+}
+
+async fn run_halves<R, W>(
+    hub: Arc<Hub>,
+    opts: Arc<ServerOptions>,
+    read: R,
+    write: W,
+    session: &Arc<Session>,
+    shutdown: watch::Receiver<bool>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin,
 {
     hub.metrics.websockets.inc();
-    hub.register(&session);
+    hub.register(session);
     let mut intro = Vec::new();
     encode::intro(&mut intro, SystemClock.now(), &session.sid);
     session.send_control(Control::Text(Bytes::from(intro)));
-    let (read, write) = tokio::io::split(io);
     let reader = tokio::spawn(read_loop(
         Arc::clone(&hub),
         Arc::clone(&opts),
         read,
-        Arc::clone(&session),
+        Arc::clone(session),
     ));
-    if let Err(e) = write_loop(&hub, &opts, write, &session, shutdown).await {
+    if let Err(e) = write_loop(&hub, &opts, write, session, shutdown).await {
         tracing::debug!(sid = %session.sid, error = %e, "connection ended");
     }
     reader.abort();
-    hub.unregister(&session);
+    // Wait for the abort, so that the reader's handle on the socket is gone.
+    let _ = reader.await;
+    hub.unregister(session);
     if matches!(session.state.lock().mode, Mode::Lagging { .. }) {
         hub.metrics.lagging.dec();
     }
@@ -116,7 +152,6 @@ async fn read_loop<R: AsyncRead + Unpin>(
     read: R,
     session: Arc<Session>,
 ) {
-    use tokio::io::AsyncReadExt;
     let given = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut raw = Counted {
         inner: read,
@@ -330,10 +365,15 @@ impl WriteBuffers {
 /// event frames into `bufs.events`.
 fn take(hub: &Hub, session: &Session, bufs: &mut WriteBuffers) -> Taken {
     let mut st = session.state.lock();
+    // The rest of a direct write goes first: it may end mid-frame.
+    if let Some(rest) = st.partial.take() {
+        bufs.out.extend_from_slice(&rest);
+    }
     for c in st.control.drain(..) {
         match c {
             Control::Text(line) => push_frame(&mut bufs.out, OpCode::Text, &line),
             Control::Pong(payload) => push_frame(&mut bufs.out, OpCode::Pong, &payload),
+            Control::Ping => push_frame(&mut bufs.out, OpCode::Ping, b""),
         }
     }
     // Acks leave in id order, each once its event has an outcome: the id once committed, the
@@ -365,6 +405,10 @@ fn take(hub: &Hub, session: &Session, bufs: &mut WriteBuffers) -> Taken {
     let taken_upto = st.last_taken;
     st.prune_own(taken_upto);
     st.queued_bytes = 0;
+    if !bufs.out.is_empty() || !bufs.events.is_empty() || st.close.is_some() {
+        // Under the lock, so fan-out sees it before it could write here itself.
+        session.is_writing.store(true, Ordering::Release);
+    }
     Taken {
         close: st.close,
         needs_catchup: matches!(st.mode, Mode::Lagging { .. }),
@@ -382,7 +426,7 @@ fn acks_ready(hub: &Hub, session: &Session) -> bool {
         .is_some_and(|(id, _)| hub.store.outcome(*id).is_some())
 }
 
-fn push_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
+pub(crate) fn push_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
     let mut frame = Frame::new(true, opcode, None, Payload::Borrowed(payload));
     let mut head = [0u8; 16];
     let n = frame.fmt_head(&mut head);
@@ -419,6 +463,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             bufs.out.clear();
             bufs.release_if_large();
         }
+        session.is_writing.store(false, Ordering::Release);
         if taken.needs_catchup {
             catch_up(hub, session, &mut write, &mut bufs.out).await?;
             continue;
@@ -432,11 +477,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         tokio::select! {
             _ = session.wake.notified() => {}
             Some(()) = async { match commit { Some(l) => { l.await; Some(()) } None => None } } => {}
-            _ = ping.tick() => {
-                push_frame(&mut bufs.out, OpCode::Ping, b"");
-                write.write_all(&bufs.out).await?;
-                bufs.out.clear();
-            }
+            _ = ping.tick() => session.state.lock().control.push_back(Control::Ping),
             _ = shutdown.changed() => session.close(1001, "server shutting down"),
         }
     }

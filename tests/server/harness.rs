@@ -117,9 +117,21 @@ pub async fn ws_with(
     server: &TestServer,
     headers: &[(&str, &str)],
 ) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
-    let mut req = format!("ws://{}/ws", server.addr)
-        .into_client_request()
-        .unwrap();
+    ws_at_with(server.addr, headers).await
+}
+
+/// `ws` for a server at `addr` that is not a `TestServer` (an embedding, a second server).
+pub async fn ws_at(addr: std::net::SocketAddr) -> Ws {
+    ws_at_with(addr, &[("Sec-WebSocket-Protocol", "ivy1")])
+        .await
+        .expect("upgrade accepted")
+}
+
+pub async fn ws_at_with(
+    addr: std::net::SocketAddr,
+    headers: &[(&str, &str)],
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let mut req = format!("ws://{addr}/ws").into_client_request().unwrap();
     for (k, v) in headers {
         req.headers_mut().insert(
             tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),

@@ -208,6 +208,49 @@ async fn slow_subscriber_catches_up_from_the_log() {
     );
 }
 
+/// Fan-out writes to an idle connection's socket itself and leaves what the socket does not take
+/// to the connection's writer. Big events against a subscriber that does not read fill the socket
+/// mid-frame; when it reads, every event arrives whole, in order, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_events_to_a_stalled_subscriber_arrive_whole_after_partial_writes() {
+    let server = start().await;
+    let mut sub = ws(&server).await;
+    sub.request("s", "+/big").await;
+    let mut p = ws(&server).await;
+    let total = 120;
+    let body = |i: usize| {
+        format!(
+            "{i}:{}",
+            char::from(b'a' + (i % 26) as u8)
+                .to_string()
+                .repeat(40_000 + i * 97)
+        )
+    };
+    for i in 0..total {
+        p.request(&i.to_string(), &format!(":/big:{}", body(i)))
+            .await;
+    }
+    let mut last = EventId(0);
+    for i in 0..total {
+        let m = sub.recv().await;
+        assert!(
+            m.ends_with(&format!(":/big:{}", body(i))),
+            "event {i} arrived altered ({} bytes)",
+            m.len()
+        );
+        assert!(id_of(&m) > last);
+        last = id_of(&m);
+    }
+    assert_eq!(sub.quiet_for(Duration::from_millis(300)).await, None);
+    let metrics = get(&server, "/metrics").await.text();
+    let direct: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ivy_direct_writes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("direct-write metric");
+    assert!(direct > 0, "fan-out never wrote directly: {metrics}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_past_the_lag_limit_is_closed_with_1013() {
     let opts = ServerOptions {
@@ -262,34 +305,6 @@ async fn ordering_across_streams_with_many_publishers() {
         assert!(seen.insert(m));
     }
     assert_eq!(sub.quiet_for(Duration::from_millis(300)).await, None);
-}
-
-async fn ws_at(addr: std::net::SocketAddr) -> Ws {
-    let fake = TestServerRef { addr };
-    fake.connect().await
-}
-
-struct TestServerRef {
-    addr: std::net::SocketAddr,
-}
-
-impl TestServerRef {
-    async fn connect(&self) -> Ws {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let mut req = format!("ws://{}/ws", self.addr)
-            .into_client_request()
-            .unwrap();
-        req.headers_mut()
-            .insert("Sec-WebSocket-Protocol", "ivy1".parse().unwrap());
-        let (stream, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-        let mut ws = Ws {
-            stream,
-            sid: String::new(),
-            protocol: None,
-        };
-        ws.recv().await;
-        ws
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,4 +372,57 @@ async fn shutdown_and_restart_keep_acknowledged_events() {
     let body = get(&server, "/events/keep").await.text();
     let got: Vec<&str> = body.lines().map(|l| l.split(':').next().unwrap()).collect();
     assert_eq!(got, ids.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+/// A program that embeds the server in its own hyper connections (`Server::handle` on a plain
+/// `TcpStream`) gets WebSockets too: fan-out cannot write to that stream itself, so every frame
+/// goes through the connection's writer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedding_hyper_program_serves_websockets_through_handle() {
+    use hyper_util::rt::TokioIo;
+    let tmp = tempfile::tempdir().unwrap();
+    let store = ivy::storage::Store::open(tmp.path(), StoreOptions::default()).unwrap();
+    let server =
+        std::sync::Arc::new(ivy::server::Server::new(store, ServerOptions::default()).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let embedder = std::sync::Arc::clone(&server);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let server = std::sync::Arc::clone(&embedder);
+            let service = hyper::service::service_fn(move |req| {
+                let server = std::sync::Arc::clone(&server);
+                async move { Ok::<_, std::convert::Infallible>(server.handle(req).await) }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .with_upgrades(),
+            );
+        }
+    });
+    let mut sub = ws_at(addr).await;
+    sub.request("s", "+/embedded").await;
+    let mut p = ws_at(addr).await;
+    for i in 0..50 {
+        assert!(p
+            .request(&i.to_string(), &format!(":/embedded/x:{i}"))
+            .await
+            .starts_with('@'));
+    }
+    for i in 0..50 {
+        assert!(sub.recv().await.ends_with(&format!(":/embedded/x:{i}")));
+    }
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut metrics = String::new();
+    tcp.read_to_string(&mut metrics).await.unwrap();
+    assert!(metrics.contains("ivy_deliveries_total 50"), "{metrics}");
+    assert!(metrics.contains("ivy_direct_writes_total 0"), "{metrics}");
 }
