@@ -210,7 +210,8 @@ async fn slow_subscriber_catches_up_from_the_log() {
 
 /// Fan-out writes to an idle connection's socket itself and leaves what the socket does not take
 /// to the connection's writer. Big events against a subscriber that does not read fill the socket
-/// mid-frame; when it reads, every event arrives whole, in order, once.
+/// mid-frame, while the subscriber's own keyed publishes give its writer acks to send; when it
+/// reads, every event and every ack arrives whole, in order, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn big_events_to_a_stalled_subscriber_arrive_whole_after_partial_writes() {
     let server = start().await;
@@ -229,17 +230,25 @@ async fn big_events_to_a_stalled_subscriber_arrive_whole_after_partial_writes() 
     for i in 0..total {
         p.request(&i.to_string(), &format!(":/big:{}", body(i)))
             .await;
+        sub.send(&format!("#own{i}#:/elsewhere:{i}")).await;
     }
     let mut last = EventId(0);
-    for i in 0..total {
+    let (mut events, mut acks) = (0, 0);
+    while events < total || acks < total {
         let m = sub.recv().await;
+        if let Some(rest) = m.strip_prefix(&format!("#own{acks}#")) {
+            assert!(rest.starts_with('@'), "{rest}");
+            acks += 1;
+            continue;
+        }
         assert!(
-            m.ends_with(&format!(":/big:{}", body(i))),
-            "event {i} arrived altered ({} bytes)",
+            m.ends_with(&format!(":/big:{}", body(events))),
+            "event {events} arrived altered ({} bytes)",
             m.len()
         );
         assert!(id_of(&m) > last);
         last = id_of(&m);
+        events += 1;
     }
     assert_eq!(sub.quiet_for(Duration::from_millis(300)).await, None);
     let metrics = get(&server, "/metrics").await.text();
@@ -425,4 +434,49 @@ async fn an_embedding_hyper_program_serves_websockets_through_handle() {
     tcp.read_to_string(&mut metrics).await.unwrap();
     assert!(metrics.contains("ivy_deliveries_total 50"), "{metrics}");
     assert!(metrics.contains("ivy_direct_writes_total 0"), "{metrics}");
+}
+
+/// Two connections that both publish (keyed, so each gets acks from its writer task) and both
+/// subscribe (so fan-out writes the other's events to their sockets): acks and events interleave
+/// on one socket, every frame whole, the events in order and each ack once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_and_fanned_out_events_share_a_socket_intact() {
+    let server = start().await;
+    let each = 500;
+    let mut conns = Vec::new();
+    for _ in 0..2 {
+        let mut c = ws(&server).await;
+        c.request("s", "+/mix").await;
+        conns.push(c);
+    }
+    let mut joins = Vec::new();
+    for (me, mut c) in conns.into_iter().enumerate() {
+        joins.push(tokio::spawn(async move {
+            for i in 0..each {
+                c.send(&format!("#{me}-{i}#:/mix/{me}:{i}")).await;
+            }
+            let other = 1 - me;
+            let (mut acks, mut next_event) = (0, 0);
+            let mut last = EventId(0);
+            while acks < each || next_event < each {
+                let m = c.recv().await;
+                if let Some(rest) = m.strip_prefix(&format!("#{me}-{acks}#")) {
+                    assert!(rest.starts_with('@'), "{m}");
+                    acks += 1;
+                } else {
+                    assert!(
+                        m.ends_with(&format!(":/mix/{other}:{next_event}")),
+                        "{me} got {m}"
+                    );
+                    assert!(id_of(&m) > last);
+                    last = id_of(&m);
+                    next_event += 1;
+                }
+            }
+            assert_eq!(c.quiet_for(Duration::from_millis(200)).await, None);
+        }));
+    }
+    for j in joins {
+        j.await.unwrap();
+    }
 }
