@@ -106,6 +106,16 @@ pub struct Ws {
     pub protocol: Option<String>,
 }
 
+/// The value of a counter or gauge in the server's `/metrics`, read as a whole number.
+pub async fn metric(server: &TestServer, name: &str) -> u64 {
+    let metrics = get(server, "/metrics").await.text();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in {metrics}"))
+}
+
 /// Connects with subprotocol `ivy1` and reads the intro line.
 pub async fn ws(server: &TestServer) -> Ws {
     ws_with(server, &[("Sec-WebSocket-Protocol", "ivy1")])
