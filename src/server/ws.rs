@@ -6,6 +6,10 @@
 //! every frame and answers control frames through the writer); messages are reassembled here,
 //! with the size limit applied to the whole message (fastwebsockets' own collector has none).
 //! The writer formats every frame that is ready into one buffer and writes it with one call.
+//! While the writer is idle, fan-out may write queued event frames to the socket itself
+//! (`Hub::flush`); `Session::is_writing` keeps the two from writing at once. Under `ivy serve`
+//! the reader, the writer and fan-out share the socket (`tcp.rs`); on a stream an embedding
+//! program gave hyper, the two tasks split it and only the writer writes.
 
 use super::catchup;
 use super::fanout::Hub;
