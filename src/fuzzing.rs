@@ -174,3 +174,21 @@ pub fn post_body(bytes: &[u8]) {
         assert!(form.data.len() <= len);
     }
 }
+
+/// Bytes as a client's WebSocket stream, through the mask check: the first byte sets a read
+/// size, and feeding the rest in reads of that size must end exactly as feeding it whole (the
+/// check must never lose its place in a frame at a read boundary).
+pub fn ws_mask(bytes: &[u8]) {
+    let Some((&size, stream)) = bytes.split_first() else {
+        return;
+    };
+    let mut whole = crate::wire::mask::MaskCheck::default();
+    let whole_result = whole.feed(stream);
+    let mut split = crate::wire::mask::MaskCheck::default();
+    let mut split_result = Ok(());
+    for piece in stream.chunks(usize::from(size.max(1))) {
+        split_result = split.feed(piece);
+    }
+    assert_eq!(whole_result, split_result);
+    assert_eq!(whole, split);
+}

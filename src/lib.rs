@@ -74,7 +74,8 @@
 //! `line.rs`: event lines `@TS:/path:DATA` with the protocol's escaping (`%25`, `%0A`, `%0D`, a
 //! final `%2E`, `%XX` for bytes outside UTF-8), and their parser (for `ivy import`).
 //! `command.rs`: a WebSocket message into a command; `query.rs`: log query parameters;
-//! `form.rs`: a POST body (urlencoded or multipart form, or raw) into data and sid.
+//! `form.rs`: a POST body (urlencoded or multipart form, or raw) into data and sid;
+//! `mask.rs`: the mask bit of a client's WebSocket frames, followed across reads (unmasked: 1002).
 //! **Architecture invariant:** pure; no I/O, no storage, no clock; every function can be fuzzed.
 //!
 //! ### `server/` — ivy1 over WebSocket and HTTP
@@ -125,8 +126,9 @@
 //!
 //! And through the server, for a WebSocket publish `#k#:/rooms/a:hi`:
 //!
-//! 1. `server/ws.rs` reads the frame, checks the message size, and `wire/command.rs` parses it
-//!    (path checked by `ChannelPath`). A bad command is `#k#!reason`, or close 1008 unkeyed.
+//! 1. `server/ws.rs` reads the frame (its bytes pass `wire/mask.rs` first), checks the message
+//!    size, and `wire/command.rs` parses it (path checked by `ChannelPath`). A bad command is
+//!    `#k#!reason`, or close 1008 unkeyed.
 //! 2. `Hub::publish` (`server/fanout.rs`) appends without waiting, under the publish gate, and
 //!    records the publisher (sender exclusion). The ack `#k#@TS` is queued as pending.
 //! 3. The engine commits it (steps 2–4 above). The connection's writer sends the ack once the

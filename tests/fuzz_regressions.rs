@@ -55,6 +55,9 @@ fn other_targets_regressions() {
     for (_, bytes) in inputs("http_query") {
         ivy::fuzzing::http_query(&String::from_utf8_lossy(&bytes));
     }
+    for (_, bytes) in inputs("ws_mask") {
+        ivy::fuzzing::ws_mask(&bytes);
+    }
 }
 
 /// A urlencoded `data` value holding bytes that are not UTF-8 came back longer than it was

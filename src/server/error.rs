@@ -41,6 +41,13 @@ pub fn close_for_frame_error(e: &fastwebsockets::WebSocketError) -> (u16, &'stat
     match e {
         E::FrameTooLarge => (1009, "message too large"),
         E::InvalidUTF8 => (1007, "invalid UTF-8"),
+        E::IoError(io)
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<crate::wire::mask::Unmasked>()) =>
+        {
+            (1002, "unmasked client frame")
+        }
         E::UnexpectedEOF | E::IoError(_) | E::ConnectionClosed => (1000, ""),
         _ => (1002, "protocol error"),
     }

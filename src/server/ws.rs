@@ -19,6 +19,7 @@ use super::tcp::{self, SharedTcp};
 use crate::clock::{Clock, SystemClock};
 use crate::config::ServerOptions;
 use crate::event_id::EventId;
+use crate::wire::mask::{MaskCheck, Unmasked};
 use crate::wire::{command, encode};
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, Role};
@@ -112,6 +113,13 @@ struct Counted<R> {
     /// Shared with the read loop, which cannot look inside while the parser borrows this.
     given: Arc<std::sync::atomic::AtomicU64>,
     put_back: Option<u8>,
+    /// Every byte handed to the parser passes this first: fastwebsockets takes unmasked frames.
+    mask: MaskCheck,
+}
+
+/// The read error that stands for an unmasked client frame (see `error::close_for_frame_error`).
+fn unmasked() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, Unmasked)
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
@@ -122,6 +130,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
     ) -> std::task::Poll<std::io::Result<()>> {
         if let Some(b) = self.put_back.take() {
             if buf.remaining() > 0 {
+                if self.mask.feed(&[b]).is_err() {
+                    return std::task::Poll::Ready(Err(unmasked()));
+                }
                 buf.put_slice(&[b]);
                 self.given
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -132,6 +143,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
         let before = buf.filled().len();
         let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
         if let std::task::Poll::Ready(Ok(())) = polled {
+            if self.mask.feed(&buf.filled()[before..]).is_err() {
+                return std::task::Poll::Ready(Err(unmasked()));
+            }
             let n = (buf.filled().len() - before) as u64;
             self.given
                 .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
@@ -161,6 +175,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         inner: read,
         given: Arc::clone(&given),
         put_back: None,
+        mask: MaskCheck::default(),
     };
     let mut parsed = 0u64;
     let mut message: Vec<u8> = Vec::new();

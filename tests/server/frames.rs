@@ -176,6 +176,16 @@ async fn bad_frames_close_with_the_right_code() {
         (frame(true, 0, b"orphan"), 1002),
         (frame(true, 3, b"?"), 1002),
         (frame(true, 9, &[0u8; 126]), 1002),
+        // Unmasked (RFC 6455 5.1), alone and after a masked frame.
+        (vec![0x81, 0x01, b'@'], 1002),
+        (
+            {
+                let mut b = frame(true, 1, b"#k#@");
+                b.extend([0x81, 0x01, b'@']);
+                b
+            },
+            1002,
+        ),
         (frame(true, 2, b"bin"), 1003),
     ];
     for (bytes, code) in cases {
