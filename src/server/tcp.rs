@@ -56,13 +56,10 @@ impl AsyncRead for SharedTcp {
     ) -> Poll<io::Result<()>> {
         loop {
             ready!(self.0.poll_read_ready(cx))?;
-            // On WouldBlock, `try_read` clears the readiness, so the next poll registers the
-            // waker again.
-            match self.0.try_read(buf.initialize_unfilled()) {
-                Ok(n) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
+            // On WouldBlock, `try_read_buf` clears the readiness, so the next poll registers the
+            // waker again. (It fills the buffer's uninitialized part without zeroing it first.)
+            match self.0.try_read_buf(buf) {
+                Ok(_) => return Poll::Ready(Ok(())),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }
