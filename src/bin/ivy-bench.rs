@@ -185,6 +185,31 @@ async fn read_text(r: &mut Reader, w: &mut Writer) -> anyhow::Result<String> {
     }
 }
 
+/// Reads the next fan-out event, `@TS:/fan:SEQ:SENT_NANOS:padding`, and returns its sequence
+/// number and send time, parsed in place (no copy per message: the tool must cost little);
+/// `None` for another text message.
+async fn read_fanout_event(r: &mut Reader, w: &mut Writer) -> anyhow::Result<Option<(u64, u64)>> {
+    loop {
+        let frame = r
+            .read_frame(&mut |_| async { Ok::<(), std::convert::Infallible>(()) })
+            .await?;
+        match frame.opcode {
+            OpCode::Text => {
+                let mut fields = frame.payload.split(|&b| b == b':').skip(2);
+                let mut number =
+                    || -> Option<u64> { std::str::from_utf8(fields.next()?).ok()?.parse().ok() };
+                return Ok(number().zip(number()));
+            }
+            OpCode::Ping => {
+                w.write_frame(Frame::pong(Payload::Owned(frame.payload.to_vec())))
+                    .await?
+            }
+            OpCode::Close => anyhow::bail!("closed by the server: {:?}", frame.payload.get(..2)),
+            _ => {}
+        }
+    }
+}
+
 /// Sends one message now.
 async fn send(w: &mut Writer, text: &[u8]) -> anyhow::Result<()> {
     w.write_frame(Frame::text(Payload::Borrowed(text))).await?;
@@ -413,21 +438,14 @@ async fn fanout(
                         .as_mut()
                         .reset(tokio::time::Instant::now() + Duration::from_secs(15));
                 }
-                let text = tokio::select! {
-                    read = read_text(&mut r, &mut w) => match read {
-                        Ok(t) => t,
+                let fields = tokio::select! {
+                    read = read_fanout_event(&mut r, &mut w) => match read {
+                        Ok(f) => f,
                         Err(_) => break,
                     },
                     _ = &mut silence => break,
                 };
-                // @TS:/fan:SEQ:SENT_NANOS:padding
-                let mut parts = text.splitn(5, ':');
-                let (Some(_), Some(_), Some(seq), Some(sent)) =
-                    (parts.next(), parts.next(), parts.next(), parts.next())
-                else {
-                    continue;
-                };
-                let (Ok(seq), Ok(sent)) = (seq.parse::<u64>(), sent.parse::<u64>()) else {
+                let Some((seq, sent)) = fields else {
                     continue;
                 };
                 st.received += 1;
