@@ -155,7 +155,6 @@ impl Drop for Server {
     }
 }
 
-/// A connection past the limit: 503 and close.
 /// The first line `ivy serve` prints on stdout. Programs that start it (the load tool, the
 /// tests) read the address from it with `listening_addr`, so the two stay together here.
 pub fn listening_line(addr: std::net::SocketAddr, data: &std::path::Path) -> String {
@@ -192,6 +191,7 @@ pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// A connection past the limit: 503 and close.
 async fn refuse(mut tcp: tokio::net::TcpStream) {
     // Written by hand (no hyper connection is spent on it); the length is derived, not typed.
     const BODY: &str = "too many connections, retry\n";

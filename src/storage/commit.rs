@@ -403,10 +403,10 @@ impl Writer {
         }
     }
 
-    /// Writes, syncs and publishes one round; returns the bytes written.
+    /// Writes, syncs and publishes one round; returns its bytes (written, or undone on failure).
     fn commit(&mut self, round: Round) -> u64 {
         let shared = Arc::clone(&self.shared);
-        let mut batches: Vec<(Arc<Stream>, Vec<Chunk>)> = round
+        let batches: Vec<(Arc<Stream>, Vec<Chunk>)> = round
             .streams
             .into_iter()
             .map(|s| {
@@ -418,19 +418,13 @@ impl Writer {
             .iter()
             .flat_map(|(_, chunks)| chunks.iter().map(|c| c.bytes.len() as u64))
             .sum();
-        let mut bytes_written = 0u64;
         // While a failure stands nothing is written or published: a round with nothing to write
         // would otherwise move the watermark (the power-loss test found exactly this, when a
         // failure left the store poisoned; the failed ranges now also guard the waiters).
         let writable = shared.check_healthy();
         let outcome = match writable {
             Err(e) => Err(e),
-            Ok(()) => self.write_all(
-                &mut batches,
-                &round.dirs,
-                round.is_shutdown,
-                &mut bytes_written,
-            ),
+            Ok(()) => self.write_all(&batches, &round.dirs, round.is_shutdown),
         };
         match outcome {
             Ok(()) => {
@@ -456,7 +450,7 @@ impl Writer {
         // The round's bytes leave the budget whether written or undone.
         shared.release_pending(batch_bytes);
         shared.commit_event.notify(usize::MAX);
-        bytes_written
+        batch_bytes
     }
 
     /// After a failed round: refuse appends, roll the streams back to their committed ends, fail
@@ -518,10 +512,9 @@ impl Writer {
 
     fn write_all(
         &mut self,
-        batches: &mut [(Arc<Stream>, Vec<Chunk>)],
+        batches: &[(Arc<Stream>, Vec<Chunk>)],
         dirs: &[PathBuf],
         is_shutdown: bool,
-        bytes_written: &mut u64,
     ) -> Result<()> {
         let shared = Arc::clone(&self.shared);
         let opts = &shared.opts;
@@ -535,7 +528,6 @@ impl Writer {
                     new_files.push(stream.dir().to_path_buf());
                 }
                 chunk.seg.write_at(&*opts.io, chunk.offset, &chunk.bytes)?;
-                *bytes_written += chunk.bytes.len() as u64;
                 if chunk.is_seal {
                     self.seal(stream, &chunk.seg)?;
                 } else if !written.iter().any(|s| Arc::ptr_eq(s, &chunk.seg)) {
