@@ -416,15 +416,9 @@ async fn an_embedding_hyper_program_serves_websockets_through_handle() {
     for i in 0..50 {
         assert!(sub.recv().await.ends_with(&format!(":/embedded/x:{i}")));
     }
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut metrics = String::new();
-    tcp.read_to_string(&mut metrics).await.unwrap();
-    assert!(metrics.contains("ivy_deliveries_total 50"), "{metrics}");
-    assert!(metrics.contains("ivy_direct_writes_total 0"), "{metrics}");
+    let embedded = TestServer::external(addr, tmp.path().to_path_buf());
+    assert_eq!(metric(&embedded, "ivy_deliveries_total").await, 50);
+    assert_eq!(metric(&embedded, "ivy_direct_writes_total").await, 0);
 }
 
 /// Two connections that both publish (keyed, so each gets acks from its writer task) and both
