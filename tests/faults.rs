@@ -326,11 +326,7 @@ fn random_faults_lose_nothing_acknowledged_and_keep_nothing_failed() {
                         let mut rng = common::Rng(seed | 1);
                         let (mut ok, mut failed) = (Events::new(), Vec::new());
                         for n in 0..150u64 {
-                            let p = paths[rng.below(paths.len() as u64) as usize];
-                            let data: Vec<u8> = format!("c{cycle}t{t}n{n}:")
-                                .bytes()
-                                .chain((0..rng.below(300)).map(|i| i as u8))
-                                .collect();
+                            let (p, data) = rng.event(&paths, &format!("c{cycle}t{t}n{n}"), 300);
                             match store.append(&common::path(p), &data) {
                                 Ok(id) => {
                                     ok.insert(id, (p.to_owned(), data));

@@ -211,11 +211,7 @@ fn power_loss_never_loses_an_acknowledged_event() {
                         let mut rng = common::Rng(seed | 1);
                         let mut ok = Vec::new();
                         for n in 0..400u64 {
-                            let p = paths[rng.below(paths.len() as u64) as usize];
-                            let data: Vec<u8> = format!("c{cycle}t{t}n{n}:")
-                                .bytes()
-                                .chain((0..rng.below(120)).map(|i| i as u8))
-                                .collect();
+                            let (p, data) = rng.event(&paths, &format!("c{cycle}t{t}n{n}"), 120);
                             match store.append(&ChannelPath::parse(p).unwrap(), &data) {
                                 Ok(id) => ok.push((id, p.to_owned(), data)),
                                 Err(_) => break,

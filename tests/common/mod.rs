@@ -99,4 +99,15 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
     }
+
+    /// A random event for an appending test thread: one of `paths`, and data that names it
+    /// (`tag`: cycle, thread and number) followed by fewer than `extra` arbitrary bytes.
+    pub fn event<'a>(&mut self, paths: &[&'a str], tag: &str, extra: u64) -> (&'a str, Vec<u8>) {
+        let path = paths[self.below(paths.len() as u64) as usize];
+        let data = format!("{tag}:")
+            .bytes()
+            .chain((0..self.below(extra)).map(|i| i as u8))
+            .collect();
+        (path, data)
+    }
 }
