@@ -71,6 +71,14 @@ pub(crate) fn text(status: StatusCode, reason: impl Into<String>) -> Response<Bo
     resp
 }
 
+/// A 405 naming the methods the resource allows, as RFC 9110 requires of every 405.
+pub(crate) fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    resp.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    resp
+}
+
 /// Answers one request. Never panics on input; every refusal is a 4xx with a reason.
 pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let mut resp = route(&shared, req).await;
@@ -98,10 +106,13 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     if path == "/healthz" {
         return match *req.method() {
             Method::GET | Method::HEAD => text(StatusCode::OK, "ok"),
-            _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+            _ => method_not_allowed("GET, HEAD"),
         };
     }
     if path == "/metrics" {
+        if !matches!(*req.method(), Method::GET | Method::HEAD) {
+            return method_not_allowed("GET, HEAD");
+        }
         shared.hub.metrics.observe_store(&shared.hub.store.totals());
         let mut resp = Response::new(full(shared.hub.metrics.render()));
         resp.headers_mut().insert(
@@ -129,6 +140,12 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         .opts
         .origins
         .allows(origin.as_deref(), host.as_deref());
+    // `/log` is the read-only spelling: publishing is `POST /events`.
+    let methods = if is_events {
+        "GET, HEAD, POST, OPTIONS"
+    } else {
+        "GET, HEAD, OPTIONS"
+    };
     let mut resp = match *req.method() {
         Method::GET | Method::HEAD => read(shared, &req, rest).await,
         Method::POST if is_events => {
@@ -146,7 +163,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             let h = resp.headers_mut();
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_METHODS,
-                HeaderValue::from_static("GET, HEAD, POST, OPTIONS"),
+                HeaderValue::from_static(methods),
             );
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_HEADERS,
@@ -158,7 +175,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             );
             resp
         }
-        _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        _ => method_not_allowed(methods),
     };
     if let (Some(origin), true) = (origin, is_allowed) {
         if let Ok(v) = HeaderValue::from_str(&origin) {
@@ -263,9 +280,8 @@ async fn read(shared: &Arc<Shared>, req: &Request<Incoming>, rest: &str) -> Resp
         }
     };
     let etag = etag_for(req, &plan);
-    if header_str(req.headers(), header::IF_NONE_MATCH)
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
-    {
+    let if_none_match = header_str(req.headers(), header::IF_NONE_MATCH);
+    if if_none_match.is_some_and(|v| matches_any_tag(v, &etag)) {
         return not_modified(&etag, &plan);
     }
     let inline = match read_inline(hub, &plan) {
@@ -278,12 +294,16 @@ async fn read(shared: &Arc<Shared>, req: &Request<Incoming>, rest: &str) -> Resp
             );
         }
     };
-    let last_modified = inline.last_id.map(http_date);
-    if let (Some(lm), Some(ims)) = (
-        &last_modified,
-        header_str(req.headers(), header::IF_MODIFIED_SINCE),
+    let last_modified = inline.last_id.map(event_time);
+    // RFC 9110 13.1.3: If-Modified-Since is ignored when If-None-Match is present or the date
+    // does not parse; otherwise unchanged means the last event is not after it (to the second).
+    if let (Some(lm), None, Some(ims)) = (
+        last_modified,
+        if_none_match,
+        header_str(req.headers(), header::IF_MODIFIED_SINCE)
+            .and_then(|v| httpdate::parse_http_date(v).ok()),
     ) {
-        if header_str(req.headers(), header::IF_NONE_MATCH).is_none() && lm == ims {
+        if lm <= ims {
             return not_modified(&etag, &plan);
         }
     }
@@ -308,7 +328,9 @@ async fn read(shared: &Arc<Shared>, req: &Request<Incoming>, rest: &str) -> Resp
     if let Ok(v) = HeaderValue::from_str(&etag) {
         h.insert(header::ETAG, v);
     }
-    if let Some(v) = last_modified.and_then(|lm| HeaderValue::from_str(&lm).ok()) {
+    if let Some(v) =
+        last_modified.and_then(|lm| HeaderValue::from_str(&httpdate::fmt_http_date(lm)).ok())
+    {
         h.insert(header::LAST_MODIFIED, v);
     }
     h.insert(header::CACHE_CONTROL, cache_control(&plan));
@@ -539,39 +561,20 @@ fn parse_range(value: &str, len: usize) -> Option<(usize, usize)> {
     (start <= end && start < len).then_some((start, end))
 }
 
-/// An RFC 7231 IMF-fixdate of an event id's second.
-fn http_date(id: EventId) -> String {
-    let secs = i64::try_from(id.seconds()).unwrap_or(i64::MAX);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    let (y, m, d) = civil_from_days(days);
-    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    format!(
-        "{}, {:02} {} {} {:02}:{:02}:{:02} GMT",
-        WEEKDAYS[days.rem_euclid(7) as usize],
-        d,
-        MONTHS[(m - 1) as usize],
-        y,
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+/// An event id's time, to the second (the resolution of an HTTP date).
+fn event_time(id: EventId) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(id.seconds())
 }
 
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
+/// Whether an `If-None-Match` list matches `etag`: `*`, or any tag by the weak comparison that
+/// RFC 9110 13.1.2 prescribes for this header (a `W/` prefix is ignored on either side).
+fn matches_any_tag(list: &str, etag: &str) -> bool {
+    fn opaque(tag: &str) -> &str {
+        let tag = tag.trim();
+        tag.strip_prefix("W/").unwrap_or(tag)
+    }
+    list.split(',')
+        .any(|t| t.trim() == "*" || opaque(t) == opaque(etag))
 }
 
 async fn publish(shared: &Arc<Shared>, req: Request<Incoming>, rest: &str) -> Response<Body> {
@@ -625,7 +628,12 @@ async fn publish(shared: &Arc<Shared>, req: Request<Incoming>, rest: &str) -> Re
     let mut out = Vec::with_capacity(24);
     line::format_id(&mut out, id);
     out.push(b'\n');
-    Response::new(full(out))
+    let mut resp = Response::new(full(out));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
 }
 
 #[cfg(test)]
@@ -634,11 +642,29 @@ mod tests {
 
     #[test]
     fn dates() {
-        assert_eq!(http_date(EventId(0)), "Thu, 01 Jan 1970 00:00:00 GMT");
+        let fmt = |id| httpdate::fmt_http_date(event_time(EventId(id)));
+        assert_eq!(fmt(0), "Thu, 01 Jan 1970 00:00:00 GMT");
         assert_eq!(
-            http_date(EventId(1_700_000_000_000_000_000)),
+            fmt(1_700_000_000_999_999_999),
             "Tue, 14 Nov 2023 22:13:20 GMT"
         );
+    }
+
+    #[test]
+    fn if_none_match_compares_weakly() {
+        let tag = "\"0123\"";
+        for list in [
+            "\"0123\"",
+            "W/\"0123\"",
+            "\"x\", \"0123\"",
+            " * ",
+            "\"a\",W/\"0123\"",
+        ] {
+            assert!(matches_any_tag(list, tag), "{list}");
+        }
+        for list in ["\"0124\"", "0123", "\"01234\"", ""] {
+            assert!(!matches_any_tag(list, tag), "{list}");
+        }
     }
 
     #[test]

@@ -250,8 +250,17 @@ async fn wait_for_stop(shutdown: &mut watch::Receiver<bool>) {
 /// `GET /ws`: checks the upgrade, the origin and the subprotocol, then hands the connection to
 /// a session.
 pub(crate) fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Response<http::Body> {
+    if req.method() != hyper::Method::GET {
+        return http::method_not_allowed("GET");
+    }
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
-        return http::text(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade");
+        // RFC 9110 15.5.22: a 426 names the protocol to upgrade to.
+        let mut resp = http::text(StatusCode::UPGRADE_REQUIRED, "expected a WebSocket upgrade");
+        resp.headers_mut().insert(
+            hyper::header::UPGRADE,
+            hyper::header::HeaderValue::from_static("websocket"),
+        );
+        return resp;
     }
     let headers = req.headers();
     let origin = headers

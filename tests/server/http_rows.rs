@@ -166,6 +166,37 @@ async fn ranges_paging_and_caching() {
             .status,
         304
     );
+    // If-None-Match compares weakly; If-Modified-Since compares dates, not text, and is
+    // ignored when it does not parse or when If-None-Match is there.
+    let weak = format!("W/{etag}");
+    let status_with = |headers: Vec<(&'static str, String)>| {
+        let server = &server;
+        async move {
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            get_with(server, "/events/p?n=3", &headers).await.status
+        }
+    };
+    assert_eq!(status_with(vec![("If-None-Match", weak)]).await, 304);
+    let later = "Fri, 01 Jan 2100 00:00:00 GMT".to_owned();
+    let earlier = "Thu, 01 Jan 1970 00:00:00 GMT".to_owned();
+    assert_eq!(
+        status_with(vec![("If-Modified-Since", later.clone())]).await,
+        304
+    );
+    assert_eq!(status_with(vec![("If-Modified-Since", earlier)]).await, 200);
+    assert_eq!(
+        status_with(vec![("If-Modified-Since", "yesterday".into())]).await,
+        200
+    );
+    assert_eq!(
+        status_with(vec![
+            ("If-None-Match", "\"other\"".into()),
+            ("If-Modified-Since", later)
+        ])
+        .await,
+        200
+    );
     let head = http(&server, "HEAD", "/events/p?n=3", &[], b"").await;
     assert_eq!(head.status, 200);
     assert_eq!(
@@ -269,25 +300,40 @@ async fn http_publish_forms_sid_and_limits() {
         .status,
         400
     );
+    // Every 405 names what the resource allows (RFC 9110 15.5.6).
+    for (method, path, allow) in [
+        ("DELETE", "/events/f", "GET, HEAD, POST, OPTIONS"),
+        ("POST", "/log/f", "GET, HEAD, OPTIONS"),
+        ("POST", "/metrics", "GET, HEAD"),
+        ("PUT", "/healthz", "GET, HEAD"),
+        ("POST", "/ws", "GET"),
+    ] {
+        let r = http(&server, method, path, &[], b"").await;
+        assert_eq!(
+            (r.status, r.header("allow")),
+            (405, Some(allow)),
+            "{method} {path}"
+        );
+    }
+    let not_upgrade = get_with(&server, "/ws", &[]).await;
     assert_eq!(
-        http(&server, "DELETE", "/events/f", &[], b"").await.status,
-        405
+        (not_upgrade.status, not_upgrade.header("upgrade")),
+        (426, Some("websocket"))
     );
-    assert_eq!(http(&server, "POST", "/log/f", &[], b"").await.status, 405);
     assert_eq!(get_with(&server, "/nope", &[]).await.status, 404);
     assert_eq!(get_with(&server, "/healthz", &[]).await.status, 200);
-    // A root publish works (the original panicked on it).
+    // A root publish works (the original panicked on it); the answer is a text line.
+    let root = http(
+        &server,
+        "POST",
+        "/events/",
+        &[("Content-Type", "text/plain")],
+        b"root",
+    )
+    .await;
     assert_eq!(
-        http(
-            &server,
-            "POST",
-            "/events/",
-            &[("Content-Type", "text/plain")],
-            b"root"
-        )
-        .await
-        .status,
-        200
+        (root.status, root.header("content-type")),
+        (200, Some("text/plain; charset=utf-8"))
     );
 }
 
