@@ -66,6 +66,15 @@ enum Mode {
         #[arg(long, default_value_t = 0.0)]
         slow_fraction: f64,
     },
+    /// The machine's floor for `fanout` (no server; see `floor`).
+    Floor {
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        #[arg(long, default_value_t = 400)]
+        rate: u64,
+    },
     History {
         #[arg(long, default_value_t = 32)]
         connections: usize,
@@ -390,19 +399,32 @@ impl SeqBits {
     }
 }
 
-async fn fanout(
+/// What the subscribers share with the publisher.
+#[derive(Clone)]
+struct FanoutCounters {
+    published: Arc<AtomicU64>,
+    delivered: Arc<AtomicU64>,
+    done_publishing: Arc<AtomicBool>,
+}
+
+impl FanoutCounters {
+    fn new() -> FanoutCounters {
+        FanoutCounters {
+            published: Arc::new(AtomicU64::new(0)),
+            delivered: Arc::new(AtomicU64::new(0)),
+            done_publishing: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// Connects and subscribes `subscribers` clients to `/fan` (the first `slow_count` read slowly)
+/// and starts their reading loops; each task ends with (is slow, stats).
+async fn start_subscribers(
     addr: SocketAddr,
-    seconds: u64,
     subscribers: usize,
-    size: usize,
-    rate: u64,
-    window: usize,
-    slow_fraction: f64,
-) -> anyhow::Result<()> {
-    let slow_count = ((subscribers as f64) * slow_fraction).round() as usize;
-    let published = Arc::new(AtomicU64::new(0));
-    let delivered = Arc::new(AtomicU64::new(0));
-    let done_publishing = Arc::new(AtomicBool::new(false));
+    slow_count: usize,
+    c: &FanoutCounters,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<(bool, SubStats)>>> {
     let mut subs = Vec::new();
     for s in 0..subscribers {
         let (mut r, mut w, _) = connect(addr).await?;
@@ -413,67 +435,128 @@ async fn fanout(
             }
         }
         let is_slow = s < slow_count;
-        let published = Arc::clone(&published);
-        let delivered = Arc::clone(&delivered);
-        let done_publishing = Arc::clone(&done_publishing);
+        let c = c.clone();
         subs.push(tokio::spawn(async move {
-            // The tool must cost the server's cores as little as it can: no set, no timer and no
-            // shared counter update per message (each showed in a profile of this loop).
-            let mut st = SubStats::default();
-            let mut seen = SeqBits::default();
-            let mut next = 0u64;
-            let mut uncounted = 0u64;
-            let silence = tokio::time::sleep(Duration::from_secs(15));
-            tokio::pin!(silence);
-            let mut armed_at = Instant::now();
-            loop {
-                if done_publishing.load(Ordering::Relaxed)
-                    && st.unique >= published.load(Ordering::Relaxed)
-                {
-                    break;
-                }
-                if armed_at.elapsed() > Duration::from_secs(1) {
-                    armed_at = Instant::now();
-                    silence
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + Duration::from_secs(15));
-                }
-                let fields = tokio::select! {
-                    read = read_fanout_event(&mut r, &mut w) => match read {
-                        Ok(f) => f,
-                        Err(_) => break,
-                    },
-                    _ = &mut silence => break,
-                };
-                let Some((seq, sent)) = fields else {
-                    continue;
-                };
-                st.received += 1;
-                uncounted += 1;
-                if uncounted == 16 {
-                    delivered.fetch_add(uncounted, Ordering::Relaxed);
-                    uncounted = 0;
-                }
-                if !seen.insert(seq) {
-                    st.duplicated += 1;
-                } else {
-                    st.unique += 1;
-                    if seq < next {
-                        st.reordered += 1;
-                    }
-                    next = next.max(seq + 1);
-                }
-                if !is_slow && st.received % 16 == 0 {
-                    st.latencies.push(now_nanos().saturating_sub(sent) / 1000);
-                }
-                if is_slow {
-                    tokio::time::sleep(Duration::from_micros(200)).await;
-                }
-            }
-            delivered.fetch_add(uncounted, Ordering::Relaxed);
-            (is_slow, st)
+            (is_slow, subscriber(r, w, is_slow, c).await)
         }));
     }
+    Ok(subs)
+}
+
+/// One subscriber's reading loop: until it has every published event, or 15 s of silence.
+async fn subscriber(mut r: Reader, mut w: Writer, is_slow: bool, c: FanoutCounters) -> SubStats {
+    // The tool must cost the server's cores as little as it can: no set, no timer and no
+    // shared counter update per message (each showed in a profile of this loop).
+    let mut st = SubStats::default();
+    let mut seen = SeqBits::default();
+    let mut next = 0u64;
+    let mut uncounted = 0u64;
+    let silence = tokio::time::sleep(Duration::from_secs(15));
+    tokio::pin!(silence);
+    let mut armed_at = Instant::now();
+    loop {
+        if c.done_publishing.load(Ordering::Relaxed)
+            && st.unique >= c.published.load(Ordering::Relaxed)
+        {
+            break;
+        }
+        if armed_at.elapsed() > Duration::from_secs(1) {
+            armed_at = Instant::now();
+            silence
+                .as_mut()
+                .reset(tokio::time::Instant::now() + Duration::from_secs(15));
+        }
+        let fields = tokio::select! {
+            read = read_fanout_event(&mut r, &mut w) => match read {
+                Ok(f) => f,
+                Err(_) => break,
+            },
+            _ = &mut silence => break,
+        };
+        let Some((seq, sent)) = fields else {
+            continue;
+        };
+        st.received += 1;
+        uncounted += 1;
+        if uncounted == 16 {
+            c.delivered.fetch_add(uncounted, Ordering::Relaxed);
+            uncounted = 0;
+        }
+        if !seen.insert(seq) {
+            st.duplicated += 1;
+        } else {
+            st.unique += 1;
+            if seq < next {
+                st.reordered += 1;
+            }
+            next = next.max(seq + 1);
+        }
+        if !is_slow && st.received % 16 == 0 {
+            st.latencies.push(now_nanos().saturating_sub(sent) / 1000);
+        }
+        if is_slow {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+    c.delivered.fetch_add(uncounted, Ordering::Relaxed);
+    st
+}
+
+/// Waits for the subscribers to finish and prints deliveries/s, losses and latencies.
+async fn report_fanout(
+    label: &str,
+    subs: Vec<tokio::task::JoinHandle<(bool, SubStats)>>,
+    slow_count: usize,
+    c: &FanoutCounters,
+    publish_secs: f64,
+) -> anyhow::Result<()> {
+    let seq = c.published.load(Ordering::Relaxed);
+    let deliveries_during = c.delivered.load(Ordering::Relaxed);
+    let subscribers = subs.len();
+    let mut fast_lat = Vec::new();
+    let (mut lost, mut dup, mut reorder) = (0u64, 0u64, 0u64);
+    let mut slow_done = 0;
+    for t in subs {
+        let (is_slow, st) = t.await?;
+        lost += seq.saturating_sub(st.unique);
+        dup += st.duplicated;
+        reorder += st.reordered;
+        if is_slow {
+            slow_done += usize::from(st.unique == seq);
+        } else {
+            fast_lat.extend(st.latencies);
+        }
+    }
+    println!(
+        "{label}: {subscribers} subscribers ({slow_count} slow): {seq} events published in {publish_secs:.1} s, {:.0} deliveries/s while publishing",
+        deliveries_during as f64 / publish_secs
+    );
+    println!("{label}: lost {lost}, duplicated {dup}, reordered {reorder}; slow subscribers complete: {slow_done}/{slow_count}");
+    percentiles("publish-to-delivery (fast subscribers)", fast_lat);
+    Ok(())
+}
+
+/// The time until the `seq`th event is due at `rate` per second, if it is not due yet.
+fn pace(started: Instant, rate: u64, seq: u64) -> Option<Duration> {
+    if rate == 0 {
+        return None;
+    }
+    let due = started + Duration::from_secs_f64(seq as f64 / rate as f64);
+    due.checked_duration_since(Instant::now())
+}
+
+async fn fanout(
+    addr: SocketAddr,
+    seconds: u64,
+    subscribers: usize,
+    size: usize,
+    rate: u64,
+    window: usize,
+    slow_fraction: f64,
+) -> anyhow::Result<()> {
+    let slow_count = ((subscribers as f64) * slow_fraction).round() as usize;
+    let c = FanoutCounters::new();
+    let subs = start_subscribers(addr, subscribers, slow_count, &c).await?;
     let (mut pr, mut pw, _) = connect(addr).await?;
     let pad = "p".repeat(size.saturating_sub(40));
     let permits = Arc::new(tokio::sync::Semaphore::new(window));
@@ -492,59 +575,155 @@ async fn fanout(
     };
     let started = Instant::now();
     let mut seq = 0u64;
-    let interval = if rate > 0 {
-        Some(Duration::from_secs_f64(1.0 / rate as f64))
-    } else {
-        None
-    };
     while started.elapsed() < Duration::from_secs(seconds) {
-        if let Some(iv) = interval {
-            let due = started + iv.mul_f64(seq as f64);
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                tokio::time::sleep(wait).await;
-            }
+        if let Some(wait) = pace(started, rate, seq) {
+            tokio::time::sleep(wait).await;
         }
-        if interval.is_some() {
+        if rate > 0 {
             permits.acquire().await?.forget();
         } else {
             slot(&permits, &mut pw).await?;
         }
+        // The data: sequence number, send time, padding to about `size` bytes.
         let line = format!("#{seq}#:/fan:{seq}:{}:{pad}", now_nanos());
-        if interval.is_some() {
+        if rate > 0 {
             send(&mut pw, line.as_bytes()).await?;
         } else {
             send_buffered(&mut pw, line.as_bytes()).await?;
         }
         seq += 1;
-        published.store(seq, Ordering::Relaxed);
+        c.published.store(seq, Ordering::Relaxed);
     }
     pw.flush().await?;
     let publish_secs = started.elapsed().as_secs_f64();
-    done_publishing.store(true, Ordering::Relaxed);
-    let deliveries_during = delivered.load(Ordering::Relaxed);
-    let mut fast_lat = Vec::new();
-    let (mut lost, mut dup, mut reorder) = (0u64, 0u64, 0u64);
-    let mut slow_done = 0;
-    for t in subs {
-        let (is_slow, st) = t.await?;
-        lost += seq.saturating_sub(st.unique);
-        dup += st.duplicated;
-        reorder += st.reordered;
-        if is_slow {
-            slow_done += usize::from(st.unique == seq);
-        } else {
-            fast_lat.extend(st.latencies);
+    c.done_publishing.store(true, Ordering::Relaxed);
+    let label = if rate > 0 {
+        format!("fanout, {size} B, paced at {rate}/s")
+    } else {
+        format!("fanout, {size} B, unpaced, window {window}")
+    };
+    report_fanout(&label, subs, slow_count, &c, publish_secs).await?;
+    acker.abort();
+    Ok(())
+}
+
+/// The machine's floor for `fanout`: the same subscribers, served not by `ivy serve` but by a
+/// thread that only frames each event once and writes it to every socket in turn, as fan-out
+/// does, with no log, no commit and no dispatcher. Its latency, measured side by side with
+/// `fanout`, is what the kernel's loopback and the client cost on this machine; what `fanout`
+/// adds to it is the server's. (Sockets are blocking: the floor has no slow subscribers.)
+async fn floor(seconds: u64, subscribers: usize, size: usize, rate: u64) -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let accepting = std::thread::spawn(move || -> anyhow::Result<Vec<std::net::TcpStream>> {
+        (0..subscribers).map(|_| floor_accept(&listener)).collect()
+    });
+    let c = FanoutCounters::new();
+    let subs = start_subscribers(addr, subscribers, 0, &c).await?;
+    let mut sockets = accepting
+        .join()
+        .map_err(|_| anyhow::anyhow!("the floor's accept thread panicked"))??;
+    let writer = {
+        let c = c.clone();
+        std::thread::spawn(move || -> anyhow::Result<f64> {
+            let pad = "p".repeat(size.saturating_sub(40));
+            let started = Instant::now();
+            let started_nanos = now_nanos();
+            let mut seq = 0u64;
+            let mut frames = Vec::new();
+            while started.elapsed() < Duration::from_secs(seconds) {
+                if let Some(wait) = pace(started, rate, seq) {
+                    std::thread::sleep(wait);
+                }
+                // Every event due by now goes out in this round, one write per socket, as
+                // fan-out coalesces what a subscriber's queue holds; each carries the moment it
+                // was due, so time spent behind schedule counts as latency, as with a publisher.
+                let due = if rate == 0 {
+                    seq + 1
+                } else {
+                    (started.elapsed().as_secs_f64() * rate as f64) as u64 + 1
+                };
+                frames.clear();
+                let upto = due.max(seq + 1);
+                for s in seq..upto {
+                    let sent = match rate {
+                        0 => now_nanos(),
+                        r => started_nanos + s * 1_000_000_000 / r,
+                    };
+                    let line = format!("@0000000001.000000000:/fan:{s}:{sent}:{pad}");
+                    server_text_frame(&mut frames, line.as_bytes());
+                }
+                seq = upto;
+                for tcp in &mut sockets {
+                    std::io::Write::write_all(tcp, &frames)?;
+                }
+                c.published.store(seq, Ordering::Relaxed);
+            }
+            Ok(started.elapsed().as_secs_f64())
+        })
+    };
+    let publish_secs = tokio::task::spawn_blocking(move || writer.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the floor's writer panicked"))??;
+    c.done_publishing.store(true, Ordering::Relaxed);
+    let label = match rate {
+        0 => format!("floor, {size} B, unpaced"),
+        r => format!("floor, {size} B, paced at {r}/s"),
+    };
+    report_fanout(&label, subs, 0, &c, publish_secs).await
+}
+
+/// The floor's side of one subscriber's handshake: the upgrade, the intro, the ack of its `+`.
+fn floor_accept(listener: &std::net::TcpListener) -> anyhow::Result<std::net::TcpStream> {
+    use std::io::{Read, Write};
+    let (mut tcp, _) = listener.accept()?;
+    tcp.set_nodelay(true)?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tcp.read_exact(&mut byte)?;
+        head.push(byte[0]);
+        anyhow::ensure!(head.len() < 8192, "request head too long");
+    }
+    // The tool's client checks only the status line.
+    tcp.write_all(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    )?;
+    let mut out = Vec::new();
+    server_text_frame(&mut out, b"@0000000000.000000000:~/sid:floor");
+    tcp.write_all(&out)?;
+    // The subscribe command: one short masked text frame.
+    let mut header = [0u8; 6];
+    tcp.read_exact(&mut header)?;
+    let len = usize::from(header[1] & 0x7f);
+    anyhow::ensure!(len < 126, "unexpected subscribe frame");
+    let mut payload = vec![0u8; len];
+    tcp.read_exact(&mut payload)?;
+    for (i, b) in payload.iter_mut().enumerate() {
+        *b ^= header[2 + i % 4];
+    }
+    anyhow::ensure!(payload == b"#s#+/fan", "unexpected command");
+    out.clear();
+    server_text_frame(&mut out, b"#s#@0000000000.000000000");
+    tcp.write_all(&out)?;
+    Ok(tcp)
+}
+
+/// An unmasked (server to client) text frame.
+fn server_text_frame(out: &mut Vec<u8>, payload: &[u8]) {
+    out.push(0x81);
+    match payload.len() {
+        n if n < 126 => out.push(n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            out.push(126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
         }
     }
-    acker.abort();
-    println!(
-        "fanout: {subscribers} subscribers ({slow_count} slow), {size} B, {}: {seq} events published in {publish_secs:.1} s, {:.0} deliveries/s while publishing",
-        if rate > 0 { format!("paced at {rate}/s") } else { format!("unpaced, window {window}") },
-        deliveries_during as f64 / publish_secs
-    );
-    println!("fanout: lost {lost}, duplicated {dup}, reordered {reorder}; slow subscribers complete: {slow_done}/{slow_count}");
-    percentiles("publish-to-delivery (fast subscribers)", fast_lat);
-    Ok(())
+    out.extend_from_slice(payload);
 }
 
 async fn history(
@@ -650,6 +829,17 @@ async fn idle(addr: SocketAddr, connections: usize, pid: Option<u32>) -> anyhow:
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    if let Mode::Floor {
+        subscribers,
+        size,
+        rate,
+    } = cli.mode
+    {
+        return runtime.block_on(floor(cli.seconds, subscribers, size, rate));
+    }
     let spawned = match cli.addr {
         Some(_) => None,
         None => Some(spawn_server(&cli.durability)?),
@@ -659,9 +849,6 @@ fn main() -> anyhow::Result<()> {
         (None, Some(a)) => (a, None),
         (None, None) => anyhow::bail!("no server"),
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     runtime.block_on(async move {
         match cli.mode {
             Mode::Publish {
@@ -688,6 +875,7 @@ fn main() -> anyhow::Result<()> {
                 )
                 .await
             }
+            Mode::Floor { .. } => unreachable!("run above, without a server"),
             Mode::History {
                 connections,
                 n,
