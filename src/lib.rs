@@ -138,11 +138,14 @@
 //!    each subscribed session once, except the publisher. A full queue turns the session
 //!    `Lagging`: its writer reads the log itself (`catchup.rs`) and rejoins live under the hub
 //!    lock, with no gap and no duplicate; past `lag_events_max` it is closed with 1013.
-//! 5. After each batch of up to 256 events, the dispatcher flushes every session it queued
-//!    for: if the connection's writer task is idle and nothing else waits to go out, it frames
-//!    the queued events into one buffer and writes them to the socket without blocking; what the
-//!    socket does not take (or everything, when the writer is busy) is left to the writer task,
-//!    which formats every ready frame into one buffer and writes it in one call.
+//! 5. Between deliveries, the dispatcher flushes the sessions whose queue turned non-empty,
+//!    oldest first, 32 at a time, and looks at the watermark again in between, so an event
+//!    committed during a long walk joins it (no session is given more than 256 events between
+//!    two of its flushes). Flushing: if the connection's writer task is idle and nothing else
+//!    waits to go out, it frames the queued events into one buffer and writes them to the
+//!    socket without blocking; what the socket does not take (or everything, when the writer is
+//!    busy) is left to the writer task, which formats every ready frame into one buffer and
+//!    writes it in one call.
 //!
 //! ## Cross-cutting concerns
 //!

@@ -72,7 +72,8 @@ enum Mode {
         subscribers: usize,
         #[arg(long, default_value_t = 100)]
         size: usize,
-        #[arg(long, default_value_t = 400)]
+        /// Events per second (the floor is for paced runs).
+        #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u64).range(1..))]
         rate: u64,
     },
     History {
@@ -629,35 +630,53 @@ async fn floor(seconds: u64, subscribers: usize, size: usize, rate: u64) -> anyh
             let pad = "p".repeat(size.saturating_sub(40));
             let started = Instant::now();
             let started_nanos = now_nanos();
-            let mut seq = 0u64;
+            // Every event framed once, back to back; `ends[k]` is where event k's frame ends.
             let mut frames = Vec::new();
+            let mut ends: Vec<usize> = vec![0];
+            // Per socket, the events written so far.
+            let mut written = vec![0usize; sockets.len()];
+            // Sockets that have not had every framed event.
+            let mut behind = 0;
+            let mut next = 0;
             while started.elapsed() < Duration::from_secs(seconds) {
-                if let Some(wait) = pace(started, rate, seq) {
-                    std::thread::sleep(wait);
-                }
-                // Every event due by now goes out in this round, one write per socket, as
-                // fan-out coalesces what a subscriber's queue holds; each carries the moment it
-                // was due, so time spent behind schedule counts as latency, as with a publisher.
+                // Frame what is due by now. Each carries the moment it was due, so time spent
+                // behind schedule counts as latency, as with a publisher.
                 let due = if rate == 0 {
-                    seq + 1
+                    ends.len()
                 } else {
-                    (started.elapsed().as_secs_f64() * rate as f64) as u64 + 1
+                    (started.elapsed().as_secs_f64() * rate as f64) as usize + 1
                 };
-                frames.clear();
-                let upto = due.max(seq + 1);
-                for s in seq..upto {
+                if due > ends.len() - 1 {
+                    behind = sockets.len();
+                }
+                for s in ends.len() - 1..due {
                     let sent = match rate {
                         0 => now_nanos(),
-                        r => started_nanos + s * 1_000_000_000 / r,
+                        r => started_nanos + s as u64 * 1_000_000_000 / r,
                     };
                     let line = format!("@0000000001.000000000:/fan:{s}:{sent}:{pad}");
                     server_text_frame(&mut frames, line.as_bytes());
+                    ends.push(frames.len());
                 }
-                seq = upto;
-                for tcp in &mut sockets {
-                    std::io::Write::write_all(tcp, &frames)?;
+                c.published.store(ends.len() as u64 - 1, Ordering::Relaxed);
+                let framed = ends.len() - 1;
+                if behind == 0 {
+                    if let Some(wait) = pace(started, rate, framed as u64) {
+                        std::thread::sleep(wait);
+                    }
+                } else if written[next] < framed {
+                    // One write per socket of all it has not had, walking the sockets in turn:
+                    // an event framed during a walk reaches the rest of that walk, as fan-out's.
+                    let from = ends[written[next]];
+                    std::io::Write::write_all(&mut sockets[next], &frames[from..])?;
+                    written[next] = framed;
+                    behind -= 1;
                 }
-                c.published.store(seq, Ordering::Relaxed);
+                next = (next + 1) % sockets.len();
+            }
+            // The last events reach every socket.
+            for (tcp, w) in sockets.iter_mut().zip(&written) {
+                std::io::Write::write_all(tcp, &frames[ends[*w]..])?;
             }
             Ok(started.elapsed().as_secs_f64())
         })

@@ -11,11 +11,16 @@
 //! `/`, looks each up in the index, and queues the event's frame, encoded once and shared by
 //! reference count, to each session once (`Session::last_considered`), skipping its publisher.
 //!
-//! **Writing.** The dispatcher queues frames in a batch, then flushes each session it queued for
-//! (`flush`): when the connection's writer task is idle, it writes the frames to the socket
-//! itself, without blocking, and leaves only what the socket does not take to the writer. Waking
-//! a task per connection for every write cost more than the write (measured under `ivy-bench
-//! fanout`: 4.2-4.3 M deliveries/s with a wake per write, 5.1-5.3 M without).
+//! **Writing.** The dispatcher alternates between delivering what was committed into the
+//! sessions' queues and flushing the sessions whose queue turned non-empty, oldest first, a
+//! slice at a time (`Dirty`, `flush`). An event committed while it walks a thousand sockets
+//! therefore reaches every socket not yet written in that walk, rather than waiting for the
+//! walk to end. No session is given more than `DISPATCH_BATCH_EVENTS` between two flushes, so a
+//! backlog still goes out in batches of that size, each to every session in turn. When the
+//! connection's writer task is idle, `flush` writes the frames to the socket itself, without
+//! blocking, and leaves only what the socket does not take to the writer. Waking a task per
+//! connection for every write cost more than the write (measured under `ivy-bench fanout`:
+//! 4.2-4.3 M deliveries/s with a wake per write, 5.1-5.3 M without).
 //!
 //! **Sender exclusion.** A publisher records each id in its own session (`SessionState::own`)
 //! from inside the append, under the stream lock, before the event can be committed; so when the
@@ -34,14 +39,55 @@ use crate::wire::line;
 use bytes::Bytes;
 use event_listener::Listener;
 use parking_lot::Mutex;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Events read per dispatcher batch: the hub lock is held for one batch.
+/// Events a session may be given between two flushes of it, which is also the most the
+/// dispatcher delivers under one hold of the hub lock. (When the dispatcher falls behind, this
+/// is how many events one write to a subscriber carries at most.)
 const DISPATCH_BATCH_EVENTS: usize = 256;
+
+/// Sessions flushed between two looks at the commit watermark.
+const FLUSH_SLICE_SESSIONS: usize = 32;
+
+/// The sessions with queued events and no flush yet, oldest first, each with the dispatcher's
+/// event count when it joined: a session joins when its queue turns non-empty, and new events
+/// are delivered only while the oldest has been given fewer than `DISPATCH_BATCH_EVENTS` since.
+#[derive(Default)]
+struct Dirty {
+    queue: VecDeque<(Arc<Session>, u64)>,
+    /// Events delivered so far.
+    delivered: u64,
+}
+
+impl Dirty {
+    /// How many events may be delivered now.
+    fn budget(&self) -> usize {
+        let given = self
+            .queue
+            .front()
+            .map_or(0, |(_, joined)| self.delivered - joined);
+        DISPATCH_BATCH_EVENTS.saturating_sub(usize::try_from(given).unwrap_or(usize::MAX))
+    }
+
+    /// Sessions whose queue turned non-empty during a delivery of `events` events.
+    fn add(&mut self, touched: Vec<Arc<Session>>, events: usize) {
+        let joined = self.delivered;
+        self.queue.extend(touched.into_iter().map(|s| (s, joined)));
+        self.delivered += events as u64;
+    }
+
+    fn pop(&mut self) -> Option<Arc<Session>> {
+        self.queue.pop_front().map(|(session, _)| session)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+}
 
 pub struct Hub {
     pub store: Store,
@@ -206,23 +252,42 @@ impl Hub {
     }
 
     /// The dispatcher thread's body: follows the watermark until `stop`.
+    ///
+    /// It alternates two steps: deliver what has been committed into the sessions' queues, and
+    /// flush a slice of the sessions whose queue became non-empty, oldest first (`Dirty`). So an
+    /// event committed while the dispatcher is writing to a thousand sockets joins that walk at
+    /// once, for every session not yet written to, instead of waiting for the walk to end and
+    /// then for its own place in the next one. (Measured under a paced `ivy-bench fanout`, where
+    /// the walk is the whole cost: see the README's load tool section.)
     pub fn run_dispatcher(self: Arc<Hub>) {
         let everything = Selector::Subtree(ChannelPath::root());
+        let mut dirty = Dirty::default();
+        let mut out = Vec::new();
         while !self.is_stopping.load(Ordering::Acquire) {
-            let listener = self.store.listen_commits();
+            let mut has_failed = false;
             let watermark = self.store.committed();
-            let from = self.dispatched();
-            if watermark <= from {
-                // Checked after listening, so a commit in between still wakes us.
-                listener.wait_timeout(Duration::from_millis(100));
-                continue;
+            let budget = dirty.budget();
+            if budget > 0 && watermark > self.dispatched() && !self.skip_if_unsubscribed(watermark)
+            {
+                if let Err(e) = self.dispatch_some(&everything, watermark, budget, &mut dirty) {
+                    tracing::error!(error = %e, "fan-out cannot read the log; retrying");
+                    has_failed = true;
+                }
             }
-            if self.skip_if_unsubscribed(watermark) {
-                continue;
+            for _ in 0..FLUSH_SLICE_SESSIONS {
+                let Some(session) = dirty.pop() else {
+                    break;
+                };
+                self.flush(&session, &mut out);
             }
-            if let Err(e) = self.dispatch_range(&everything, from, watermark) {
-                tracing::error!(error = %e, "fan-out cannot read the log; retrying");
+            if has_failed {
                 std::thread::sleep(Duration::from_millis(100));
+            } else if dirty.is_empty() {
+                let listener = self.store.listen_commits();
+                // Checked after listening, so a commit in between still wakes us.
+                if self.store.committed() <= self.dispatched() {
+                    listener.wait_timeout(Duration::from_millis(100));
+                }
             }
         }
     }
@@ -240,49 +305,46 @@ impl Hub {
         true
     }
 
-    fn dispatch_range(
+    /// Delivers up to `max` committed events after `dispatched`, up to `to`, under the hub lock;
+    /// sessions whose queue was empty join `dirty`.
+    fn dispatch_some(
         &self,
         everything: &Selector,
-        from: EventId,
         to: EventId,
+        max: usize,
+        dirty: &mut Dirty,
     ) -> crate::storage::Result<()> {
         let reader = self.store.reader(everything);
+        let mut hub = self.state.lock();
         let query = Query {
-            start: Bound::Excluded(from),
+            start: Bound::Excluded(hub.dispatched),
             end: Bound::Included(to),
             ..Query::all()
         };
-        let mut events = reader.events(&query);
-        let mut touched: Vec<Arc<Session>> = Vec::new();
-        let mut out = Vec::new();
-        loop {
-            let mut hub = self.state.lock();
-            let mut n = 0;
-            let mut is_done = false;
-            while n < DISPATCH_BATCH_EVENTS {
-                let Some(event) = events.next() else {
-                    hub.dispatched = to;
-                    is_done = true;
+        let mut touched = Vec::new();
+        let mut n = 0;
+        let mut read = Ok(());
+        for event in reader.events(&query).take(max) {
+            match event {
+                Ok(event) => {
+                    self.deliver(&hub, event.id, event.path, event.data, &mut touched);
+                    hub.dispatched = event.id;
+                    n += 1;
+                }
+                Err(e) => {
+                    read = Err(e);
                     break;
-                };
-                let event = match event {
-                    Ok(event) => event,
-                    Err(e) => {
-                        drop(hub);
-                        self.flush_all(&mut touched, &mut out);
-                        return Err(e);
-                    }
-                };
-                self.deliver(&hub, event.id, event.path, event.data, &mut touched);
-                hub.dispatched = event.id;
-                n += 1;
-            }
-            drop(hub);
-            self.flush_all(&mut touched, &mut out);
-            if is_done {
-                return Ok(());
+                }
             }
         }
+        if read.is_ok() && n < max {
+            // Everything up to `to` was read: `to` itself may be no event of ours (skipped
+            // publishers' ids are still events), so the position moves to it.
+            hub.dispatched = hub.dispatched.max(to);
+        }
+        drop(hub);
+        dirty.add(touched, n);
+        read
     }
 
     fn deliver(
@@ -354,12 +416,6 @@ impl Hub {
         false
     }
 
-    fn flush_all(&self, touched: &mut Vec<Arc<Session>>, out: &mut Vec<u8>) {
-        for session in touched.drain(..) {
-            self.flush(&session, out);
-        }
-    }
-
     /// Sends a live session's queued events, at the end of a dispatch batch. When its writer
     /// task is idle and nothing else waits to go out, fan-out writes the frames to the socket
     /// itself, without blocking (`try_write`); otherwise, or for what the socket does not take,
@@ -414,5 +470,36 @@ fn remove_from_index(
         if list.is_empty() {
             index.remove(path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sessions(ids: std::ops::Range<u64>) -> Vec<Arc<Session>> {
+        ids.map(|id| Arc::new(Session::new(id, format!("s{id}").into())))
+            .collect()
+    }
+
+    #[test]
+    fn dirty_sessions_go_oldest_first_and_none_is_given_more_than_a_batch_before_its_flush() {
+        let mut dirty = Dirty::default();
+        assert_eq!(dirty.budget(), DISPATCH_BATCH_EVENTS);
+        dirty.add(sessions(0..3), 10);
+        assert_eq!(dirty.budget(), DISPATCH_BATCH_EVENTS - 10);
+        // Sessions flushed meanwhile rejoin behind the ones still waiting.
+        assert_eq!(dirty.pop().map(|s| s.id), Some(0));
+        dirty.add(sessions(0..1), 5);
+        assert_eq!(dirty.budget(), DISPATCH_BATCH_EVENTS - 15);
+        assert_eq!(dirty.pop().map(|s| s.id), Some(1));
+        assert_eq!(dirty.pop().map(|s| s.id), Some(2));
+        // The oldest waiting session now joined before the last 5 events only.
+        assert_eq!(dirty.budget(), DISPATCH_BATCH_EVENTS - 5);
+        dirty.add(Vec::new(), DISPATCH_BATCH_EVENTS);
+        assert_eq!(dirty.budget(), 0);
+        assert_eq!(dirty.pop().map(|s| s.id), Some(0));
+        assert!(dirty.is_empty());
+        assert_eq!(dirty.budget(), DISPATCH_BATCH_EVENTS);
     }
 }
