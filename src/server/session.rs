@@ -38,7 +38,7 @@ pub struct Session {
     /// Wakes the connection's writer.
     pub wake: tokio::sync::Notify,
     /// The last event id fan-out considered for this session, so that overlapping
-    /// subscriptions (`/a` and `/a/b`) yield one copy.
+    /// subscriptions (`/a` and `/a/b`) yield one copy. Only the dispatcher thread touches it.
     pub last_considered: AtomicU64,
     /// The writer task is writing what it took: nobody else may write to the socket. Set under
     /// the state lock (in `take`), cleared by the writer when its write is complete.
