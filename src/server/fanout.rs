@@ -65,6 +65,8 @@ const FLUSH_SLICE_SESSIONS: usize = 32;
 /// The sessions with queued events and no flush yet, oldest first, each with the dispatcher's
 /// event count when it joined: a session joins when its queue turns non-empty, and new events
 /// are delivered only while the oldest has been given fewer than `DISPATCH_BATCH_EVENTS` since.
+/// A session is in it at most once (`Session::is_awaiting_flush`), so it never holds more
+/// entries than there are sessions, even when writer tasks empty queues behind its back.
 #[derive(Default)]
 struct Dirty {
     queue: VecDeque<(Arc<Session>, u64)>,
@@ -85,12 +87,20 @@ impl Dirty {
     /// Sessions whose queue turned non-empty during a delivery of `events` events.
     fn add(&mut self, touched: Vec<Arc<Session>>, events: usize) {
         let joined = self.delivered;
-        self.queue.extend(touched.into_iter().map(|s| (s, joined)));
+        for session in touched {
+            // Only the dispatcher thread touches the flag: a load and a store do.
+            if !session.is_awaiting_flush.load(Ordering::Relaxed) {
+                session.is_awaiting_flush.store(true, Ordering::Relaxed);
+                self.queue.push_back((session, joined));
+            }
+        }
         self.delivered += events as u64;
     }
 
     fn pop(&mut self) -> Option<Arc<Session>> {
-        self.queue.pop_front().map(|(session, _)| session)
+        let (session, _) = self.queue.pop_front()?;
+        session.is_awaiting_flush.store(false, Ordering::Relaxed);
+        Some(session)
     }
 
     fn is_empty(&self) -> bool {
@@ -525,5 +535,20 @@ mod tests {
         assert_eq!(dirty.pop().map(|s| s.id), Some(0));
         assert!(dirty.is_empty());
         assert_eq!(dirty.budget(), DISPATCH_BATCH_EVENTS);
+    }
+
+    #[test]
+    fn a_session_waits_for_its_flush_once() {
+        let mut dirty = Dirty::default();
+        let s = sessions(0..2);
+        dirty.add(s.clone(), 1);
+        // Its queue was emptied by its writer and refilled before its flush: no second entry.
+        dirty.add(s[..1].to_vec(), 1);
+        assert_eq!(dirty.pop().map(|s| s.id), Some(0));
+        assert_eq!(dirty.pop().map(|s| s.id), Some(1));
+        assert!(dirty.pop().is_none());
+        // Flushed, it may join again.
+        dirty.add(s[..1].to_vec(), 1);
+        assert_eq!(dirty.pop().map(|s| s.id), Some(0));
     }
 }

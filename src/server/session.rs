@@ -40,6 +40,9 @@ pub struct Session {
     /// The last event id fan-out considered for this session, so that overlapping
     /// subscriptions (`/a` and `/a/b`) yield one copy. Only the dispatcher thread touches it.
     pub last_considered: AtomicU64,
+    /// The session is in the dispatcher's list of sessions to flush (`fanout.rs`, `Dirty`).
+    /// Only the dispatcher thread touches it.
+    pub is_awaiting_flush: AtomicBool,
     /// The writer task is writing what it took: nobody else may write to the socket. Set under
     /// the state lock (in `take`), cleared by the writer when its write is complete.
     pub is_writing: AtomicBool,
@@ -108,6 +111,7 @@ impl Session {
             }),
             wake: tokio::sync::Notify::new(),
             last_considered: AtomicU64::new(0),
+            is_awaiting_flush: AtomicBool::new(false),
             is_writing: AtomicBool::new(false),
         }
     }
