@@ -307,6 +307,69 @@ async fn ordering_across_streams_with_many_publishers() {
     assert_eq!(sub.quiet_for(Duration::from_millis(300)).await, None);
 }
 
+/// Many subscribers at once, with overlapping subscriptions, while publishers on several
+/// streams pipeline bursts: fan-out walks the subscribers' sockets while further events commit
+/// and join the walk, and a backlog goes out in batches. Every subscriber still gets exactly
+/// its events, once each, ids strictly increasing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_subscribers_each_get_their_events_once_in_order_during_bursts() {
+    let server = start().await;
+    let (publishers, each, subscribers) = (4, 400, 150);
+    let mut readers = Vec::new();
+    for k in 0..subscribers {
+        let mut sub = ws(&server).await;
+        // Three kinds: everything; one stream only; everything twice over (one copy each).
+        let expected = match k % 3 {
+            0 => {
+                sub.request("s", "+/").await;
+                publishers * each
+            }
+            1 => {
+                sub.request("s", "+/s1").await;
+                each
+            }
+            _ => {
+                sub.request("s", "+/").await;
+                sub.request("t", "+/s2/x").await;
+                publishers * each
+            }
+        };
+        readers.push(tokio::spawn(async move {
+            let mut last = EventId(0);
+            for n in 0..expected {
+                let m = sub.recv().await;
+                let id = id_of(&m);
+                assert!(id > last, "subscriber {k}, event {n}: {m} after {last}");
+                last = id;
+                if k % 3 == 1 {
+                    assert!(m.contains(":/s1/x:"), "{m}");
+                }
+            }
+            assert_eq!(sub.quiet_for(Duration::from_millis(300)).await, None);
+        }));
+    }
+    let mut tasks = Vec::new();
+    for w in 0..publishers {
+        let mut p = ws_at(server.addr).await;
+        tasks.push(tokio::spawn(async move {
+            for burst in 0..each / 100 {
+                for i in 0..100 {
+                    p.send(&format!("#{i}#:/s{w}/x:{burst}.{i}")).await;
+                }
+                for _ in 0..100 {
+                    assert!(p.recv().await.starts_with('#'));
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    for r in readers {
+        r.await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cross_site_websocket_upgrades_are_refused() {
     let server = start().await;
