@@ -50,6 +50,9 @@ use std::time::Duration;
 /// is how many events one write to a subscriber carries at most.)
 const DISPATCH_BATCH_EVENTS: usize = 256;
 
+/// Sessions flushed between two looks at the commit watermark.
+const FLUSH_SLICE_SESSIONS: usize = 32;
+
 /// What `Hub::push` did with an event for one session.
 enum Pushed {
     /// Not queued: closed, its own event, or lagging (it reads the log instead).
@@ -58,9 +61,6 @@ enum Pushed {
     /// Queued into an empty queue.
     First,
 }
-
-/// Sessions flushed between two looks at the commit watermark.
-const FLUSH_SLICE_SESSIONS: usize = 32;
 
 /// The sessions with queued events and no flush yet, oldest first, each with the dispatcher's
 /// event count when it joined: a session joins when its queue turns non-empty, and new events
@@ -450,12 +450,12 @@ impl Hub {
         Pushed::Not
     }
 
-    /// Sends a live session's queued events, at the end of a dispatch batch. When its writer
-    /// task is idle and nothing else waits to go out, fan-out writes the frames to the socket
-    /// itself, without blocking (`try_write`); otherwise, or for what the socket does not take,
-    /// it wakes the writer. (Measured: at 1,000 subscribers, waking a task to make each write
-    /// cost more than the write.) The session lock is held across the write, and the writer sets
-    /// `is_writing` under it, so the two never write at once.
+    /// Sends a live session's queued events, when its turn in the flush list comes. When its
+    /// writer task is idle and nothing else waits to go out, fan-out writes the frames to the
+    /// socket itself, without blocking (`try_write`); otherwise, or for what the socket does not
+    /// take, it wakes the writer. (Measured: at 1,000 subscribers, waking a task to make each
+    /// write cost more than the write.) The session lock is held across the write, and the
+    /// writer sets `is_writing` under it, so the two never write at once.
     fn flush(&self, session: &Session, out: &mut Vec<u8>) {
         let mut st = session.state.lock();
         if st.queue.is_empty() {
