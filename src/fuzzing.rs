@@ -99,6 +99,10 @@ pub fn index_decode(bytes: &[u8]) {
 /// Channel paths and selectors: parsed values re-parse to themselves, never name `.`/`..`, and
 /// their stream prefixes are their ancestors.
 pub fn channel_path(text: &str) {
+    assert_eq!(
+        ChannelPath::check_exact(text),
+        ChannelPath::parse_exact(text).map(|_| ())
+    );
     if let Ok(path) = ChannelPath::parse(text) {
         assert_eq!(ChannelPath::parse_exact(path.as_str()).as_ref(), Ok(&path));
         assert!(path.segments().all(|s| s != "." && s != ".."));

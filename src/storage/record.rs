@@ -144,7 +144,7 @@ pub fn decode(buf: &[u8], offset: usize) -> Result<Record<'_>, Corruption> {
     }
     let path_bytes = &frame[RECORD_HEADER_LEN..RECORD_HEADER_LEN + path_len];
     let path = std::str::from_utf8(path_bytes).map_err(|_| Corruption::BadPath)?;
-    if kind == KIND_EVENT && crate::channel::ChannelPath::parse_exact(path).is_err() {
+    if kind == KIND_EVENT && crate::channel::ChannelPath::check_exact(path).is_err() {
         return Err(Corruption::BadPath);
     }
     Ok(Record {
