@@ -38,7 +38,7 @@ pub enum PathError {
     InvalidGlob,
 }
 
-fn is_segment_byte(b: u8) -> bool {
+const fn is_segment_byte(b: u8) -> bool {
     b.is_ascii_digit() || b.is_ascii_lowercase() || matches!(b, b'.' | b'_' | b'-')
 }
 
@@ -96,24 +96,40 @@ fn is_valid_plain(path: &[u8]) -> bool {
     if path.len() > PATH_BYTES_MAX {
         return false;
     }
+    // A segment is fine when it is 1..=64 bytes and not `.` or `..` (all dots, at most two).
+    let is_good_segment = |seg_len: usize, dots: usize| {
+        seg_len > 0 && seg_len <= SEGMENT_BYTES_MAX && (seg_len != dots || dots > 2)
+    };
     let (mut depth, mut seg_len, mut dots) = (0usize, 0usize, 0usize);
-    for &b in rest.iter().chain(std::iter::once(&b'/')) {
+    // A plain loop and a table, not an iterator chain: callgrind counted 40 instructions per
+    // byte for the chained form, on every record a log read decodes.
+    for &b in rest {
         if b == b'/' {
-            let is_dot_name = seg_len == dots && dots <= 2;
-            if seg_len == 0 || seg_len > SEGMENT_BYTES_MAX || is_dot_name {
+            if !is_good_segment(seg_len, dots) {
                 return false;
             }
             depth += 1;
             (seg_len, dots) = (0, 0);
-        } else if is_segment_byte(b) {
+        } else if SEGMENT_BYTES[usize::from(b)] {
             seg_len += 1;
             dots += usize::from(b == b'.');
         } else {
             return false;
         }
     }
-    depth <= DEPTH_MAX
+    is_good_segment(seg_len, dots) && depth < DEPTH_MAX
 }
+
+/// `is_segment_byte` for every byte value.
+const SEGMENT_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = is_segment_byte(b as u8);
+        b += 1;
+    }
+    table
+};
 
 /// Checks an already normalised path; `allow_star` admits whole-segment `*`.
 fn check_normalised(path: &str, allow_star: bool) -> Result<(), PathError> {
@@ -445,14 +461,26 @@ mod tests {
             "/a".repeat(33),
         ];
         for p in samples.iter().map(|s| s.to_string()).chain(long) {
-            let slow = p.starts_with('/') && {
-                let rest = &p[1..];
-                p == "/"
-                    || (p.len() <= PATH_BYTES_MAX
-                        && rest.split('/').count() <= DEPTH_MAX
-                        && rest.split('/').all(|seg| check_segment(seg, false).is_ok()))
-            };
-            assert_eq!(is_valid_plain(p.as_bytes()), slow, "{p:?}");
+            assert_eq!(is_valid_plain(p.as_bytes()), slow_check(&p), "{p:?}");
+        }
+    }
+
+    fn slow_check(p: &str) -> bool {
+        p.starts_with('/') && {
+            let rest = &p[1..];
+            p == "/"
+                || (p.len() <= PATH_BYTES_MAX
+                    && rest.split('/').count() <= DEPTH_MAX
+                    && rest.split('/').all(|seg| check_segment(seg, false).is_ok()))
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_fast_check_agrees_with_the_slow_one_on_random_paths(
+            p in "(/|/[a.]{1,3}|/a{60,66}|[A* ]){0,40}"
+        ) {
+            proptest::prop_assert_eq!(is_valid_plain(p.as_bytes()), slow_check(&p));
         }
     }
 
