@@ -20,7 +20,8 @@
 //! - [`storage::Store::open`]: opens a data directory for writing (recovering each stream's tail);
 //!   [`storage::Store::open_read_only`] for the offline tools.
 //! - `src/cli/verify.rs`, `dump.rs`, `import.rs`, `stats.rs`: the offline tools, which need no server.
-//! - `src/bin/ivy-bench.rs`: the load tool (publish, fan-out, history, idle connections).
+//! - `src/bin/ivy-bench.rs`: the load tool (publish, fan-out, history, idle connections, and
+//!   `floor`: fan-out's clients against a bare socket writer, the machine's own limit).
 //!
 //! ## Code map
 //!
