@@ -307,7 +307,11 @@ async fn read(shared: &Arc<Shared>, req: &Request<Incoming>, rest: &str) -> Resp
             return not_modified(&etag, &plan);
         }
     }
-    let mut resp = match (inline.resume_after, req.headers().get(header::RANGE)) {
+    let range = req
+        .headers()
+        .get(header::RANGE)
+        .filter(|_| if_range_holds(req.headers(), &etag, last_modified, &plan));
+    let mut resp = match (inline.resume_after, range) {
         (None, Some(range)) => ranged(inline.body, range),
         (None, None) => Response::new(full(inline.body)),
         (Some((after, remaining)), _) => {
@@ -525,40 +529,98 @@ fn stream_rest(
 }
 
 /// One byte range of a built answer (206), or 416.
+/// Answers a `Range`: 206 with the part, 416 when the range lies past the end, and the whole
+/// answer when the header asks for something this server does not offer (another unit, several
+/// ranges) or does not parse, which RFC 9110 14.2 lets a server ignore.
 fn ranged(body: Vec<u8>, range: &HeaderValue) -> Response<Body> {
     let len = body.len();
-    let Some((start, end)) = range.to_str().ok().and_then(|r| parse_range(r, len)) else {
-        let mut resp = text(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable");
-        if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
-            resp.headers_mut().insert(header::CONTENT_RANGE, v);
+    let asked = range
+        .to_str()
+        .map_or(RangeAsk::Whole, |r| parse_range(r, len));
+    match asked {
+        RangeAsk::Whole => Response::new(full(body)),
+        RangeAsk::Unsatisfiable => {
+            let mut resp = text(StatusCode::RANGE_NOT_SATISFIABLE, "range not satisfiable");
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                resp.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            resp
         }
-        return resp;
-    };
-    let part = Bytes::from(body).slice(start..=end);
-    let mut resp = Response::new(full(part));
-    *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
-    if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
-        resp.headers_mut().insert(header::CONTENT_RANGE, v);
+        RangeAsk::Part(start, end) => {
+            let part = Bytes::from(body).slice(start..=end);
+            let mut resp = Response::new(full(part));
+            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
+                resp.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            resp
+        }
     }
-    resp
 }
 
-/// `bytes=A-B`, `bytes=A-` or `bytes=-N` (one range) into inclusive offsets within `len`.
-fn parse_range(value: &str, len: usize) -> Option<(usize, usize)> {
-    let spec = value.trim().strip_prefix("bytes=")?;
-    if spec.contains(',') || len == 0 {
-        return None;
-    }
-    let (a, b) = spec.split_once('-')?;
-    let (start, end) = match (a.trim(), b.trim()) {
-        ("", n) => {
-            let n: usize = n.parse().ok()?;
-            (len.checked_sub(n.min(len))?, len - 1)
-        }
-        (a, "") => (a.parse().ok()?, len - 1),
-        (a, b) => (a.parse().ok()?, b.parse::<usize>().ok()?.min(len - 1)),
+/// What a `Range` header asks of an answer of a given length.
+#[derive(Debug, PartialEq, Eq)]
+enum RangeAsk {
+    /// Ignore the header: send everything.
+    Whole,
+    /// Inclusive byte offsets.
+    Part(usize, usize),
+    Unsatisfiable,
+}
+
+/// One range, `bytes=A-B`, `bytes=A-` or `bytes=-N`, within `len` bytes.
+fn parse_range(value: &str, len: usize) -> RangeAsk {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return RangeAsk::Whole;
     };
-    (start <= end && start < len).then_some((start, end))
+    let Some((a, b)) = spec.split_once('-') else {
+        return RangeAsk::Whole;
+    };
+    let number = |t: &str| t.trim().parse::<usize>().ok();
+    match (a.trim(), b.trim()) {
+        ("", _) => match number(b) {
+            Some(0) => RangeAsk::Unsatisfiable,
+            Some(_) if len == 0 => RangeAsk::Unsatisfiable,
+            Some(n) => RangeAsk::Part(len - n.min(len), len - 1),
+            None => RangeAsk::Whole,
+        },
+        (_, "") => match number(a) {
+            Some(start) if start < len => RangeAsk::Part(start, len - 1),
+            Some(_) => RangeAsk::Unsatisfiable,
+            None => RangeAsk::Whole,
+        },
+        _ => match (number(a), number(b)) {
+            (Some(start), Some(end)) if start <= end => {
+                if start < len {
+                    RangeAsk::Part(start, end.min(len - 1))
+                } else {
+                    RangeAsk::Unsatisfiable
+                }
+            }
+            _ => RangeAsk::Whole,
+        },
+    }
+}
+
+/// Whether a `Range` may be served: without `If-Range`, yes; with it, only if the answer is
+/// still what the client holds a part of (RFC 9110 13.1.5): its strong tag, or its
+/// `Last-Modified` date when the answer can never change (a date is a strong validator only
+/// then, as the open tail can change twice within its second).
+fn if_range_holds(
+    headers: &HeaderMap,
+    etag: &str,
+    last_modified: Option<std::time::SystemTime>,
+    plan: &Plan,
+) -> bool {
+    let Some(value) = header_str(headers, header::IF_RANGE).map(str::trim) else {
+        return headers.get(header::IF_RANGE).is_none();
+    };
+    if value.starts_with('"') || value.starts_with("W/") {
+        return value == etag;
+    }
+    plan.is_immutable
+        && last_modified.is_some()
+        && httpdate::parse_http_date(value).ok() == last_modified
 }
 
 /// An event id's time, to the second (the resolution of an HTTP date).
@@ -669,13 +731,37 @@ mod tests {
 
     #[test]
     fn ranges() {
-        assert_eq!(parse_range("bytes=0-4", 10), Some((0, 4)));
-        assert_eq!(parse_range("bytes=5-", 10), Some((5, 9)));
-        assert_eq!(parse_range("bytes=-3", 10), Some((7, 9)));
-        assert_eq!(parse_range("bytes=8-100", 10), Some((8, 9)));
-        assert_eq!(parse_range("bytes=10-", 10), None);
-        assert_eq!(parse_range("bytes=0-1,3-4", 10), None);
-        assert_eq!(parse_range("items=0-1", 10), None);
-        assert_eq!(parse_range("bytes=0-0", 0), None);
+        use RangeAsk::*;
+        for (value, len, asked) in [
+            ("bytes=0-4", 10, Part(0, 4)),
+            ("bytes=5-", 10, Part(5, 9)),
+            ("bytes=-3", 10, Part(7, 9)),
+            ("bytes=-30", 10, Part(0, 9)),
+            ("bytes=8-100", 10, Part(8, 9)),
+            ("bytes=10-", 10, Unsatisfiable),
+            ("bytes=10-12", 10, Unsatisfiable),
+            ("bytes=-0", 10, Unsatisfiable),
+            ("bytes=0-0", 0, Unsatisfiable),
+            ("bytes=-3", 0, Unsatisfiable),
+            // Not offered or not parsed: the whole answer.
+            ("bytes=0-1,3-4", 10, Whole),
+            ("items=0-1", 10, Whole),
+            ("bytes=abc", 10, Whole),
+            ("bytes=5-3", 10, Whole),
+            ("bytes=-", 10, Whole),
+            ("bytes=1", 10, Whole),
+            ("bytes=99999999999999999999999-", 10, Whole),
+        ] {
+            assert_eq!(parse_range(value, len), asked, "{value} of {len}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_part_always_lies_within_the_answer(value in "(bytes=)?[-0-9, ]{0,12}", len in 0usize..64) {
+            if let RangeAsk::Part(start, end) = parse_range(&value, len) {
+                proptest::prop_assert!(start <= end && end < len, "{value} of {len}");
+            }
+        }
     }
 }

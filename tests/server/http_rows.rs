@@ -212,6 +212,50 @@ async fn ranges_paging_and_caching() {
             .status,
         416
     );
+    // What is not offered (several ranges, another unit) or does not parse gets everything.
+    for range in ["bytes=0-1,3-4", "items=0-1", "bytes=abc", "bytes=5-3"] {
+        let whole = get_with(&server, "/events/p?n=3", &[("Range", range)]).await;
+        assert_eq!((whole.status, &whole.body), (200, &r.body), "{range}");
+    }
+    // If-Range: the part only while the client's tag is still the answer's.
+    let if_range = |tag: String| {
+        let server = &server;
+        async move {
+            get_with(
+                server,
+                "/events/p?n=3",
+                &[("Range", "bytes=0-9"), ("If-Range", &tag)],
+            )
+            .await
+            .status
+        }
+    };
+    assert_eq!(if_range(etag.clone()).await, 206);
+    assert_eq!(if_range("\"other\"".into()).await, 200);
+    assert_eq!(if_range(format!("W/{etag}")).await, 200);
+    // A date validates only an answer that can never change.
+    assert_eq!(if_range(lm.clone()).await, 200);
+    let first = r
+        .text()
+        .split(':')
+        .next()
+        .unwrap()
+        .trim_start_matches('@')
+        .to_owned();
+    let past = format!("/events/p?until={first}");
+    let fixed = get(&server, &past).await;
+    assert!(fixed.header("cache-control").unwrap().contains("immutable"));
+    let fixed_lm = fixed.header("last-modified").unwrap();
+    assert_eq!(
+        get_with(
+            &server,
+            &past,
+            &[("Range", "bytes=0-9"), ("If-Range", fixed_lm)]
+        )
+        .await
+        .status,
+        206
+    );
     post(&server, "/p", b"newer").await;
     assert_eq!(
         get_with(&server, "/events/p?n=3", &[("If-None-Match", &etag)])
