@@ -22,6 +22,19 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
+/// Prints a line of the report. When the reader of standard output has gone (`| head`), the
+/// rest is dropped rather than panicking, so the run still ends normally and stops its server.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                eprintln!("ivy-bench: cannot write the report: {e}");
+            }
+        }
+    }};
+}
+
 #[derive(Parser)]
 #[command(name = "ivy-bench", about = "Load tool for ivy serve")]
 struct Cli {
@@ -247,12 +260,12 @@ async fn slot(permits: &tokio::sync::Semaphore, w: &mut Writer) -> anyhow::Resul
 
 fn percentiles(label: &str, mut micros: Vec<u64>) {
     if micros.is_empty() {
-        println!("{label}: no samples");
+        say!("{label}: no samples");
         return;
     }
     micros.sort_unstable();
     let at = |p: f64| micros[((micros.len() as f64 - 1.0) * p) as usize];
-    println!(
+    say!(
         "{label}: p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({} samples)",
         at(0.50) as f64 / 1000.0,
         at(0.90) as f64 / 1000.0,
@@ -364,7 +377,7 @@ async fn publish(
     for t in tasks {
         lat.extend(t.await?);
     }
-    println!(
+    say!(
         "publish: {connections} connections, window {window}, {size} B: {:.0} acknowledged events/s over {elapsed:.1} s ({} total in {:.1} s)",
         done as f64 / elapsed,
         lat.len(),
@@ -528,11 +541,11 @@ async fn report_fanout(
             fast_lat.extend(st.latencies);
         }
     }
-    println!(
+    say!(
         "{label}: {subscribers} subscribers ({slow_count} slow): {seq} events published in {publish_secs:.1} s, {:.0} deliveries/s while publishing",
         deliveries_during as f64 / publish_secs
     );
-    println!("{label}: lost {lost}, duplicated {dup}, reordered {reorder}; slow subscribers complete: {slow_done}/{slow_count}");
+    say!("{label}: lost {lost}, duplicated {dup}, reordered {reorder}; slow subscribers complete: {slow_done}/{slow_count}");
     percentiles("publish-to-delivery (fast subscribers)", fast_lat);
     Ok(())
 }
@@ -816,7 +829,7 @@ async fn history(
     for task in tasks {
         lat.extend(task.await?);
     }
-    println!("history: last {n} of a channel of {events} events, {connections} keep-alive connections: {:.0} requests/s", done as f64 / elapsed);
+    say!("history: last {n} of a channel of {events} events, {connections} keep-alive connections: {:.0} requests/s", done as f64 / elapsed);
     percentiles("request latency", lat);
     Ok(())
 }
@@ -828,19 +841,19 @@ async fn idle(addr: SocketAddr, connections: usize, pid: Option<u32>) -> anyhow:
     for _ in 0..connections {
         held.push(connect(addr).await?);
     }
-    println!(
+    say!(
         "idle: {connections} WebSocket connections open in {:.1} s",
         started.elapsed().as_secs_f64()
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     match (pid, before, pid.and_then(server_rss_kib)) {
-        (Some(_), Some(b), Some(a)) => println!(
+        (Some(_), Some(b), Some(a)) => say!(
             "idle: server resident memory {:.1} MiB with them open ({:.1} MiB before; {:.0} bytes per connection)",
             a as f64 / 1024.0,
             b as f64 / 1024.0,
             (a.saturating_sub(b) * 1024) as f64 / connections as f64
         ),
-        _ => println!("idle: give no --addr to let the tool start the server and read its memory"),
+        _ => say!("idle: give no --addr to let the tool start the server and read its memory"),
     }
     drop(held);
     Ok(())
