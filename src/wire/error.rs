@@ -32,6 +32,8 @@ pub enum ParseError {
     EscapedPath,
     #[error("missing form field {0}")]
     MissingField(&'static str),
+    #[error("duplicate form field {0}")]
+    DuplicateField(&'static str),
     #[error("bad multipart body: {0}")]
     Multipart(String),
 }

@@ -61,8 +61,12 @@ fn urlencoded(body: &[u8]) -> Result<PostBody, ParseError> {
             None => (pair, &[][..]),
         };
         match &decode(name)[..] {
-            b"data" => data = Some(Bytes::from(decode(value))),
-            b"sid" => sid = Some(String::from_utf8_lossy(&decode(value)).into_owned()),
+            b"data" => set_once(&mut data, "data", Bytes::from(decode(value)))?,
+            b"sid" => set_once(
+                &mut sid,
+                "sid",
+                String::from_utf8_lossy(&decode(value)).into_owned(),
+            )?,
             _ => {}
         }
     }
@@ -82,8 +86,12 @@ async fn multipart(boundary: String, body: Bytes) -> Result<PostBody, ParseError
         let name = field.name().unwrap_or("").to_owned();
         let bytes = field.bytes().await.map_err(bad)?;
         match name.as_str() {
-            "data" => data = Some(bytes),
-            "sid" => sid = Some(String::from_utf8_lossy(&bytes).into_owned()),
+            "data" => set_once(&mut data, "data", bytes)?,
+            "sid" => set_once(
+                &mut sid,
+                "sid",
+                String::from_utf8_lossy(&bytes).into_owned(),
+            )?,
             _ => {}
         }
     }
@@ -91,6 +99,16 @@ async fn multipart(boundary: String, body: Bytes) -> Result<PostBody, ParseError
         data: data.ok_or(ParseError::MissingField("data"))?,
         sid,
     })
+}
+
+/// A field given twice is refused: which of the two is the event would be a guess (the
+/// original server kept the first, many frameworks keep the last).
+fn set_once<T>(slot: &mut Option<T>, name: &'static str, value: T) -> Result<(), ParseError> {
+    if slot.is_some() {
+        return Err(ParseError::DuplicateField(name));
+    }
+    *slot = Some(value);
+    Ok(())
 }
 
 /// Polls a future whose input is all in memory. It cannot stay pending; if a parser change ever
@@ -119,13 +137,23 @@ mod tests {
         .expect("valid form");
         assert_eq!(&body.data[..], b"a b c");
         assert_eq!(body.sid.as_deref(), Some("s1"));
-        // Bytes that are not UTF-8, raw or escaped, stay as they were sent.
+        // An escaped name is the same field; empty pairs and names are skipped.
         let body = parse(
             "application/x-www-form-urlencoded",
-            Bytes::from_static(b"d%61ta=%FF\xfe%2x&&=&data"),
+            Bytes::from_static(b"d%61ta&&=&x=1"),
         )
         .expect("valid form");
         assert_eq!(&body.data[..], b"");
+        for twice in [&b"data=a&d%61ta=b"[..], b"data=a&sid=1&sid=2", b"data&data"] {
+            assert!(
+                matches!(
+                    parse("application/x-www-form-urlencoded", Bytes::from(twice)),
+                    Err(ParseError::DuplicateField(_))
+                ),
+                "{twice:?}"
+            );
+        }
+        // Bytes that are not UTF-8, raw or escaped, stay as they were sent.
         let body = parse(
             "application/x-www-form-urlencoded",
             Bytes::from_static(b"data=%FF\xfe%2x"),
@@ -174,6 +202,14 @@ mod tests {
                 Bytes::from_static(b"--b--\r\n")
             ),
             Err(ParseError::MissingField("data"))
+        );
+        let field = "--b\r\nContent-Disposition: form-data; name=\"data\"\r\n\r\nx\r\n";
+        assert_eq!(
+            parse(
+                "multipart/form-data; boundary=b",
+                Bytes::from(format!("{field}{field}--b--\r\n"))
+            ),
+            Err(ParseError::DuplicateField("data"))
         );
     }
 

@@ -344,6 +344,20 @@ async fn http_publish_forms_sid_and_limits() {
         .status,
         400
     );
+    // A field given twice is ambiguous: refused, and nothing is stored.
+    let twice = http(
+        &server,
+        "POST",
+        "/events/twice",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        b"data=a&data=b",
+    )
+    .await;
+    assert_eq!(
+        (twice.status, twice.text()),
+        (400, "duplicate form field data\n".to_owned())
+    );
+    assert_eq!(get(&server, "/events/twice").await.body, b"");
     // Every 405 names what the resource allows (RFC 9110 15.5.6).
     for (method, path, allow) in [
         ("DELETE", "/events/f", "GET, HEAD, POST, OPTIONS"),
