@@ -59,15 +59,14 @@ impl hyper::body::Body for ChannelBody {
     }
 }
 
+const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+
 pub(crate) fn text(status: StatusCode, reason: impl Into<String>) -> Response<Body> {
     let mut body = reason.into();
     body.push('\n');
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, TEXT_PLAIN);
     resp
 }
 
@@ -93,7 +92,7 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
     if resp.status().is_client_error() {
         resp.headers_mut()
             .entry(header::CONTENT_TYPE)
-            .or_insert(HeaderValue::from_static("text/plain; charset=utf-8"));
+            .or_insert(TEXT_PLAIN);
     }
     resp
 }
@@ -310,7 +309,7 @@ async fn read(shared: &Arc<Shared>, req: &Request<Incoming>, rest: &str) -> Resp
     let range = req
         .headers()
         .get(header::RANGE)
-        .filter(|_| if_range_holds(req.headers(), &etag, last_modified, &plan));
+        .filter(|_| if_range_holds(req.headers(), &etag, last_modified, plan.is_immutable));
     let mut resp = match (inline.resume_after, range) {
         (None, Some(range)) => ranged(inline.body, range),
         (None, None) => Response::new(full(inline.body)),
@@ -324,10 +323,7 @@ async fn read(shared: &Arc<Shared>, req: &Request<Incoming>, rest: &str) -> Resp
         }
     };
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    h.insert(header::CONTENT_TYPE, TEXT_PLAIN);
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     if let Ok(v) = HeaderValue::from_str(&etag) {
         h.insert(header::ETAG, v);
@@ -528,7 +524,6 @@ fn stream_rest(
     ChannelBody(rx).boxed()
 }
 
-/// One byte range of a built answer (206), or 416.
 /// Answers a `Range`: 206 with the part, 416 when the range lies past the end, and the whole
 /// answer when the header asks for something this server does not offer (another unit, several
 /// ranges) or does not parse, which RFC 9110 14.2 lets a server ignore.
@@ -610,7 +605,7 @@ fn if_range_holds(
     headers: &HeaderMap,
     etag: &str,
     last_modified: Option<std::time::SystemTime>,
-    plan: &Plan,
+    is_immutable: bool,
 ) -> bool {
     let Some(value) = header_str(headers, header::IF_RANGE).map(str::trim) else {
         return headers.get(header::IF_RANGE).is_none();
@@ -618,7 +613,7 @@ fn if_range_holds(
     if value.starts_with('"') || value.starts_with("W/") {
         return value == etag;
     }
-    plan.is_immutable
+    is_immutable
         && last_modified.is_some()
         && httpdate::parse_http_date(value).ok() == last_modified
 }
@@ -687,15 +682,7 @@ async fn publish(shared: &Arc<Shared>, req: Request<Incoming>, rest: &str) -> Re
         let (status, reason) = super::error::store_failure(&e);
         return text(status, reason);
     }
-    let mut out = Vec::with_capacity(24);
-    line::format_id(&mut out, id);
-    out.push(b'\n');
-    let mut resp = Response::new(full(out));
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
+    text(StatusCode::OK, format!("@{id}"))
 }
 
 #[cfg(test)]
