@@ -626,6 +626,7 @@ async fn fanout(
 /// does, with no log, no commit and no dispatcher. Its latency, measured side by side with
 /// `fanout`, is what the kernel's loopback and the client cost on this machine; what `fanout`
 /// adds to it is the server's. (Sockets are blocking: the floor has no slow subscribers.)
+/// `rate` is at least 1 (the command line's range).
 async fn floor(seconds: u64, subscribers: usize, size: usize, rate: u64) -> anyhow::Result<()> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
@@ -654,19 +655,12 @@ async fn floor(seconds: u64, subscribers: usize, size: usize, rate: u64) -> anyh
             while started.elapsed() < Duration::from_secs(seconds) {
                 // Frame what is due by now. Each carries the moment it was due, so time spent
                 // behind schedule counts as latency, as with a publisher.
-                let due = if rate == 0 {
-                    ends.len()
-                } else {
-                    (started.elapsed().as_secs_f64() * rate as f64) as usize + 1
-                };
+                let due = (started.elapsed().as_secs_f64() * rate as f64) as usize + 1;
                 if due > ends.len() - 1 {
                     behind = sockets.len();
                 }
                 for s in ends.len() - 1..due {
-                    let sent = match rate {
-                        0 => now_nanos(),
-                        r => started_nanos + s as u64 * 1_000_000_000 / r,
-                    };
+                    let sent = started_nanos + s as u64 * 1_000_000_000 / rate;
                     let line = format!("@0000000001.000000000:/fan:{s}:{sent}:{pad}");
                     server_text_frame(&mut frames, line.as_bytes());
                     ends.push(frames.len());
@@ -698,10 +692,7 @@ async fn floor(seconds: u64, subscribers: usize, size: usize, rate: u64) -> anyh
         .await?
         .map_err(|_| anyhow::anyhow!("the floor's writer panicked"))??;
     c.done_publishing.store(true, Ordering::Relaxed);
-    let label = match rate {
-        0 => format!("floor, {size} B, unpaced"),
-        r => format!("floor, {size} B, paced at {r}/s"),
-    };
+    let label = format!("floor, {size} B, paced at {rate}/s");
     report_fanout(&label, subs, 0, &c, publish_secs).await
 }
 
@@ -741,20 +732,12 @@ fn floor_accept(listener: &std::net::TcpListener) -> anyhow::Result<std::net::Tc
     Ok(tcp)
 }
 
-/// An unmasked (server to client) text frame.
+/// An unmasked (server to client) text frame, its head formatted by fastwebsockets as the
+/// server's own frames are (`server/ws.rs`, `push_frame`).
 fn server_text_frame(out: &mut Vec<u8>, payload: &[u8]) {
-    out.push(0x81);
-    match payload.len() {
-        n if n < 126 => out.push(n as u8),
-        n if n <= usize::from(u16::MAX) => {
-            out.push(126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
+    let mut head = [0u8; 16];
+    let n = Frame::text(Payload::Borrowed(payload)).fmt_head(&mut head);
+    out.extend_from_slice(&head[..n]);
     out.extend_from_slice(payload);
 }
 
