@@ -387,6 +387,11 @@ pub async fn get_with(server: &TestServer, path: &str, headers: &[(&str, &str)])
     http(server, "GET", path, headers, b"").await
 }
 
+/// The status of a GET with headers.
+pub async fn status_of(server: &TestServer, path: &str, headers: &[(&str, &str)]) -> u16 {
+    get_with(server, path, headers).await.status
+}
+
 /// A child `ivy serve` on 127.0.0.1:0 over `dir`, run by `sh -c "SETUP && exec ivy serve ..."`
 /// (SETUP sets limits, such as `ulimit -n 64`); killed when dropped unless terminated. Its stderr
 /// goes to `DIR.stderr`, which `terminate` checks for panics.
