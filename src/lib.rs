@@ -29,10 +29,10 @@
 //!
 //! ```text
 //! binary   main.rs, cli/, bin/ivy-bench.rs                clap, anyhow, indicatif
-//! config   config.rs                                      (ServerOptions; StoreOptions is storage's)
 //! serve    server/                                        hyper, fastwebsockets, tokio
+//! config   config.rs  metrics.rs                          prometheus-client
 //! core     storage/                wire/                  memmap2, crc32fast, parking_lot | pure
-//! base     channel.rs  event_id.rs  clock.rs  metrics.rs  std, prometheus-client
+//! base     channel.rs  event_id.rs  clock.rs              std
 //! ```
 //!
 //! ### `channel.rs`, `event_id.rs`, `clock.rs`
@@ -103,8 +103,10 @@
 //! never looks at a single stream's progress, only at the store's commit watermark, so every
 //! connection sees strictly increasing, committed ids across streams written in parallel.
 //!
-//! `config.rs` holds the typed server limits (each with its unit), `metrics.rs` the Prometheus
-//! families (rendered by `prometheus-client`).
+//! `config.rs` holds the typed server limits (each with its unit; `StoreOptions` is storage's),
+//! `metrics.rs` the Prometheus families (rendered by `prometheus-client`). The engine knows
+//! nothing of Prometheus: metrics reads its running totals (`Store::totals`) and is told of each
+//! commit round and fsync as its `CommitObserver` (`Store::observe_commits`), for histograms.
 //!
 //! ## One event's path through the engine
 //!
@@ -169,7 +171,8 @@
 //!   `tests/fuzz_regressions.rs`); benchmarks in `benches/`.
 //! - **Observability.** `tracing`: warnings for cut tails and rebuilt indexes, errors for failed
 //!   writes; nothing per event above `debug`. `GET /metrics`: appends, fsyncs, commit rounds,
-//!   write failures, connections, subscriptions, deliveries, lagging sessions, HTTP requests by status.
+//!   histograms of events per round, round time and fsync time, write failures, connections,
+//!   subscriptions, deliveries, lagging sessions, HTTP requests by status.
 #![deny(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 #![warn(clippy::undocumented_unsafe_blocks)]

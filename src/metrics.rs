@@ -5,14 +5,25 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+use std::time::Duration;
+
+/// Upper bounds of the commit and fsync latency buckets, in seconds: 50 us to about 3.3 s, each
+/// twice the last (a healthy local disk syncs in tens of microseconds to a few milliseconds).
+const SECONDS_BUCKETS: (f64, f64, u16) = (0.000_05, 2.0, 17);
+/// Upper bounds of the events-per-round buckets: 1 to 65,536, each four times the last.
+const EVENTS_BUCKETS: (f64, f64, u16) = (1.0, 4.0, 9);
+
+fn histogram((start, factor, count): (f64, f64, u16)) -> Histogram {
+    Histogram::new(exponential_buckets(start, factor, count))
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
     pub status: u16,
 }
 
-#[derive(Default)]
 pub struct Metrics {
     pub registry: Registry,
     pub events_appended: Counter,
@@ -20,6 +31,11 @@ pub struct Metrics {
     pub fsyncs: Counter,
     pub commit_rounds: Counter,
     pub write_failures: Counter,
+    /// Events per group-commit round (the batch that one write and one fsync serve).
+    pub round_events: Histogram,
+    /// A round's writes and (under `always`) syncs: what an ack waits for beyond its queueing.
+    pub round_seconds: Histogram,
+    pub fsync_seconds: Histogram,
     pub connections: Gauge,
     pub websockets: Gauge,
     pub subscriptions: Gauge,
@@ -33,7 +49,26 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut m = Metrics::default();
+        let mut m = Metrics {
+            registry: Registry::default(),
+            events_appended: Counter::default(),
+            bytes_appended: Counter::default(),
+            fsyncs: Counter::default(),
+            commit_rounds: Counter::default(),
+            write_failures: Counter::default(),
+            round_events: histogram(EVENTS_BUCKETS),
+            round_seconds: histogram(SECONDS_BUCKETS),
+            fsync_seconds: histogram(SECONDS_BUCKETS),
+            connections: Gauge::default(),
+            websockets: Gauge::default(),
+            subscriptions: Gauge::default(),
+            deliveries: Counter::default(),
+            direct_writes: Counter::default(),
+            lagging: Gauge::default(),
+            lag_closes: Counter::default(),
+            catchup_reads: Counter::default(),
+            http_requests: Family::default(),
+        };
         let r = &mut m.registry;
         r.register(
             "ivy_events_appended",
@@ -59,6 +94,23 @@ impl Metrics {
             "ivy_write_failures",
             "Commit rounds whose write failed (disk full, read-only, I/O error)",
             m.write_failures.clone(),
+        );
+        r.register(
+            "ivy_commit_round_events",
+            "Events per group-commit round",
+            m.round_events.clone(),
+        );
+        r.register_with_unit(
+            "ivy_commit_round",
+            "Time of a group-commit round: its writes, and under `always` its syncs",
+            Unit::Seconds,
+            m.round_seconds.clone(),
+        );
+        r.register_with_unit(
+            "ivy_fsync",
+            "Time of one fdatasync of a segment file",
+            Unit::Seconds,
+            m.fsync_seconds.clone(),
         );
         r.register(
             "ivy_connections",
@@ -128,6 +180,23 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _infallible = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics::new()
+    }
+}
+
+impl crate::storage::CommitObserver for Metrics {
+    fn round(&self, events: usize, took: Duration) {
+        self.round_events.observe(events as f64);
+        self.round_seconds.observe(took.as_secs_f64());
+    }
+
+    fn fsync(&self, took: Duration) {
+        self.fsync_seconds.observe(took.as_secs_f64());
     }
 }
 

@@ -520,3 +520,68 @@ fn a_tail_across_streams_delivers_in_id_order_without_gaps() {
     written.sort();
     assert_eq!(seen, written);
 }
+
+/// Records what the writer reports.
+#[derive(Default)]
+struct Recorder {
+    rounds: parking_lot::Mutex<Vec<(usize, Duration)>>,
+    fsyncs: parking_lot::Mutex<Vec<Duration>>,
+}
+
+impl ivy::storage::CommitObserver for Recorder {
+    fn round(&self, events: usize, took: Duration) {
+        self.rounds.lock().push((events, took));
+    }
+    fn fsync(&self, took: Duration) {
+        self.fsyncs.lock().push(took);
+    }
+}
+
+#[test]
+fn the_observer_is_told_every_round_and_every_fsync() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small segments, so seals (and their syncs) happen along the way.
+    let store = Store::open(dir.path(), small(Durability::Always)).unwrap();
+    let recorder = Arc::new(Recorder::default());
+    assert!(store.observe_commits(Arc::clone(&recorder) as Arc<dyn ivy::storage::CommitObserver>));
+    assert!(
+        !store.observe_commits(Arc::new(Recorder::default())),
+        "a second observer is refused"
+    );
+    let before = store.totals();
+    const WRITERS: usize = 4;
+    const EACH: usize = 200;
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let p = path(&format!("/w{}/x", w % 2));
+                for i in 0..EACH {
+                    store.append(&p, &i.to_le_bytes()).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    let after = store.totals();
+    let rounds = recorder.rounds.lock().clone();
+    assert_eq!(
+        rounds.iter().map(|(events, _)| events).sum::<usize>(),
+        WRITERS * EACH
+    );
+    assert_eq!(
+        rounds.len() as u64,
+        after.commit_rounds - before.commit_rounds
+    );
+    assert!(
+        segments(dir.path()).len() > 2,
+        "the test must roll segments"
+    );
+    assert_eq!(
+        recorder.fsyncs.lock().len() as u64,
+        after.fsyncs - before.fsyncs
+    );
+    assert!(rounds.len() as u64 <= after.fsyncs - before.fsyncs);
+}

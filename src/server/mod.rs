@@ -59,6 +59,8 @@ impl Server {
     /// Starts the fan-out dispatcher over `store`.
     pub fn new(store: Store, opts: ServerOptions) -> std::io::Result<Server> {
         let metrics = Arc::new(Metrics::new());
+        // A store that already reports to another server's metrics keeps doing so.
+        store.observe_commits(Arc::clone(&metrics) as Arc<dyn crate::storage::CommitObserver>);
         let hub = Arc::new(Hub::new(store, metrics, &opts));
         let for_thread = Arc::clone(&hub);
         let dispatcher = std::thread::Builder::new()

@@ -36,7 +36,7 @@
 use super::error::{Error, Result, WriteFailure};
 use super::segment::Segment;
 use super::stream::{Chunk, Stream};
-use super::{Durability, StoreOptions};
+use super::{CommitObserver, Durability, StoreOptions};
 use crate::clock::IdClock;
 use crate::event_id::EventId;
 use event_listener::{Event, Listener};
@@ -44,7 +44,7 @@ use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// See `Writer::linger`.
@@ -74,6 +74,7 @@ pub(crate) struct Shared {
     /// Ids handed out and then failed, most recent last.
     failed_ids: Mutex<VecDeque<FailedIds>>,
     pub counters: Counters,
+    pub observer: OnceLock<Arc<dyn CommitObserver>>,
 }
 
 #[derive(Default)]
@@ -146,6 +147,7 @@ impl Shared {
             max_failed_id: AtomicU64::new(0),
             failed_ids: Mutex::new(VecDeque::new()),
             counters: Counters::default(),
+            observer: OnceLock::new(),
         }
     }
 
@@ -298,6 +300,17 @@ impl Shared {
         self.commit_event.listen()
     }
 
+    /// One `fdatasync` of a segment, counted and timed (writer only).
+    fn sync_segment(&self, seg: &Segment) -> Result<()> {
+        let started = Instant::now();
+        let synced = seg.sync_data(&*self.opts.io);
+        self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        if let Some(observer) = self.observer.get() {
+            observer.fsync(started.elapsed());
+        }
+        synced
+    }
+
     pub fn request_shutdown(&self) {
         let mut seq = self.seq.lock();
         seq.is_shutdown = true;
@@ -422,12 +435,20 @@ impl Writer {
         // would otherwise move the watermark (the power-loss test found exactly this, when a
         // failure left the store poisoned; the failed ranges now also guard the waiters).
         let writable = shared.check_healthy();
+        let started = Instant::now();
         let outcome = match writable {
             Err(e) => Err(e),
             Ok(()) => self.write_all(&batches, &round.dirs, round.is_shutdown),
         };
         match outcome {
             Ok(()) => {
+                if let Some(observer) = shared.observer.get() {
+                    let events: usize = batches
+                        .iter()
+                        .flat_map(|(_, chunks)| chunks.iter().map(|c| c.events.len()))
+                        .sum();
+                    observer.round(events, started.elapsed());
+                }
                 for (s, chunks) in &batches {
                     s.state.lock().mark_committed(chunks);
                 }
@@ -540,8 +561,7 @@ impl Writer {
             sync_dirs(&*opts.io, dirs.iter().chain(new_files.iter()))?;
             for seg in self.unsynced.drain(..).chain(written) {
                 if !seg.is_sealed_loaded() {
-                    seg.sync_data(&*opts.io)?;
-                    self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+                    shared.sync_segment(&seg)?;
                 }
             }
             self.last_sync = Instant::now();
@@ -564,8 +584,7 @@ impl Writer {
     /// A seal record was written: make it durable (under every policy, so that every segment but
     /// the last in a stream is sealed on disk), write the index, switch readers to the sealed view.
     fn seal(&mut self, stream: &Stream, seg: &Arc<Segment>) -> Result<()> {
-        seg.sync_data(&*self.shared.opts.io)?;
-        self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+        self.shared.sync_segment(seg)?;
         let entries = {
             let state = stream.state.lock();
             state
@@ -590,8 +609,7 @@ impl Writer {
         let mut outcome = sync_dirs(&*self.shared.opts.io, dirs.iter());
         for seg in self.unsynced.drain(..) {
             if outcome.is_ok() && !seg.is_sealed_loaded() {
-                outcome = seg.sync_data(&*self.shared.opts.io);
-                self.shared.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
+                outcome = self.shared.sync_segment(&seg);
             }
         }
         self.last_sync = Instant::now();

@@ -56,6 +56,16 @@ pub struct Totals {
     pub write_failures: u64,
 }
 
+/// Told of the writer's work as it happens, for latency and batch-size metrics that running
+/// totals cannot give (`Store::observe_commits`). Called on the writer thread, so it must be
+/// quick and must not block: every ack of the next round waits for it.
+pub trait CommitObserver: Send + Sync {
+    /// A round committed `events` events (written, and synced under `always`) in `took`.
+    fn round(&self, events: usize, took: Duration);
+    /// One `fdatasync` of a segment file took `took`.
+    fn fsync(&self, took: Duration);
+}
+
 /// The sparsity of the index: one entry per this many bytes of records (a scan of at most this
 /// much finds any id). 4 KiB is one page; see `benches/storage.rs` (time seek).
 pub const DEFAULT_INDEX_INTERVAL: u32 = 4096;

@@ -342,6 +342,12 @@ impl Store {
         }
     }
 
+    /// Tells `observer` of every commit round and fsync from now on. One observer per store:
+    /// returns false, changing nothing, when one is set already.
+    pub fn observe_commits(&self, observer: Arc<dyn super::CommitObserver>) -> bool {
+        self.inner.shared.observer.set(observer).is_ok()
+    }
+
     /// The write failure for which the store refuses appends now, if any.
     pub fn failure(&self) -> Option<WriteFailure> {
         self.inner.shared.failure()

@@ -106,14 +106,17 @@ pub struct Ws {
     pub protocol: Option<String>,
 }
 
-/// The value of a counter or gauge in the server's `/metrics`, read as a whole number.
+/// The value of a sample in the server's `/metrics` (a counter, a gauge, or a histogram's
+/// `_sum`, `_count` or `NAME_bucket{le="X"}`), which must be a whole number.
 pub async fn metric(server: &TestServer, name: &str) -> u64 {
     let metrics = get(server, "/metrics").await.text();
     metrics
         .lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in {metrics}"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| v.fract() == 0.0 && *v >= 0.0)
+        .map(|v| v as u64)
+        .unwrap_or_else(|| panic!("no whole-number metric {name} in {metrics}"))
 }
 
 /// Connects with subprotocol `ivy1` and reads the intro line.

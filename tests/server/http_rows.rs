@@ -376,6 +376,32 @@ async fn http_publish_forms_sid_and_limits() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_give_commit_batches_and_fsync_times() {
+    let server = start().await;
+    // Each POST is answered once durable, so each of these is a round of its own.
+    seed(&server).await;
+    assert_eq!(metric(&server, "ivy_commit_round_events_sum").await, 5);
+    let rounds = metric(&server, "ivy_commit_round_events_count").await;
+    assert!((1..=5).contains(&rounds), "{rounds} rounds");
+    assert_eq!(
+        metric(&server, r#"ivy_commit_round_events_bucket{le="1.0"}"#).await,
+        rounds
+    );
+    assert_eq!(
+        metric(&server, "ivy_commit_round_seconds_count").await,
+        rounds
+    );
+    // Under `always` every round syncs its segment; the counter and the histogram agree.
+    let fsyncs = metric(&server, "ivy_fsync_seconds_count").await;
+    assert!(fsyncs >= rounds, "{fsyncs} fsyncs for {rounds} rounds");
+    assert_eq!(metric(&server, "ivy_fsyncs_total").await, fsyncs);
+    assert_eq!(
+        metric(&server, r#"ivy_fsync_seconds_bucket{le="+Inf"}"#).await,
+        fsyncs
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_traversal_in_every_spelling_is_400() {
     let server = start().await;
     for path in [
