@@ -132,8 +132,11 @@
 //! 1. `server/ws.rs` reads the frame (its bytes pass `wire/mask.rs` first), checks the message
 //!    size, and `wire/command.rs` parses it (path checked by `ChannelPath`). A bad command is
 //!    `#k#!reason`, or close 1008 unkeyed.
-//! 2. `Hub::publish` (`server/fanout.rs`) appends without waiting, under the publish gate, and
-//!    records the publisher (sender exclusion). The ack `#k#@TS` is queued as pending.
+//! 2. A publish waits in the connection's batch (`Publishes` in `ws.rs`) while further messages
+//!    are already read; before the reader would wait for the socket, or when another command
+//!    comes, `Hub::publish_batch` (`server/fanout.rs`) appends the batch in one store call
+//!    without waiting for the commit, recording each id as the publisher's own (sender
+//!    exclusion) under the stream lock. Each ack `#k#@TS` is queued as pending.
 //! 3. The engine commits it (steps 2–4 above). The connection's writer sends the ack once the
 //!    watermark passes the id (durable under `always`).
 //! 4. The dispatcher thread (`Hub::run_dispatcher`) reads the log up to the watermark, encodes

@@ -30,7 +30,7 @@
 //! dispatcher holds while it delivers a batch, so `dispatched` is exact at that moment: events
 //! above it are delivered under the new state, none at or below it are.
 
-use super::session::{Mode, Session, SessionId};
+use super::session::{Mode, Session, SessionId, SessionState};
 use crate::channel::{ChannelPath, Selector};
 use crate::event_id::EventId;
 use crate::metrics::Metrics;
@@ -178,6 +178,22 @@ impl Hub {
                 .append_nowait_with(path, data, &mut |id| session.state.lock().note_own(id)),
             None => self.store.append_nowait(path, data),
         }
+    }
+
+    /// Appends a connection's pipelined publishes (`Store::append_batch_nowait_with`), each
+    /// excluded from its delivery to `origin`. `on_id` is told each new id with the session's
+    /// state, under the lock that records the id as the session's own (one lock per event).
+    pub fn publish_batch(
+        &self,
+        events: &[(&ChannelPath, &[u8])],
+        origin: &Arc<Session>,
+        on_id: &mut dyn FnMut(&mut SessionState, EventId),
+    ) -> crate::storage::Result<Option<EventId>> {
+        self.store.append_batch_nowait_with(events, &mut |id| {
+            let mut st = origin.state.lock();
+            st.note_own(id);
+            on_id(&mut st, id);
+        })
     }
 
     /// Subscribes; returns the boundary id. `resume_after` replays the log after it first.

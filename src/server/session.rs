@@ -241,7 +241,10 @@ mod tests {
         }
         assert!(st.is_own(EventId(7)) && !st.is_own(EventId(8)));
         st.prune_own(EventId(7));
-        assert_eq!(st.own.iter().map(|id| id.0).collect::<Vec<_>>(), [9, 11, 12]);
+        assert_eq!(
+            st.own.iter().map(|id| id.0).collect::<Vec<_>>(),
+            [9, 11, 12]
+        );
     }
 
     #[test]

@@ -160,6 +160,18 @@ impl Store {
             .ok_or(Error::Closed)
     }
 
+    /// As `append_nowait_with` for several events, in order, each with a fresh id: consecutive
+    /// events of one stream share one pass through the locks. `on_id` is called for each event
+    /// appended, in order. On an error, exactly the events `on_id` was called for are appended
+    /// (a stream's consecutive events are appended all or none); the rest are not.
+    pub fn append_batch_nowait_with(
+        &self,
+        events: &[(&ChannelPath, &[u8])],
+        on_id: &mut dyn FnMut(EventId),
+    ) -> Result<Option<EventId>> {
+        self.append_each(events, None, on_id)
+    }
+
     /// Appends events in order, each with a fresh id; returns the last id once committed
     /// under the policy (as `append`). Consecutive events of one stream share one lock.
     pub fn append_batch(&self, events: &[(&ChannelPath, &[u8])]) -> Result<Option<EventId>> {

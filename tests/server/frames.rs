@@ -201,3 +201,62 @@ async fn bad_frames_close_with_the_right_code() {
     // The server is still serving.
     assert_eq!(get(&server, "/healthz").await.status, 200);
 }
+
+/// Pipelined publishes are appended together (`ws.rs`, `Publishes`); a refusal in the middle
+/// still answers each publish on its own, in order, and an unkeyed refusal stops what follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_publishes_each_get_their_own_answer() {
+    let server = start_with(
+        ivy::config::ServerOptions::default(),
+        ivy::storage::StoreOptions {
+            event_bytes_max: 50,
+            ..ivy::storage::StoreOptions::default()
+        },
+    )
+    .await;
+    let mut c = Raw::open(&server).await;
+    let too_large = "x".repeat(60);
+    let mut bytes = Vec::new();
+    for message in [
+        "#1#:/p:one".to_owned(),
+        format!("#2#:/p:{too_large}"),
+        "#3#:/p:three".to_owned(),
+        ":/p:four".to_owned(),
+        format!(":/p:{too_large}"),
+        "#6#:/p:six".to_owned(),
+    ] {
+        bytes.extend(frame(true, 1, message.as_bytes()));
+    }
+    c.send(&bytes).await;
+    let mut texts = Vec::new();
+    let code = loop {
+        let (op, payload) = c.next().await;
+        match op {
+            1 => texts.push(String::from_utf8(payload).unwrap()),
+            8 => break u16::from_be_bytes([payload[0], payload[1]]),
+            other => panic!("opcode {other}"),
+        }
+    };
+    assert_eq!(code, 1011, "{texts:?}");
+    let answer = |key: &str| {
+        texts
+            .iter()
+            .find_map(|t| t.strip_prefix(&format!("#{key}#")))
+            .unwrap_or_else(|| panic!("no answer to {key} in {texts:?}"))
+            .to_owned()
+    };
+    assert!(answer("2").starts_with("!not stored:"), "{texts:?}");
+    let (one, three) = (answer("1"), answer("3"));
+    assert!(
+        one.starts_with('@') && three.starts_with('@') && one < three,
+        "{texts:?}"
+    );
+    assert!(!texts.iter().any(|t| t.starts_with("#6#")), "{texts:?}");
+    let stored = get(&server, "/events/p").await.text();
+    let data: Vec<&str> = stored
+        .lines()
+        .map(|l| l.rsplit_once(':').unwrap().1)
+        .collect();
+    assert_eq!(data, ["one", "three", "four"], "{stored}");
+    assert!(stored.starts_with(&format!("{one}:/p:one\n")), "{stored}");
+}
