@@ -465,7 +465,9 @@ fn publish_one(
     let Err(e) = outcome else {
         return true;
     };
-    tracing::warn!(error = %e, "publish refused by the store");
+    // Per event, so debug: the writer logs the failure itself once, at error (a failed store
+    // under a pipelining publisher wrote over a million warnings in seconds).
+    tracing::debug!(error = %e, "publish refused by the store");
     match key {
         Some(key) => {
             refuse(session, key, &super::error::store_failure_reason(&e));
