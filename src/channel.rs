@@ -9,15 +9,18 @@
 //! A `Selector` is what a read asks for: one channel, a `*` glob (`/rooms/*/chat`) or a subtree
 //! (`/rooms/**`: the channel and everything below it).
 
+use compact_str::CompactString;
 use std::fmt;
 
 pub const PATH_BYTES_MAX: usize = 255;
 pub const SEGMENT_BYTES_MAX: usize = 64;
 pub const DEPTH_MAX: usize = 32;
 
-/// A checked channel path, normalised (leading `/`, no trailing `/` except the root).
+/// A checked channel path, normalised (leading `/`, no trailing `/` except the root). Held
+/// inline up to 24 bytes, as most paths are: every publish parses one, and the allocation and
+/// free of a boxed copy were 5% of the server's CPU under `ivy-bench publish`.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ChannelPath(Box<str>);
+pub struct ChannelPath(CompactString);
 
 /// Why a path, glob or selector was refused; the text is the one-line reason a client sees.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -169,7 +172,7 @@ impl ChannelPath {
         }
         let path = normalise(text);
         check_normalised(&path, false)?;
-        Ok(ChannelPath(path.into_boxed_str()))
+        Ok(ChannelPath(path.into()))
     }
 
     /// Checks a path that must already be in normal form, byte for byte (as stored on disk).
@@ -322,7 +325,7 @@ impl ChannelGlob {
         if out.is_empty() {
             ChannelPath::root()
         } else {
-            ChannelPath(out.into_boxed_str())
+            ChannelPath(out.into())
         }
     }
 
