@@ -304,11 +304,13 @@ async fn publish(
 ) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicU64::new(0));
+    let refusals = Refusals::default();
     let mut tasks = Vec::new();
     for c in 0..connections {
         let (mut r, mut w, _) = connect(addr).await?;
         let stop = Arc::clone(&stop);
         let acked = Arc::clone(&acked);
+        let refusals = refusals.clone();
         let path = format!("/bench/p{}", c % paths.max(1));
         tasks.push(tokio::spawn(async move {
             let data = "x".repeat(size);
@@ -336,11 +338,15 @@ async fn publish(
                         if frame.opcode != OpCode::Text || !frame.payload.starts_with(b"#") {
                             continue;
                         }
-                        if let Some(t) = sent_at.lock().pop_front() {
+                        let sent = sent_at.lock().pop_front();
+                        permits.add_permits(1);
+                        if refusals.note(&frame.payload) {
+                            continue;
+                        }
+                        if let Some(t) = sent {
                             lat.push(t.elapsed().as_micros() as u64);
                         }
                         acked.fetch_add(1, Ordering::Relaxed);
-                        permits.add_permits(1);
                     }
                     lat
                 })
@@ -384,7 +390,38 @@ async fn publish(
         started.elapsed().as_secs_f64()
     );
     percentiles("ack latency", lat);
-    Ok(())
+    refusals.check()
+}
+
+/// Answers `#KEY#!reason`: a refused publish is not an acknowledged one, and a run that had
+/// any is reported as failed rather than measured.
+#[derive(Clone, Default)]
+struct Refusals(Arc<parking_lot::Mutex<(u64, Option<String>)>>);
+
+impl Refusals {
+    /// Whether `answer` (`#KEY#...`) is a refusal; counts it, keeping the first reason.
+    fn note(&self, answer: &[u8]) -> bool {
+        let rest = answer
+            .get(1..)
+            .and_then(|a| a.iter().position(|&b| b == b'#').map(|i| &a[i + 1..]));
+        let Some(reason) = rest.and_then(|r| r.strip_prefix(b"!")) else {
+            return false;
+        };
+        let mut r = self.0.lock();
+        r.0 += 1;
+        r.1.get_or_insert_with(|| String::from_utf8_lossy(reason).into_owned());
+        true
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        match &*self.0.lock() {
+            (0, _) => Ok(()),
+            (n, reason) => anyhow::bail!(
+                "the server refused {n} publishes (first: {}); the figures above are not valid",
+                reason.as_deref().unwrap_or("?")
+            ),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -574,14 +611,17 @@ async fn fanout(
     let (mut pr, mut pw, _) = connect(addr).await?;
     let pad = "p".repeat(size.saturating_sub(40));
     let permits = Arc::new(tokio::sync::Semaphore::new(window));
+    let refusals = Refusals::default();
     let acker = {
         let permits = Arc::clone(&permits);
+        let refusals = refusals.clone();
         tokio::spawn(async move {
             while let Ok(frame) = pr
                 .read_frame(&mut |_| async { Ok::<(), std::convert::Infallible>(()) })
                 .await
             {
                 if frame.opcode == OpCode::Text && frame.payload.starts_with(b"#") {
+                    refusals.note(&frame.payload);
                     permits.add_permits(1);
                 }
             }
@@ -618,7 +658,7 @@ async fn fanout(
     };
     report_fanout(&label, subs, slow_count, &c, publish_secs).await?;
     acker.abort();
-    Ok(())
+    refusals.check()
 }
 
 /// The machine's floor for `fanout`: the same subscribers, served not by `ivy serve` but by a
@@ -901,4 +941,24 @@ fn main() -> anyhow::Result<()> {
     })?;
     drop(spawned);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_told_from_acks() {
+        let r = Refusals::default();
+        assert!(!r.note(b"#7#@1795982068.662161665"));
+        assert!(!r.note(b"#k!#@1"), "a ! inside the key is not a refusal");
+        assert!(r.check().is_ok());
+        assert!(r.note(b"#8#!not written: disk full"));
+        assert!(r.note(b"#9#!other"));
+        let e = r.check().expect_err("refusals fail the run").to_string();
+        assert!(
+            e.contains("refused 2 publishes (first: not written: disk full)"),
+            "{e}"
+        );
+    }
 }
