@@ -19,7 +19,18 @@ pub fn segment_bytes(bytes: &[u8]) {
             exercise_footer(rec.data);
             break;
         }
+        // A chain link decodes to the same record when its channel is named, and is refused
+        // under any other name.
+        assert_eq!(codec::decode_event_of(bytes, at, rec.path), Ok(rec));
+        let other = if rec.path == "/" { "/a" } else { "/" };
+        assert!(codec::decode_event_of(bytes, at, other).is_err());
         at += rec.len;
+    }
+    // Whatever it is given, a chain decode never yields a record the full decode refuses.
+    for at in [32, 60, 100] {
+        if let Ok(rec) = codec::decode_event_of(bytes, at, "/a") {
+            assert_eq!(codec::decode(bytes, at), Ok(rec));
+        }
     }
     if let Some(seal) = codec::decode_trailer(bytes) {
         if let Ok(rec) = codec::decode(bytes, seal) {

@@ -167,8 +167,9 @@ pub mod codec {
         decode_file as decode_index_file, encode_file as encode_index_file, IndexEntry,
     };
     pub use super::record::{
-        decode, decode_footer, decode_segment_header, decode_trailer, encode_event, encode_seal,
-        encode_segment_header, FooterSummary, Record, TableEntry, KIND_EVENT, KIND_SEAL,
+        decode, decode_event_of, decode_footer, decode_segment_header, decode_trailer,
+        encode_event, encode_seal, encode_segment_header, FooterSummary, Record, TableEntry,
+        KIND_EVENT, KIND_SEAL,
     };
     pub use super::recovery::scan_tail;
 }

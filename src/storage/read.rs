@@ -523,10 +523,10 @@ fn chain_step<'a>(
     seg: &Segment,
     bytes: &'a [u8],
     offset: u64,
-    channel: &str,
+    channel: &'a str,
 ) -> Result<Record<'a>> {
-    let rec = seg.decode(bytes, offset)?;
-    if rec.kind != record::KIND_EVENT || rec.path != channel || rec.prev >= offset {
+    let rec = seg.decode_event_of(bytes, offset, channel)?;
+    if rec.prev >= offset {
         return Err(Error::corrupt(
             seg.path(),
             offset,

@@ -221,6 +221,18 @@ impl Segment {
         let at = usize::try_from(offset).unwrap_or(usize::MAX);
         record::decode(bytes, at).map_err(|k| Error::corrupt(&self.path, offset, k))
     }
+
+    /// Decodes the event of `channel` at `offset` (`record::decode_event_of`).
+    pub fn decode_event_of<'a>(
+        &self,
+        bytes: &'a [u8],
+        offset: u64,
+        channel: &'a str,
+    ) -> Result<Record<'a>> {
+        let at = usize::try_from(offset).unwrap_or(usize::MAX);
+        record::decode_event_of(bytes, at, channel)
+            .map_err(|k| Error::corrupt(&self.path, offset, k))
+    }
 }
 
 /// Removes a file if it is there. Existence is checked first because `unlink` on a read-only
