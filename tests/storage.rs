@@ -477,6 +477,27 @@ fn oversized_events_are_refused_before_taking_an_id() {
 
 /// Many writers on different streams; a tail over all of them must see strictly increasing ids,
 /// every event exactly once, whatever order the streams were written in.
+/// `writers` threads, each appending `each` events to its path (`path_of(writer)`); each
+/// returns the ids it got.
+fn spawn_writers(
+    store: &Store,
+    writers: usize,
+    each: usize,
+    path_of: impl Fn(usize) -> String,
+) -> Vec<std::thread::JoinHandle<Vec<EventId>>> {
+    (0..writers)
+        .map(|w| {
+            let store = store.clone();
+            let p = path(&path_of(w));
+            std::thread::spawn(move || {
+                (0..each)
+                    .map(|i| store.append(&p, &i.to_le_bytes()).unwrap())
+                    .collect()
+            })
+        })
+        .collect()
+}
+
 #[test]
 fn a_tail_across_streams_delivers_in_id_order_without_gaps() {
     let dir = tempfile::tempdir().unwrap();
@@ -491,17 +512,7 @@ fn a_tail_across_streams_delivers_in_id_order_without_gaps() {
     let mut tail = ivy::storage::Tail::new(store.clone(), sel("/**"), store.committed());
     const WRITERS: usize = 4;
     const EACH: usize = 5_000;
-    let writers: Vec<_> = (0..WRITERS)
-        .map(|w| {
-            let store = store.clone();
-            std::thread::spawn(move || {
-                let p = path(&format!("/w{w}/x"));
-                (0..EACH)
-                    .map(|i| store.append(&p, &i.to_le_bytes()).unwrap())
-                    .collect::<Vec<_>>()
-            })
-        })
-        .collect();
+    let writers = spawn_writers(&store, WRITERS, EACH, |w| format!("/w{w}/x"));
     let mut seen: Vec<EventId> = Vec::new();
     while seen.len() < WRITERS * EACH {
         tail.wait(Duration::from_millis(50));
@@ -551,18 +562,7 @@ fn the_observer_is_told_every_round_and_every_fsync() {
     let before = store.totals();
     const WRITERS: usize = 4;
     const EACH: usize = 200;
-    let writers: Vec<_> = (0..WRITERS)
-        .map(|w| {
-            let store = store.clone();
-            std::thread::spawn(move || {
-                let p = path(&format!("/w{}/x", w % 2));
-                for i in 0..EACH {
-                    store.append(&p, &i.to_le_bytes()).unwrap();
-                }
-            })
-        })
-        .collect();
-    for w in writers {
+    for w in spawn_writers(&store, WRITERS, EACH, |w| format!("/w{}/x", w % 2)) {
         w.join().unwrap();
     }
     let after = store.totals();
