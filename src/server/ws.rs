@@ -221,17 +221,16 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 let mut next = std::pin::pin!(ws.read_frame(&mut no_send));
                 // A frame already buffered joins the batch; before waiting for the socket, the
                 // batch is appended.
-                let ready = match publishes.is_empty() {
-                    true => None,
-                    false => {
-                        let polled =
-                            std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await;
-                        match polled {
-                            Poll::Ready(read) => Some(read),
-                            Poll::Pending => {
-                                publishes.append(&hub, &session);
-                                None
-                            }
+                let ready = if publishes.is_empty() {
+                    None
+                } else {
+                    let polled =
+                        std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await;
+                    match polled {
+                        Poll::Ready(read) => Some(read),
+                        Poll::Pending => {
+                            publishes.append(&hub, &session);
+                            None
                         }
                     }
                 };
