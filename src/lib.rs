@@ -141,7 +141,8 @@
 //!    watermark passes the id (durable under `always`).
 //! 4. The dispatcher thread (`Hub::run_dispatcher`) reads the log up to the watermark, encodes
 //!    the line once, walks `/rooms/a`, `/rooms`, `/` in the index and pushes the shared frame to
-//!    each subscribed session once, except the publisher. A full queue turns the session
+//!    each subscribed session once, except the publisher (consecutive events of one channel go
+//!    as a run, under one lock of each session). A full queue turns the session
 //!    `Lagging`: its writer reads the log itself (`catchup.rs`) and rejoins live under the hub
 //!    lock, with no gap and no duplicate; past `lag_events_max` it is closed with 1013.
 //! 5. Between deliveries, the dispatcher flushes the sessions whose queue turned non-empty,

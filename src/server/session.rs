@@ -37,8 +37,9 @@ pub struct Session {
     pub state: Mutex<SessionState>,
     /// Wakes the connection's writer.
     pub wake: tokio::sync::Notify,
-    /// The last event id fan-out considered for this session, so that overlapping
-    /// subscriptions (`/a` and `/a/b`) yield one copy. Only the dispatcher thread touches it.
+    /// The last event id fan-out considered for this session (the last of the run of one
+    /// channel's events it delivered), so that overlapping subscriptions (`/a` and `/a/b`)
+    /// yield one copy. Only the dispatcher thread touches it.
     pub last_considered: AtomicU64,
     /// The session is in the dispatcher's list of sessions to flush (`fanout.rs`, `Dirty`).
     /// Only the dispatcher thread touches it.
