@@ -178,6 +178,16 @@ impl<'r> Iterator for Events<'r> {
         if self.remaining == 0 || self.is_failed {
             return None;
         }
+        if let [only] = self.sources.as_mut_slice() {
+            // One stream (one channel, or one subtree): already in order, nothing to merge. The
+            // heap's push and pop per event were 3-4% of a last-N read's CPU.
+            let item = only.next_event()?;
+            match item {
+                Ok(_) => self.remaining -= 1,
+                Err(_) => self.is_failed = true,
+            }
+            return Some(item);
+        }
         if !self.is_primed {
             self.is_primed = true;
             for i in 0..self.sources.len() {
