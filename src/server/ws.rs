@@ -378,14 +378,16 @@ const PUBLISH_BATCH_BYTES: usize = 256 * 1024;
 /// kept: every other frame is handled after the publishes read before it.
 #[derive(Default)]
 struct Publishes {
-    /// Each publish's key and channel, and where its data lies in `data`.
-    items: Vec<(
-        Option<compact_str::CompactString>,
-        ChannelPath,
-        std::ops::Range<usize>,
-    )>,
+    items: Vec<PublishItem>,
     data: Vec<u8>,
 }
+
+/// One batched publish: its key, its channel, and where its data lies in the batch's bytes.
+type PublishItem = (
+    Option<compact_str::CompactString>,
+    ChannelPath,
+    std::ops::Range<usize>,
+);
 
 impl Publishes {
     fn is_empty(&self) -> bool {
@@ -411,29 +413,15 @@ impl Publishes {
         if self.items.is_empty() {
             return;
         }
-        let events: Vec<(&ChannelPath, &[u8])> = self
-            .items
-            .iter()
-            .map(|(_, path, range)| (path, &self.data[range.clone()]))
-            .collect();
-        let mut appended = 0;
-        let mut wake_writer = false;
-        let outcome = hub.publish_batch(&events, session, &mut |st, id| {
-            if let Some(key) = &self.items[appended].0 {
-                // A writer with acks pending already waits for the next commit; only the first
-                // pending ack needs to wake it (one wake-up per publish was measurable).
-                wake_writer |= st.pending_acks.is_empty();
-                st.pending_acks.push_back((id, key.clone()));
-            }
-            appended += 1;
-        });
-        if wake_writer {
-            session.wake.notify_one();
-        }
+        let (appended, outcome) = append_acked(hub, session, &self.items, &self.data);
         if outcome.is_err() {
-            for (i, (path, data)) in events.iter().enumerate().skip(appended) {
-                if !publish_one(hub, session, self.items[i].0.as_deref(), path, data) {
-                    break;
+            for item in &self.items[appended..] {
+                let (_, outcome) =
+                    append_acked(hub, session, std::slice::from_ref(item), &self.data);
+                if let Err(e) = outcome {
+                    if !answer_refusal(session, item.0.as_deref(), &e) {
+                        break;
+                    }
                 }
             }
         }
@@ -442,38 +430,47 @@ impl Publishes {
     }
 }
 
-/// Publishes one event on its own; false when the connection is to close.
-fn publish_one(
+/// Appends `items` (data in `data`) and queues the ack of each keyed one that was appended;
+/// returns how many were appended, in order, and the store's outcome.
+fn append_acked(
     hub: &Hub,
     session: &Arc<Session>,
-    key: Option<&str>,
-    path: &ChannelPath,
+    items: &[PublishItem],
     data: &[u8],
-) -> bool {
+) -> (usize, crate::storage::Result<Option<EventId>>) {
+    let events: Vec<(&ChannelPath, &[u8])> = items
+        .iter()
+        .map(|(_, path, range)| (path, &data[range.clone()]))
+        .collect();
+    let mut appended = 0;
     let mut wake_writer = false;
-    let outcome = hub.publish_batch(&[(path, data)], session, &mut |st, id| {
-        if let Some(key) = key {
-            wake_writer = st.pending_acks.is_empty();
-            st.pending_acks
-                .push_back((id, compact_str::CompactString::new(key)));
+    let outcome = hub.publish_batch(&events, session, &mut |st, id| {
+        if let Some(key) = &items[appended].0 {
+            // A writer with acks pending already waits for the next commit; only the first
+            // pending ack needs to wake it (one wake-up per publish was measurable).
+            wake_writer |= st.pending_acks.is_empty();
+            st.pending_acks.push_back((id, key.clone()));
         }
+        appended += 1;
     });
     if wake_writer {
         session.wake.notify_one();
     }
-    let Err(e) = outcome else {
-        return true;
-    };
+    (appended, outcome)
+}
+
+/// Answers a publish the store refused; false when the connection is to close.
+fn answer_refusal(session: &Session, key: Option<&str>, e: &crate::storage::Error) -> bool {
     // Per event, so debug: the writer logs the failure itself once, at error (a failed store
     // under a pipelining publisher wrote over a million warnings in seconds).
     tracing::debug!(error = %e, "publish refused by the store");
     match key {
         Some(key) => {
-            refuse(session, key, &super::error::store_failure_reason(&e));
+            refuse(session, key, &super::error::store_failure_reason(e));
             true
         }
         None => {
-            let (code, reason) = super::error::close_for_store_failure(&e);
+            let (code, reason) = super::error::close_for_store_failure(e);
             session.close(code, reason);
             false
         }
