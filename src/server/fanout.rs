@@ -166,14 +166,15 @@ impl Hub {
     ) -> crate::storage::Result<EventId> {
         match origin {
             Some(session) => self
-                .store
-                .append_nowait_with(path, data, &mut |id| session.state.lock().note_own(id)),
+                .publish_batch(&[(path, data)], session, &mut |_, _| {})?
+                .ok_or(crate::storage::Error::Closed),
             None => self.store.append_nowait(path, data),
         }
     }
 
     /// Appends a connection's pipelined publishes (`Store::append_batch_nowait_with`), each
-    /// excluded from its delivery to `origin`. `on_id` is told each new id with the session's
+    /// excluded from its delivery to `origin`: the id is recorded as the session's own from
+    /// inside the append, before the event can be committed. `on_id` is told each new id with the session's
     /// state, under the lock that records the id as the session's own (one lock per event).
     pub fn publish_batch(
         &self,

@@ -146,23 +146,11 @@ impl Store {
             .ok_or(Error::Closed)
     }
 
-    /// As `append_nowait`, and calls `on_id` with the new id before the event can be committed
-    /// (and so before any reader or watermark can show it). The server records a publisher
-    /// here, so fan-out always knows whom not to send an event back to. `on_id` runs under the
-    /// stream's lock: it must be short and must not append.
-    pub fn append_nowait_with(
-        &self,
-        path: &ChannelPath,
-        data: &[u8],
-        on_id: &mut dyn FnMut(EventId),
-    ) -> Result<EventId> {
-        self.append_each(&[(path, data)], None, on_id)?
-            .ok_or(Error::Closed)
-    }
-
-    /// As `append_nowait_with` for several events, in order, each with a fresh id: consecutive
-    /// events of one stream share one pass through the locks. `on_id` is called for each event
-    /// appended, in order. On an error, exactly the events `on_id` was called for are appended
+    /// Appends events in order, each with a fresh id, without waiting for the writer:
+    /// consecutive events of one stream share one pass through the locks. `on_id` is called with
+    /// each new id before the event can be committed (and so before any reader or watermark can
+    /// show it); the server records a publisher there, so fan-out always knows whom not to send
+    /// an event back to. It runs under the stream's lock: it must be short and must not append. On an error, exactly the events `on_id` was called for are appended
     /// (a stream's consecutive events are appended all or none); the rest are not.
     pub fn append_batch_nowait_with(
         &self,
