@@ -19,11 +19,31 @@ fn histogram((start, factor, count): (f64, f64, u16)) -> Histogram {
     Histogram::new(exponential_buckets(start, factor, count))
 }
 
+/// What the writer reports as it works (`CommitObserver`).
+pub struct CommitHistograms {
+    /// Events per group-commit round (the batch that one write and one fsync serve).
+    pub round_events: Histogram,
+    /// A round's writes and (under `always`) syncs: what an ack waits for beyond its queueing.
+    pub round_seconds: Histogram,
+    pub fsync_seconds: Histogram,
+}
+
+impl Default for CommitHistograms {
+    fn default() -> CommitHistograms {
+        CommitHistograms {
+            round_events: histogram(EVENTS_BUCKETS),
+            round_seconds: histogram(SECONDS_BUCKETS),
+            fsync_seconds: histogram(SECONDS_BUCKETS),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
     pub status: u16,
 }
 
+#[derive(Default)]
 pub struct Metrics {
     pub registry: Registry,
     pub events_appended: Counter,
@@ -31,11 +51,7 @@ pub struct Metrics {
     pub fsyncs: Counter,
     pub commit_rounds: Counter,
     pub write_failures: Counter,
-    /// Events per group-commit round (the batch that one write and one fsync serve).
-    pub round_events: Histogram,
-    /// A round's writes and (under `always`) syncs: what an ack waits for beyond its queueing.
-    pub round_seconds: Histogram,
-    pub fsync_seconds: Histogram,
+    pub commits: CommitHistograms,
     pub connections: Gauge,
     pub websockets: Gauge,
     pub subscriptions: Gauge,
@@ -49,26 +65,7 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut m = Metrics {
-            registry: Registry::default(),
-            events_appended: Counter::default(),
-            bytes_appended: Counter::default(),
-            fsyncs: Counter::default(),
-            commit_rounds: Counter::default(),
-            write_failures: Counter::default(),
-            round_events: histogram(EVENTS_BUCKETS),
-            round_seconds: histogram(SECONDS_BUCKETS),
-            fsync_seconds: histogram(SECONDS_BUCKETS),
-            connections: Gauge::default(),
-            websockets: Gauge::default(),
-            subscriptions: Gauge::default(),
-            deliveries: Counter::default(),
-            direct_writes: Counter::default(),
-            lagging: Gauge::default(),
-            lag_closes: Counter::default(),
-            catchup_reads: Counter::default(),
-            http_requests: Family::default(),
-        };
+        let mut m = Metrics::default();
         let r = &mut m.registry;
         r.register(
             "ivy_events_appended",
@@ -98,19 +95,19 @@ impl Metrics {
         r.register(
             "ivy_commit_round_events",
             "Events per group-commit round",
-            m.round_events.clone(),
+            m.commits.round_events.clone(),
         );
         r.register_with_unit(
             "ivy_commit_round",
             "Time of a group-commit round: its writes, and under `always` its syncs",
             Unit::Seconds,
-            m.round_seconds.clone(),
+            m.commits.round_seconds.clone(),
         );
         r.register_with_unit(
             "ivy_fsync",
             "Time of one fdatasync of a segment file",
             Unit::Seconds,
-            m.fsync_seconds.clone(),
+            m.commits.fsync_seconds.clone(),
         );
         r.register(
             "ivy_connections",
@@ -183,20 +180,14 @@ impl Metrics {
     }
 }
 
-impl Default for Metrics {
-    fn default() -> Metrics {
-        Metrics::new()
-    }
-}
-
 impl crate::storage::CommitObserver for Metrics {
     fn round(&self, events: usize, took: Duration) {
-        self.round_events.observe(events as f64);
-        self.round_seconds.observe(took.as_secs_f64());
+        self.commits.round_events.observe(events as f64);
+        self.commits.round_seconds.observe(took.as_secs_f64());
     }
 
     fn fsync(&self, took: Duration) {
-        self.fsync_seconds.observe(took.as_secs_f64());
+        self.commits.fsync_seconds.observe(took.as_secs_f64());
     }
 }
 
