@@ -53,11 +53,15 @@
 //!   segments holding no committed event removed, the in-memory view rebuilt.
 //! - `stream.rs`: one stream: its segments, the pending chunks, the in-memory channel heads and
 //!   index of its live segment, snapshots for readers.
-//! - `segment.rs`: one segment file: create, `pwrite`, sync, seal, its sealed view and index.
+//! - `segment.rs`: one segment file: create (or take a spare), `pwrite`, sync, seal, its sealed
+//!   view and index.
+//! - `spare.rs`: the zero-filled spare segment a background thread keeps ready, so that a stream
+//!   that filled a segment writes its next one by overwriting (a faster `fdatasync`).
 //! - `record.rs`: the byte codec (header, record, seal footer, trailer); no I/O.
 //! - `index.rs`: the sparse index: which records get an entry, the file codec, seek.
 //! - `read.rs`: `Reader` (a snapshot) and `Events` (lazy, merged by id, data borrowed from maps).
-//! - `recovery.rs`: opening a stream: cut a torn tail, refuse corruption in the middle.
+//! - `recovery.rs`: opening a stream: cut a torn tail, keep a spare's zeroes as free space,
+//!   refuse corruption in the middle.
 //! - `verify.rs`: the offline full check and the safe repairs.
 //! - `io.rs`: `FileIo`, the writer's file operations (create, `pwrite`, `fdatasync`, directory
 //!   sync, rename, and the rollback's truncate and remove) behind a trait, so
@@ -119,7 +123,7 @@
 //!    and feeding the sparse index (`index.rs`).
 //! 3. The writer thread (`commit.rs`) takes every dirty stream's chunks in one round: one `pwrite`
 //!    per chunk, one `fdatasync` per file under `always` (group commit), seals made durable before
-//!    the next segment exists. If any of it fails, nothing of the round is published: its ids are
+//!    the next segment exists (made from the spare, `spare.rs`, when the sealed one was full). If any of it fails, nothing of the round is published: its ids are
 //!    failed, the streams are cut back (`rollback.rs`), and appends pause for a second.
 //! 4. Only then does it publish: each live segment's committed end and channel heads
 //!    (`StreamState::mark_committed`), and the store's commit watermark; waiters wake

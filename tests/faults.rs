@@ -395,3 +395,80 @@ fn random_faults_lose_nothing_acknowledged_and_keep_nothing_failed() {
         acked.len()
     );
 }
+
+/// Fails, as a full disk would, every write to a spare segment being filled; the rest works.
+#[derive(Default)]
+struct NoRoomForSpares {
+    refused: AtomicU64,
+}
+
+impl NoRoomForSpares {
+    fn check(&self, path: &Path) -> io::Result<()> {
+        if path.file_name().is_some_and(|n| n == "SPARE.tmp") {
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return Err(io::Error::from_raw_os_error(ENOSPC));
+        }
+        Ok(())
+    }
+}
+
+impl FileIo for NoRoomForSpares {
+    fn create(&self, path: &Path) -> io::Result<File> {
+        OsIo.create(path)
+    }
+    fn write_at(&self, path: &Path, file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        self.check(path)?;
+        OsIo.write_at(path, file, offset, bytes)
+    }
+    fn sync_data(&self, path: &Path, file: &File) -> io::Result<()> {
+        OsIo.sync_data(path, file)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        OsIo.sync_dir(dir)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        OsIo.rename(from, to)
+    }
+    fn truncate(&self, path: &Path, file: &File, len: u64) -> io::Result<()> {
+        OsIo.truncate(path, file, len)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        OsIo.remove(path)
+    }
+}
+
+/// A spare is an optimisation: when it cannot be filled, segments are created empty, no append
+/// fails, and the filler does not keep taking the space the writer needs (it tries once).
+#[test]
+fn a_spare_that_cannot_be_filled_costs_no_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let layer = Arc::new(NoRoomForSpares::default());
+    let store = Store::open(dir.path(), options(layer.clone())).unwrap();
+    let a = common::path("/s/a");
+    let mut acked = Events::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while common::segments(dir.path()).len() < 8 || layer.refused.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the filler never tried");
+        let data = format!("event {}", acked.len()).into_bytes();
+        let id = store
+            .append(&a, &data)
+            .expect("no append fails for want of a spare");
+        acked.insert(id, ("/s/a".into(), data));
+        // Give the filler its chance between rolls.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        layer.refused.load(Ordering::SeqCst),
+        1,
+        "the filler tried once"
+    );
+    assert!(
+        !dir.path().join("SPARE.tmp").exists(),
+        "the half-filled spare is removed"
+    );
+    assert!(!dir.path().join("SPARE").exists());
+    assert_eq!(stored(&store), acked);
+    store.close().unwrap();
+    drop(store);
+    assert_verified(dir.path());
+}

@@ -125,3 +125,26 @@ fn a_sealed_segment_matches_the_page() {
     let last = codec::decode(&seg, third as usize).unwrap();
     assert_eq!((last.path, last.prev), ("/b", 32));
 }
+
+/// "Finding the end of valid data": the example segment followed by zeroes to the end of the file
+/// ends in free space (kept), and the same zeroes with one nonzero byte after them are a torn tail.
+#[test]
+fn zeroes_to_the_end_are_free_space_and_anything_after_them_is_torn() {
+    let example = &example_blocks()[0];
+    let path = std::path::Path::new("example.seg");
+    let mut spare_made = example.clone();
+    spare_made.resize(4096, 0);
+    let scan = codec::scan_tail(path, &spare_made, 0).unwrap();
+    assert_eq!((scan.valid_end, scan.events), (64, 1));
+    assert!(scan.is_free_after && !scan.is_torn());
+
+    let mut torn = spare_made.clone();
+    torn[4000] = 1;
+    let scan = codec::scan_tail(path, &torn, 0).unwrap();
+    assert_eq!((scan.valid_end, scan.events), (64, 1));
+    assert!(scan.is_torn());
+
+    let scan = codec::scan_tail(path, example, 0).unwrap();
+    assert_eq!(scan.valid_end, scan.file_len, "ends at the end of the file");
+    assert!(!scan.is_torn());
+}

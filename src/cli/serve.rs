@@ -30,6 +30,10 @@ pub struct Args {
     /// A segment is sealed before an event this much younger than its first (seconds; 0: never).
     #[arg(long, env = "IVY_SEGMENT_AGE_SECS", default_value_t = 0)]
     segment_age_secs: u64,
+    /// Zero-fill the next segment of a stream that filled one, in the background, so that
+    /// appends overwrite instead of extending the file (faster fsync on most filesystems).
+    #[arg(long, env = "IVY_PREALLOCATE", default_value_t = true, action = clap::ArgAction::Set)]
+    preallocate: bool,
     /// Events with at least this many bytes of data are announced, not sent inline (bytes).
     #[arg(long, env = "IVY_LARGE_EVENT_BYTES", default_value_t = 64 * 1024)]
     large_event_bytes: usize,
@@ -82,6 +86,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         segment_bytes_max: args.segment_bytes_max.max(4096),
         segment_age_max: (args.segment_age_secs > 0)
             .then(|| Duration::from_secs(args.segment_age_secs)),
+        preallocate: args.preallocate,
         ..StoreOptions::default()
     };
     let opts = ServerOptions {

@@ -35,7 +35,8 @@
 
 use super::error::{Error, Result, WriteFailure};
 use super::segment::Segment;
-use super::stream::{Chunk, Stream};
+use super::spare::Spares;
+use super::stream::{Chunk, Create, Stream};
 use super::{CommitObserver, Durability, StoreOptions};
 use crate::clock::IdClock;
 use crate::event_id::EventId;
@@ -318,11 +319,12 @@ impl Shared {
     }
 }
 
-/// The writer thread's body.
-pub(crate) fn run_writer(shared: Arc<Shared>) {
+/// The writer thread's body. `spares` (`None`: no preallocation) end with it.
+pub(crate) fn run_writer(shared: Arc<Shared>, spares: Option<Spares>) {
     let mut writer = Writer {
         unsynced: Vec::new(),
         last_sync: Instant::now(),
+        spares,
         shared,
     };
     loop {
@@ -350,6 +352,7 @@ struct Writer {
     /// Segments written since the last sync (interval and never policies).
     unsynced: Vec<Arc<Segment>>,
     last_sync: Instant,
+    spares: Option<Spares>,
 }
 
 impl Writer {
@@ -544,13 +547,18 @@ impl Writer {
         let mut new_files: Vec<PathBuf> = Vec::new();
         for (stream, chunks) in batches.iter() {
             for chunk in chunks {
-                if chunk.is_create {
-                    chunk.seg.create_file(&*opts.io, map_len)?;
+                if let Some(create) = chunk.create {
+                    let spare = match (create, &mut self.spares) {
+                        (Create::PreferSpare, Some(spares)) => spares.take(),
+                        _ => None,
+                    };
+                    chunk.seg.create_file(&*opts.io, map_len, spare)?;
                     new_files.push(stream.dir().to_path_buf());
                 }
                 chunk.seg.write_at(&*opts.io, chunk.offset, &chunk.bytes)?;
                 if chunk.is_seal {
-                    self.seal(stream, &chunk.seg)?;
+                    let end = chunk.offset + chunk.bytes.len() as u64;
+                    self.seal(stream, &chunk.seg, end)?;
                 } else if !written.iter().any(|s| Arc::ptr_eq(s, &chunk.seg)) {
                     written.push(Arc::clone(&chunk.seg));
                 }
@@ -581,9 +589,11 @@ impl Writer {
         Ok(())
     }
 
-    /// A seal record was written: make it durable (under every policy, so that every segment but
-    /// the last in a stream is sealed on disk), write the index, switch readers to the sealed view.
-    fn seal(&mut self, stream: &Stream, seg: &Arc<Segment>) -> Result<()> {
+    /// A seal record ending at `end` was written: cut what a spare left after it, make it durable
+    /// (under every policy, so that every segment but the last in a stream is sealed on disk),
+    /// write the index, switch readers to the sealed view.
+    fn seal(&mut self, stream: &Stream, seg: &Arc<Segment>, end: u64) -> Result<()> {
+        seg.cut_after_seal(&*self.shared.opts.io, end)?;
         self.shared.sync_segment(seg)?;
         let entries = {
             let state = stream.state.lock();

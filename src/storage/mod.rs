@@ -31,6 +31,7 @@ mod record;
 mod recovery;
 mod rollback;
 mod segment;
+mod spare;
 mod store;
 mod stream;
 mod tail;
@@ -116,6 +117,9 @@ pub struct StoreOptions {
     pub segment_bytes_max: u64,
     /// A segment is sealed before an event more than this much younger than its first.
     pub segment_age_max: Option<Duration>,
+    /// Segments after a full one start as zero-filled files made in the background, so that
+    /// appends overwrite instead of extending (faster `fdatasync`; `spare.rs`).
+    pub preallocate: bool,
     pub index_interval_bytes: u32,
     /// The largest event data accepted.
     pub event_bytes_max: usize,
@@ -136,6 +140,7 @@ impl Default for StoreOptions {
             stream_depth: 1,
             segment_bytes_max: 64 << 20,
             segment_age_max: None,
+            preallocate: true,
             index_interval_bytes: DEFAULT_INDEX_INTERVAL,
             event_bytes_max: 16 << 20,
             pending_bytes_max: 64 << 20,
@@ -153,6 +158,7 @@ impl std::fmt::Debug for StoreOptions {
             .field("stream_depth", &self.stream_depth)
             .field("segment_bytes_max", &self.segment_bytes_max)
             .field("segment_age_max", &self.segment_age_max)
+            .field("preallocate", &self.preallocate)
             .field("index_interval_bytes", &self.index_interval_bytes)
             .field("event_bytes_max", &self.event_bytes_max)
             .field("pending_bytes_max", &self.pending_bytes_max)

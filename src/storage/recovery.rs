@@ -7,7 +7,13 @@
 //! - a **torn tail** (a partial record, zeroes, or garbage with no valid record after it): cut
 //!   off, and the cut is logged with file, offset and byte count;
 //! - **corruption in the middle** (a damaged record followed by a valid one, or ids that do not
-//!   increase): refused with an error naming file and offset. Nothing is cut.
+//!   increase): refused with an error naming file and offset. Nothing is cut;
+//! - **free space**: zeroes from there to the end of the file, the rest of a segment made from a
+//!   zero-filled spare (`spare.rs`). Kept: the writer goes on writing over it.
+//!
+//! A last segment whose header does not decode is **torn at creation** when nothing but zeroes
+//! follows the header's place (a file shorter than a header, or a spare renamed into place whose
+//! header never reached the disk): it holds no event and is removed.
 //!
 //! The scan reads the segment once, through the map the store keeps, and registers each valid
 //! record as it goes. When a torn tail must be cut, that map (and everything holding it) is
@@ -42,6 +48,23 @@ pub struct TailScan {
     pub file_len: u64,
     pub events: u64,
     pub last_id: Option<u64>,
+    /// Everything from `valid_end` to the end of the file is zero: free space, not a torn tail.
+    pub is_free_after: bool,
+}
+
+impl TailScan {
+    /// Whether bytes after the valid records must be cut (a torn tail).
+    pub fn is_torn(&self) -> bool {
+        self.valid_end < self.file_len && !self.is_free_after
+    }
+}
+
+/// Whether `bytes` are all zero: the free space of a segment made from a spare. Folded a page
+/// at a time so that the compiler vectorises it: a spare is a whole segment long.
+pub(crate) fn is_zeroes(bytes: &[u8]) -> bool {
+    bytes
+        .chunks(4096)
+        .all(|page| page.iter().fold(0u8, |acc, b| acc | b) == 0)
 }
 
 /// The segment files of a stream directory, oldest first.
@@ -78,6 +101,7 @@ fn scan_tail_with(
         file_len,
         events: 0,
         last_id: None,
+        is_free_after: false,
     };
     let mut previous = after_id;
     let mut at = record::SEGMENT_HEADER_LEN;
@@ -110,6 +134,7 @@ fn scan_tail_with(
             }
         }
     }
+    scan.is_free_after = is_zeroes(&bytes[at.min(bytes.len())..]);
     Ok(scan)
 }
 
@@ -197,16 +222,24 @@ pub fn open_stream(dir: &Path, opts: &StoreOptions, access: Access) -> Result<St
     let mut live = LiveSegment::new(Arc::clone(&seg), opts.index_interval_bytes);
     let scan = {
         let bytes = seg.records(Some(file_len))?;
-        let header_id = record::decode_segment_header(bytes)
-            .map_err(|(o, k)| Error::corrupt(&last_path, o, k))?;
-        if header_id != last_first_id.0 {
-            return Err(Error::corrupt(&last_path, 16, Corruption::NameMismatch));
+        match record::decode_segment_header(bytes) {
+            Ok(id) if id == last_first_id.0 => {
+                scan_tail_with(&last_path, bytes, previous_last_id, |offset, rec| {
+                    live.note_recovered(offset, rec.id, rec.path, rec.len as u64);
+                })?
+            }
+            Ok(_) => return Err(Error::corrupt(&last_path, 16, Corruption::NameMismatch)),
+            Err(_) if is_zeroes(&bytes[record::SEGMENT_HEADER_LEN..]) => TailScan {
+                valid_end: 0,
+                file_len,
+                events: 0,
+                last_id: None,
+                is_free_after: false,
+            },
+            Err((o, k)) => return Err(Error::corrupt(&last_path, o, k)),
         }
-        scan_tail_with(&last_path, bytes, previous_last_id, |offset, rec| {
-            live.note_recovered(offset, rec.id, rec.path, rec.len as u64);
-        })?
     };
-    if scan.events == 0 || (scan.valid_end < scan.file_len && writable) {
+    if scan.events == 0 || (scan.is_torn() && writable) {
         // The file is about to be removed or cut: no map of it may live (contract, clause 2).
         drop(live);
         drop(seg);

@@ -12,6 +12,7 @@ use super::io::FileIo;
 use super::layout;
 use super::mmap::Map;
 use super::record::{self, FooterSummary, Record, KIND_SEAL};
+use super::spare::Spare;
 use crate::event_id::EventId;
 use parking_lot::Mutex;
 use std::fs::{self, File, OpenOptions};
@@ -91,11 +92,20 @@ impl Segment {
         self.first_id
     }
 
-    /// Writer only: creates the file (it must not exist) and maps it at `map_len`.
-    pub fn create_file(&self, io: &dyn FileIo, map_len: usize) -> Result<()> {
-        let file = io
-            .create(&self.path)
-            .map_err(|e| Error::io(&self.path, "create", e))?;
+    /// Writer only: creates the file (it must not exist), or renames `spare` to it, and maps it at
+    /// `map_len`. A spare is zero-filled (`spare.rs`): the file is then longer than what is
+    /// written into it until the seal cuts it (`cut_after_seal`).
+    pub fn create_file(&self, io: &dyn FileIo, map_len: usize, spare: Option<Spare>) -> Result<()> {
+        let file = match spare {
+            Some(spare) => {
+                io.rename(&spare.path, &self.path)
+                    .map_err(|e| Error::io(&self.path, "rename a spare to", e))?;
+                spare.file
+            }
+            None => io
+                .create(&self.path)
+                .map_err(|e| Error::io(&self.path, "create", e))?,
+        };
         let map = Map::with_len(&file, map_len).map_err(|e| Error::io(&self.path, "mmap", e))?;
         *self.file.lock() = Some(file);
         let _ = self.live_map.set(map);
@@ -155,6 +165,25 @@ impl Segment {
                 path: self.path.clone(),
                 source,
             })
+    }
+
+    /// Writer only, after writing the seal record that ends at `end`: cuts the zeroes a spare
+    /// left after it, so that the trailer is the file's last bytes. The seal's sync that follows
+    /// makes the new length durable with the record.
+    pub fn cut_after_seal(&self, io: &dyn FileIo, end: u64) -> Result<()> {
+        let guard = self.file.lock();
+        let file = guard
+            .as_ref()
+            .ok_or_else(|| Error::NotWritable(self.path.clone()))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(&self.path, "stat", e))?
+            .len();
+        if len > end {
+            io.truncate(&self.path, file, end)
+                .map_err(|e| Error::io(&self.path, "truncate", e))?;
+        }
+        Ok(())
     }
 
     /// Writer only, rolling back a failed write: removes the file and any index written for it.

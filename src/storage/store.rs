@@ -6,6 +6,7 @@ use super::error::{Error, Result, WriteFailure};
 use super::layout;
 use super::read::Reader;
 use super::recovery::{self, Access};
+use super::spare::{self, Spares};
 use super::stream::{self, Stream, StreamState};
 use super::{Durability, StoreOptions};
 use crate::channel::{ChannelPath, Selector};
@@ -100,9 +101,14 @@ impl Store {
         let shared = Arc::new(Shared::new(opts, last_id));
         let writer = if access == Access::ReadWrite {
             let for_thread = Arc::clone(&shared);
+            spare::remove_left_over(dir)?;
+            let spares = shared
+                .opts
+                .preallocate
+                .then(|| Spares::new(dir, &shared.opts));
             let handle = std::thread::Builder::new()
                 .name("ivy-writer".into())
-                .spawn(move || commit::run_writer(for_thread))
+                .spawn(move || commit::run_writer(for_thread, spares))
                 .map_err(|e| Error::io(dir, "spawn writer thread", e))?;
             Some(handle)
         } else {

@@ -81,8 +81,19 @@ pub(crate) struct Chunk {
     pub records_end: u64,
     /// (channel slot, offset) of each event record in the chunk, in order.
     pub events: Vec<(u32, u64)>,
-    pub is_create: bool,
+    /// Set on the chunk that starts its segment: the writer makes the file first.
+    pub create: Option<Create>,
     pub is_seal: bool,
+}
+
+/// How the writer makes a new segment's file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Create {
+    /// An empty file that grows with each write.
+    Empty,
+    /// The zero-filled spare if one is ready (`spare.rs`), else an empty file. Asked for when the
+    /// segment before was full, so a cold stream never costs a whole segment of disk.
+    PreferSpare,
 }
 
 impl LiveSegment {
@@ -270,9 +281,9 @@ impl StreamState {
     ) {
         debug_assert!(id > self.last_id);
         let rec_len = record::event_len(path, data) as u64;
-        if self.needs_roll(opts, id, rec_len) {
+        if let Some(create) = self.needs_roll(opts, id, rec_len) {
             self.seal_active();
-            self.start_segment(dir, opts, id);
+            self.start_segment(dir, opts, id, create);
         }
         let live = self.live.back_mut().expect("start_segment made one");
         let offset = live.pending_end;
@@ -286,15 +297,16 @@ impl StreamState {
         self.last_id = id;
     }
 
-    fn needs_roll(&self, opts: &StoreOptions, id: EventId, rec_len: u64) -> bool {
+    /// Whether this record needs a new segment, and how to make its file.
+    fn needs_roll(&self, opts: &StoreOptions, id: EventId, rec_len: u64) -> Option<Create> {
         let Some(live) = self.live.back() else {
-            return true;
+            return Some(Create::Empty);
         };
         if live.is_sealing {
-            return true;
+            return Some(Create::Empty);
         }
         if live.event_count == 0 {
-            return false;
+            return None;
         }
         let full = live.pending_end + rec_len > opts.segment_bytes_max;
         let old = match (opts.segment_age_max, live.first_event_id) {
@@ -304,7 +316,11 @@ impl StreamState {
             }
             _ => false,
         };
-        full || old
+        match (full, old) {
+            (true, _) if opts.preallocate => Some(Create::PreferSpare),
+            (false, false) => None,
+            _ => Some(Create::Empty),
+        }
     }
 
     /// The pending chunk that continues at `offset` of `seg`, or a new one.
@@ -319,7 +335,7 @@ impl StreamState {
                 bytes: Vec::with_capacity(64 * 1024),
                 records_end: offset,
                 events: Vec::new(),
-                is_create: false,
+                create: None,
                 is_seal: false,
             });
         }
@@ -358,7 +374,13 @@ impl StreamState {
         chunk.is_seal = true;
     }
 
-    fn start_segment(&mut self, dir: &Path, opts: &StoreOptions, first_id: EventId) {
+    fn start_segment(
+        &mut self,
+        dir: &Path,
+        opts: &StoreOptions,
+        first_id: EventId,
+        create: Create,
+    ) {
         let seg = Arc::new(Segment::new_live(dir, first_id));
         let mut segments = Vec::with_capacity(self.segments.len() + 1);
         segments.extend(self.segments.iter().cloned());
@@ -376,7 +398,7 @@ impl StreamState {
             records_end: bytes.len() as u64,
             events: Vec::new(),
             bytes,
-            is_create: true,
+            create: Some(create),
             is_seal: false,
         });
     }

@@ -214,7 +214,9 @@ fn check_segment(job: &Job) -> SegmentCheck {
             .findings
             .push(finding(path, 16, Corruption::NameMismatch)),
         Err((offset, kind)) => {
-            if !(job.is_last && bytes.len() < record::SEGMENT_HEADER_LEN) {
+            let is_torn_at_creation = bytes.len() < record::SEGMENT_HEADER_LEN
+                || recovery::is_zeroes(&bytes[record::SEGMENT_HEADER_LEN..]);
+            if !(job.is_last && is_torn_at_creation) {
                 check.findings.push(finding(path, offset, kind));
             } else {
                 check.torn_tail = Some((0, bytes.len() as u64));
@@ -270,6 +272,10 @@ fn scan_records<'a>(
                 return chains;
             }
             Ok(rec) => rec,
+            Err(_) if job.is_last && recovery::is_zeroes(&bytes[at..]) => {
+                // The rest of a segment made from a zero-filled spare: free space.
+                return chains;
+            }
             Err(kind) => {
                 let follows = recovery::next_valid_record(&bytes[..end], at);
                 if job.is_last && follows.is_none() && record::decode_trailer(bytes).is_none() {
