@@ -396,28 +396,42 @@ fn random_faults_lose_nothing_acknowledged_and_keep_nothing_failed() {
     );
 }
 
-/// Fails, as a full disk would, every write to a spare segment being filled; the rest works.
-#[derive(Default)]
-struct NoRoomForSpares {
+/// Fails one step of making a spare segment, every time; the rest works.
+struct SpareFault {
+    /// Fail writes to `SPARE.tmp` (as a full disk would), or renames of `SPARE` (as when the
+    /// streams are on another filesystem).
+    at_rename: bool,
     refused: AtomicU64,
 }
 
-impl NoRoomForSpares {
-    fn check(&self, path: &Path) -> io::Result<()> {
-        if path.file_name().is_some_and(|n| n == "SPARE.tmp") {
+impl SpareFault {
+    fn new(at_rename: bool) -> Arc<SpareFault> {
+        Arc::new(SpareFault {
+            at_rename,
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    fn check(&self, path: &Path, is_rename: bool) -> io::Result<()> {
+        let name = if self.at_rename { "SPARE" } else { "SPARE.tmp" };
+        if is_rename == self.at_rename && path.file_name().is_some_and(|n| n == name) {
             self.refused.fetch_add(1, Ordering::SeqCst);
-            return Err(io::Error::from_raw_os_error(ENOSPC));
+            return Err(io::Error::from_raw_os_error(if is_rename {
+                18 // EXDEV
+            } else {
+                ENOSPC
+            }));
         }
         Ok(())
     }
 }
 
-impl FileIo for NoRoomForSpares {
+impl FileIo for SpareFault {
     fn create(&self, path: &Path) -> io::Result<File> {
         OsIo.create(path)
     }
     fn write_at(&self, path: &Path, file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
-        self.check(path)?;
+        self.check(path, false)?;
         OsIo.write_at(path, file, offset, bytes)
     }
     fn sync_data(&self, path: &Path, file: &File) -> io::Result<()> {
@@ -427,6 +441,7 @@ impl FileIo for NoRoomForSpares {
         OsIo.sync_dir(dir)
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.check(from, true)?;
         OsIo.rename(from, to)
     }
     fn truncate(&self, path: &Path, file: &File, len: u64) -> io::Result<()> {
@@ -437,38 +452,39 @@ impl FileIo for NoRoomForSpares {
     }
 }
 
-/// A spare is an optimisation: when it cannot be filled, segments are created empty, no append
-/// fails, and the filler does not keep taking the space the writer needs (it tries once).
+/// A spare is an optimisation: when it cannot be filled or renamed into place, segments are
+/// created empty, no append fails, and spares stop after the first failure (a filler retrying on
+/// a full disk would take the space the writer needs).
 #[test]
-fn a_spare_that_cannot_be_filled_costs_no_append() {
-    let dir = tempfile::tempdir().unwrap();
-    let layer = Arc::new(NoRoomForSpares::default());
-    let store = Store::open(dir.path(), options(layer.clone())).unwrap();
-    let a = common::path("/s/a");
-    let mut acked = Events::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while common::segments(dir.path()).len() < 8 || layer.refused.load(Ordering::SeqCst) == 0 {
-        assert!(Instant::now() < deadline, "the filler never tried");
-        let data = format!("event {}", acked.len()).into_bytes();
-        let id = store
-            .append(&a, &data)
-            .expect("no append fails for want of a spare");
-        acked.insert(id, ("/s/a".into(), data));
-        // Give the filler its chance between rolls.
-        std::thread::sleep(Duration::from_millis(1));
+fn a_spare_that_cannot_be_made_costs_no_append() {
+    for at_rename in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = SpareFault::new(at_rename);
+        let store = Store::open(dir.path(), options(layer.clone())).unwrap();
+        let a = common::path("/s/a");
+        let mut acked = Events::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while common::segments(dir.path()).len() < 8 || layer.refused.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "the spare was never tried");
+            let data = format!("event {}", acked.len()).into_bytes();
+            let id = store
+                .append(&a, &data)
+                .expect("no append fails for want of a spare");
+            acked.insert(id, ("/s/a".into(), data));
+            // Give the filler its chance between rolls.
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let what = if at_rename { "rename" } else { "fill" };
+        assert_eq!(
+            layer.refused.load(Ordering::SeqCst),
+            1,
+            "{what}: tried once"
+        );
+        assert!(!dir.path().join("SPARE.tmp").exists(), "{what}");
+        assert!(!dir.path().join("SPARE").exists(), "{what}");
+        assert_eq!(stored(&store), acked, "{what}");
+        store.close().unwrap();
+        drop(store);
+        assert_verified(dir.path());
     }
-    assert_eq!(
-        layer.refused.load(Ordering::SeqCst),
-        1,
-        "the filler tried once"
-    );
-    assert!(
-        !dir.path().join("SPARE.tmp").exists(),
-        "the half-filled spare is removed"
-    );
-    assert!(!dir.path().join("SPARE").exists());
-    assert_eq!(stored(&store), acked);
-    store.close().unwrap();
-    drop(store);
-    assert_verified(dir.path());
 }

@@ -549,7 +549,7 @@ impl Writer {
             for chunk in chunks {
                 if let Some(create) = chunk.create {
                     let spare = match (create, &mut self.spares) {
-                        (Create::PreferSpare, Some(spares)) => spares.take(),
+                        (Create::PreferSpare, Some(spares)) => spares.take_as(chunk.seg.path()),
                         _ => None,
                     };
                     chunk.seg.create_file(&*opts.io, map_len, spare)?;

@@ -12,7 +12,6 @@ use super::io::FileIo;
 use super::layout;
 use super::mmap::Map;
 use super::record::{self, FooterSummary, Record, KIND_SEAL};
-use super::spare::Spare;
 use crate::event_id::EventId;
 use parking_lot::Mutex;
 use std::fs::{self, File, OpenOptions};
@@ -92,16 +91,12 @@ impl Segment {
         self.first_id
     }
 
-    /// Writer only: creates the file (it must not exist), or renames `spare` to it, and maps it at
-    /// `map_len`. A spare is zero-filled (`spare.rs`): the file is then longer than what is
-    /// written into it until the seal cuts it (`cut_after_seal`).
-    pub fn create_file(&self, io: &dyn FileIo, map_len: usize, spare: Option<Spare>) -> Result<()> {
+    /// Writer only: creates the file (it must not exist), or takes `spare`, a zero-filled file
+    /// already renamed to this segment's name (`spare.rs`), and maps it at `map_len`. A spare is
+    /// longer than what is written into it until the seal cuts it (`cut_after_seal`).
+    pub fn create_file(&self, io: &dyn FileIo, map_len: usize, spare: Option<File>) -> Result<()> {
         let file = match spare {
-            Some(spare) => {
-                io.rename(&spare.path, &self.path)
-                    .map_err(|e| Error::io(&self.path, "rename a spare to", e))?;
-                spare.file
-            }
+            Some(file) => file,
             None => io
                 .create(&self.path)
                 .map_err(|e| Error::io(&self.path, "create", e))?,

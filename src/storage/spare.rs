@@ -39,12 +39,6 @@ pub const SPARE_TMP_FILE: &str = "SPARE.tmp";
 /// Zeroes are written in pieces of this size, so that a stop request is seen quickly.
 const FILL_CHUNK: usize = 1 << 20;
 
-/// A zero-filled file ready to become a segment.
-pub struct Spare {
-    pub path: PathBuf,
-    pub file: File,
-}
-
 /// The writer's handle on the spare and its filler thread (see the module docs).
 pub struct Spares {
     inner: Arc<Inner>,
@@ -73,6 +67,11 @@ impl State {
     fn needs_filling(&self) -> bool {
         self.is_wanted && self.ready.is_none()
     }
+
+    /// The filler has nothing more to do: the store is closing, or spares failed.
+    fn is_done(&self) -> bool {
+        self.is_stopping || self.is_disabled
+    }
 }
 
 impl Spares {
@@ -92,8 +91,26 @@ impl Spares {
         }
     }
 
-    /// The spare if one is ready; either way the next one is asked for.
-    pub fn take(&mut self) -> Option<Spare> {
+    /// Renames the spare, if one is ready, to `path` (a new segment's name) and returns it open;
+    /// either way the next one is asked for. A failed rename (the streams on another filesystem,
+    /// say) stops spares until restart: the caller then creates the file as usual.
+    pub fn take_as(&mut self, path: &Path) -> Option<File> {
+        let file = self.take()?;
+        match self.inner.io.rename(&self.inner.spare, path) {
+            Ok(()) => Some(file),
+            Err(e) => {
+                tracing::warn!(from = %self.inner.spare.display(), to = %path.display(), error = %e, "cannot rename the spare segment");
+                self.inner.disable();
+                drop(file);
+                if let Err(e) = self.inner.io.remove(&self.inner.spare) {
+                    tracing::warn!(path = %self.inner.spare.display(), error = %e, "cannot remove the spare segment");
+                }
+                None
+            }
+        }
+    }
+
+    fn take(&mut self) -> Option<File> {
         let file = {
             let mut state = self.inner.state.lock();
             if state.is_disabled {
@@ -111,15 +128,12 @@ impl Spares {
             {
                 Ok(handle) => self.filler = Some(handle),
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot start the spare-segment thread; segments are created empty");
-                    self.inner.state.lock().is_disabled = true;
+                    tracing::warn!(error = %e, "cannot start the spare-segment thread");
+                    self.inner.disable();
                 }
             }
         }
-        file.map(|file| Spare {
-            path: self.inner.spare.clone(),
-            file,
-        })
+        file
     }
 }
 
@@ -134,28 +148,41 @@ impl Drop for Spares {
 }
 
 impl Inner {
+    /// No more spares in this process (after a failure): segments are created empty.
+    fn disable(&self) {
+        self.state.lock().is_disabled = true;
+        self.wake.notify_one();
+        tracing::warn!("spare segments are off until restart; new segments are created empty");
+    }
+
     fn run(&self) {
         loop {
             {
                 let mut state = self.state.lock();
-                while !state.is_stopping && !state.needs_filling() {
+                while !state.is_done() && !state.needs_filling() {
                     self.wake.wait(&mut state);
                 }
-                if state.is_stopping {
+                if state.is_done() {
                     return;
                 }
             }
             match self.fill() {
                 Ok(Some(file)) => {
                     let mut state = self.state.lock();
+                    if state.is_done() {
+                        // Spares were stopped while this one was made (a failed rename).
+                        drop(file);
+                        let _ = self.io.remove(&self.spare);
+                        return;
+                    }
                     state.ready = Some(file);
                     state.is_wanted = false;
                 }
                 Ok(None) => return,
                 Err(e) => {
-                    tracing::warn!(path = %self.tmp.display(), error = %e, "cannot fill a spare segment; segments are created empty until restart");
+                    tracing::warn!(path = %self.tmp.display(), error = %e, "cannot fill a spare segment");
                     let _ = self.io.remove(&self.tmp);
-                    self.state.lock().is_disabled = true;
+                    self.disable();
                     return;
                 }
             }
@@ -171,7 +198,7 @@ impl Inner {
         let zeroes = vec![0u8; FILL_CHUNK];
         let mut at = 0u64;
         while at < self.len {
-            if self.state.lock().is_stopping {
+            if self.state.lock().is_done() {
                 drop(file);
                 io.remove(&self.tmp)?;
                 return Ok(None);
