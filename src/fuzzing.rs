@@ -52,7 +52,8 @@ fn exercise_footer(body: &[u8]) {
 const MAGIC: &[u8] = b"\x89IVYSEG\n";
 
 /// Arbitrary bytes as the segments of a stream (split at the second segment magic into an older
-/// and a last segment), opened read-only and read through every read path, then verified.
+/// and a last segment), opened read-only and read through every read path, then verified, then
+/// recovered by a writer.
 pub fn segment_open(bytes: &[u8]) {
     let split = bytes
         .windows(MAGIC.len())
@@ -96,6 +97,30 @@ pub fn segment_open(bytes: &[u8]) {
     }
     let _ =
         crate::storage::verify::verify(dir.path(), crate::storage::verify::Mode::Check, &|_| {});
+    recover_and_reopen(dir.path());
+}
+
+/// Opens `dir` for writing (recovery may cut a torn tail or remove a segment torn at creation);
+/// when that works and an append is taken, what the writer left must open again.
+fn recover_and_reopen(dir: &std::path::Path) {
+    let opts = || StoreOptions {
+        durability: crate::storage::Durability::Never,
+        ..StoreOptions::default()
+    };
+    let Ok(store) = Store::open(dir, opts()) else {
+        return;
+    };
+    let Ok(channel) = crate::channel::ChannelPath::parse("/a/fuzz") else {
+        return;
+    };
+    let appended = store.append(&channel, b"after recovery");
+    let closed = store.close();
+    drop(store);
+    if appended.is_ok() && closed.is_ok() {
+        if let Err(e) = Store::open(dir, opts()) {
+            panic!("recovered and appended, then could not reopen: {e}");
+        }
+    }
 }
 
 /// Arbitrary bytes as an index file; a decoded file re-encodes to the same bytes.

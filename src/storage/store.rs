@@ -43,6 +43,7 @@ pub struct StreamStats {
     pub root: String,
     pub segments: usize,
     pub events: u64,
+    /// Bytes of log: whole sealed files, and live segments up to their committed end.
     pub bytes: u64,
     pub channels: usize,
     pub first_id: Option<String>,
@@ -462,13 +463,15 @@ impl Store {
             let mut first = None;
             let mut last = None;
             for seg in snap.segments.iter() {
-                stats.bytes += fs::metadata(seg.path()).map(|m| m.len()).unwrap_or(0);
                 let (events, lo, hi) = match snap.live_view(seg) {
                     Some(l) => {
+                        // Not the file's length: a live segment made from a spare is longer.
+                        stats.bytes += l.committed_end;
                         let reader_events = count_live(seg, l.committed_end)?;
                         (reader_events.0, reader_events.1, reader_events.2)
                     }
                     None => {
+                        stats.bytes += fs::metadata(seg.path()).map(|m| m.len()).unwrap_or(0);
                         let s = seg.sealed()?.summary;
                         (s.event_count, Some(s.first_id), Some(s.last_id))
                     }
