@@ -132,10 +132,7 @@ fn reopen_keeps_every_policy_after_close() {
         store.close().unwrap();
         drop(store);
         let store = Store::open(dir.path(), small(durability)).unwrap();
-        let got: Vec<_> = read(&store, "/a/b", &Query::all())
-            .into_iter()
-            .map(|e| e.0)
-            .collect();
+        let got = ids_of(&store, "/a/b");
         assert_eq!(got, ids, "{durability:?}");
     }
 }
@@ -200,46 +197,67 @@ fn a_second_writer_is_refused_and_readers_share() {
 /// torn one, logs the cut, and appends continue; verify is clean afterwards.
 #[test]
 fn torn_tail_at_every_byte_of_the_last_record() {
-    let base = tempfile::tempdir().unwrap();
-    let opts = StoreOptions {
-        durability: Durability::Always,
-        ..StoreOptions::default()
-    };
-    let store = Store::open(base.path(), opts.clone()).unwrap();
-    let mut ids = Vec::new();
-    for i in 0..20u32 {
-        ids.push(
-            store
-                .append(&path("/t/c"), format!("event number {i}").as_bytes())
-                .unwrap(),
-        );
+    let torn = TornTail::new();
+    for cut in (torn.full - torn.last_len)..torn.full {
+        let (dir, _) = torn.damaged_copy(cut, cut);
+        torn.reopen_keeps(dir.path(), 19, &format!("cut at {cut}"));
     }
-    store.close().unwrap();
-    drop(store);
-    let seg = segments(base.path()).pop().unwrap();
-    let full = std::fs::metadata(&seg).unwrap().len();
-    let last_len = (28 + "/t/c".len() + "event number 19".len()) as u64;
-    for cut in (full - last_len)..full {
-        let dir = tempfile::tempdir().unwrap();
-        copy_dir(base.path(), dir.path());
-        let seg = segments(dir.path()).pop().unwrap();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&seg)
-            .unwrap()
-            .set_len(cut)
-            .unwrap();
-        let store = Store::open(dir.path(), opts.clone()).unwrap();
-        let got: Vec<_> = read(&store, "/t/c", &Query::all())
-            .into_iter()
-            .map(|e| e.0)
+}
+
+/// A store whose one live segment holds 20 events of `/t/c`, to damage copies of.
+struct TornTail {
+    base: tempfile::TempDir,
+    ids: Vec<EventId>,
+    /// The segment's length, and that of its last record.
+    full: u64,
+    last_len: u64,
+}
+
+impl TornTail {
+    fn new() -> TornTail {
+        let base = tempfile::tempdir().unwrap();
+        let store = Store::open(base.path(), StoreOptions::default()).unwrap();
+        let ids = (0..20u32)
+            .map(|i| {
+                let data = format!("event number {i}");
+                store.append(&path("/t/c"), data.as_bytes()).unwrap()
+            })
             .collect();
-        assert_eq!(got, ids[..19], "cut at {cut}");
-        let id = store.append(&path("/t/c"), b"after").unwrap();
-        assert!(id > ids[18]);
         store.close().unwrap();
         drop(store);
-        check_clean(dir.path());
+        let full = std::fs::metadata(segments(base.path()).pop().unwrap())
+            .unwrap()
+            .len();
+        TornTail {
+            base,
+            ids,
+            full,
+            last_len: (28 + "/t/c".len() + "event number 19".len()) as u64,
+        }
+    }
+
+    /// A copy whose segment keeps its first `cut` bytes, then zeroes up to `len` bytes.
+    fn damaged_copy(&self, cut: u64, len: u64) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(self.base.path(), dir.path());
+        let seg = segments(dir.path()).pop().unwrap();
+        let mut bytes = std::fs::read(&seg).unwrap();
+        bytes.truncate(cut as usize);
+        bytes.resize(len as usize, 0);
+        std::fs::write(&seg, &bytes).unwrap();
+        (dir, seg)
+    }
+
+    /// Recovery keeps exactly the first `keep` events, appends continue, verify is clean.
+    fn reopen_keeps(&self, dir: &std::path::Path, keep: usize, case: &str) {
+        let store = Store::open(dir, StoreOptions::default()).unwrap();
+        let got = ids_of(&store, "/t/c");
+        assert_eq!(got, self.ids[..keep], "{case}");
+        let id = store.append(&path("/t/c"), b"after").unwrap();
+        assert!(id > self.ids[keep - 1], "{case}");
+        store.close().unwrap();
+        drop(store);
+        check_clean(dir);
     }
 }
 
@@ -586,6 +604,14 @@ fn the_observer_is_told_every_round_and_every_fsync() {
     assert!(rounds.len() as u64 <= after.fsyncs - before.fsyncs);
 }
 
+/// The ids stored under `selector`, oldest first.
+fn ids_of(store: &Store, selector: &str) -> Vec<EventId> {
+    read(store, selector, &Query::all())
+        .into_iter()
+        .map(|e| e.0)
+        .collect()
+}
+
 /// Appends to `channel` until the store holds `count` segment files.
 fn append_until_segments(store: &Store, channel: &str, count: usize) -> Vec<EventId> {
     let mut ids = Vec::new();
@@ -662,10 +688,7 @@ fn a_full_segment_rolls_into_a_zero_filled_spare() {
         counted < on_disk && counted > on_disk - 2048,
         "{counted} of {on_disk}"
     );
-    let got: Vec<EventId> = read(&store, "/s/a", &Query::all())
-        .into_iter()
-        .map(|e| e.0)
-        .collect();
+    let got = ids_of(&store, "/s/a");
     assert_eq!(got, ids);
     // Appends go on over the zeroes, and are found after another reopen.
     let after = store.append(&path("/s/a"), b"after reopen").unwrap();
@@ -700,53 +723,26 @@ fn no_spare_when_preallocation_is_off() {
 /// of the file. At every byte of the last record: the earlier events stay, the torn one goes.
 #[test]
 fn torn_tail_before_free_space_at_every_byte_of_the_last_record() {
-    let base = tempfile::tempdir().unwrap();
-    let opts = StoreOptions::default();
-    let store = Store::open(base.path(), opts.clone()).unwrap();
-    let ids: Vec<EventId> = (0..20u32)
-        .map(|i| {
-            let data = format!("event number {i}");
-            store.append(&path("/t/c"), data.as_bytes()).unwrap()
-        })
-        .collect();
-    store.close().unwrap();
-    drop(store);
-    let full = std::fs::metadata(segments(base.path()).pop().unwrap())
-        .unwrap()
-        .len();
-    let last_len = (28 + "/t/c".len() + "event number 19".len()) as u64;
+    let torn = TornTail::new();
+    let (full, last_len) = (torn.full, torn.last_len);
     let file_len = full + 4096;
     for cut in (full - last_len)..=full {
-        let dir = tempfile::tempdir().unwrap();
-        copy_dir(base.path(), dir.path());
-        let seg = segments(dir.path()).pop().unwrap();
-        let mut bytes = std::fs::read(&seg).unwrap();
-        bytes.truncate(cut as usize);
-        bytes.resize(file_len as usize, 0);
-        std::fs::write(&seg, &bytes).unwrap();
+        let (dir, seg) = torn.damaged_copy(cut, file_len);
         let keep = if cut == full { 20 } else { 19 };
-        let store = Store::open(dir.path(), opts.clone()).unwrap();
-        let got: Vec<_> = read(&store, "/t/c", &Query::all())
-            .into_iter()
-            .map(|e| e.0)
-            .collect();
-        assert_eq!(got, ids[..keep], "cut at {cut}");
+        let case = format!("cut at {cut}");
+        let recovered_len = {
+            let store = Store::open(dir.path(), StoreOptions::default()).unwrap();
+            drop(store);
+            std::fs::metadata(&seg).unwrap().len()
+        };
         let expected_len = match cut {
             // Whole records, then zeroes: free space, kept.
             c if c == full || c == full - last_len => file_len,
             // A part of a record: a torn tail, cut at the end of the last whole record.
             _ => full - last_len,
         };
-        assert_eq!(
-            std::fs::metadata(&seg).unwrap().len(),
-            expected_len,
-            "cut at {cut}"
-        );
-        let id = store.append(&path("/t/c"), b"after").unwrap();
-        assert!(id > ids[keep - 1]);
-        store.close().unwrap();
-        drop(store);
-        check_clean(dir.path());
+        assert_eq!(recovered_len, expected_len, "{case}");
+        torn.reopen_keeps(dir.path(), keep, &case);
     }
 }
 
@@ -783,10 +779,7 @@ fn a_spare_whose_header_never_reached_the_disk_is_removed() {
             !seg.exists(),
             "prefix {header_prefix}: the empty segment is removed"
         );
-        let got: Vec<EventId> = read(&store, "/s/a", &Query::all())
-            .into_iter()
-            .map(|e| e.0)
-            .collect();
+        let got = ids_of(&store, "/s/a");
         assert_eq!(got, ids);
         store.append(&path("/s/a"), b"after").unwrap();
         store.close().unwrap();
