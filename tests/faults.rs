@@ -488,3 +488,56 @@ fn a_spare_that_cannot_be_made_costs_no_append() {
         assert_verified(dir.path());
     }
 }
+
+/// Delays the writer's rename of a ready spare into place, so that a filler which did not wait
+/// for it would finish the next spare and rename it over `SPARE` first.
+struct SlowSpareRename;
+
+impl FileIo for SlowSpareRename {
+    fn create(&self, path: &Path) -> io::Result<File> {
+        OsIo.create(path)
+    }
+    fn write_at(&self, path: &Path, file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        OsIo.write_at(path, file, offset, bytes)
+    }
+    fn sync_data(&self, path: &Path, file: &File) -> io::Result<()> {
+        OsIo.sync_data(path, file)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        OsIo.sync_dir(dir)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        if from.file_name().is_some_and(|n| n == "SPARE") {
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        OsIo.rename(from, to)
+    }
+    fn truncate(&self, path: &Path, file: &File, len: u64) -> io::Result<()> {
+        OsIo.truncate(path, file, len)
+    }
+    fn remove(&self, path: &Path) -> io::Result<()> {
+        OsIo.remove(path)
+    }
+}
+
+/// The segment the writer writes into is the file it renamed into place, however slow that
+/// rename: every acknowledged event is found after a reopen.
+#[test]
+fn a_slow_spare_rename_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), options(Arc::new(SlowSpareRename))).unwrap();
+    let a = common::path("/s/a");
+    let mut acked = Events::new();
+    while common::segments(dir.path()).len() < 12 {
+        let data = format!("event {}", acked.len()).into_bytes();
+        let id = store.append(&a, &data).unwrap();
+        acked.insert(id, ("/s/a".into(), data));
+        // Leave the filler time to have a spare ready at each roll.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    store.close().unwrap();
+    drop(store);
+    assert_verified(dir.path());
+    let store = Store::open(dir.path(), options(Arc::new(OsIo))).unwrap();
+    assert_eq!(stored(&store), acked);
+}

@@ -101,46 +101,54 @@ impl Spares {
     /// Renames the spare, if one is ready, to `path` (a new segment's name) and returns it open;
     /// either way the next one is asked for. A failed rename (the streams on another filesystem,
     /// say) stops spares until restart: the caller then creates the file as usual.
+    ///
+    /// The rename happens under the state lock, before the filler is told to make the next spare.
+    /// Otherwise the filler could rename its next spare over `SPARE` first: the writer would then
+    /// move the new file into place while writing through the handle of the old one, now
+    /// unlinked, and acknowledged events would be lost (`tests/crash.rs` found exactly this).
     pub fn take_as(&mut self, path: &Path) -> Option<File> {
-        let file = self.take()?;
-        match self.inner.io.rename(&self.inner.spare, path) {
-            Ok(()) => Some(file),
-            Err(e) => {
-                tracing::warn!(from = %self.inner.spare.display(), to = %path.display(), error = %e, "cannot rename the spare segment");
-                self.inner.disable();
-                drop(file);
-                if let Err(e) = self.inner.io.remove(&self.inner.spare) {
-                    tracing::warn!(path = %self.inner.spare.display(), error = %e, "cannot remove the spare segment");
-                }
-                None
-            }
-        }
-    }
-
-    fn take(&mut self) -> Option<File> {
-        let file = {
+        let taken = {
             let mut state = self.inner.state.lock();
             if state.is_disabled {
                 return None;
             }
             state.is_wanted = true;
-            state.ready.take()
+            match state.ready.take() {
+                None => None,
+                Some(file) => match self.inner.io.rename(&self.inner.spare, path) {
+                    Ok(()) => Some(file),
+                    Err(e) => {
+                        tracing::warn!(from = %self.inner.spare.display(), to = %path.display(), error = %e, "cannot rename the spare segment; segments are created empty until restart");
+                        state.is_disabled = true;
+                        drop(file);
+                        if let Err(e) = self.inner.io.remove(&self.inner.spare) {
+                            tracing::warn!(path = %self.inner.spare.display(), error = %e, "cannot remove the spare segment");
+                        }
+                        None
+                    }
+                },
+            }
         };
         self.inner.wake.notify_one();
-        if self.filler.is_none() {
-            let inner = Arc::clone(&self.inner);
-            match std::thread::Builder::new()
-                .name("ivy-spare".into())
-                .spawn(move || inner.run())
-            {
-                Ok(handle) => self.filler = Some(handle),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot start the spare-segment thread");
-                    self.inner.disable();
-                }
+        self.start_filler();
+        taken
+    }
+
+    fn start_filler(&mut self) {
+        if self.filler.is_some() {
+            return;
+        }
+        let inner = Arc::clone(&self.inner);
+        match std::thread::Builder::new()
+            .name("ivy-spare".into())
+            .spawn(move || inner.run())
+        {
+            Ok(handle) => self.filler = Some(handle),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the spare-segment thread");
+                self.inner.disable();
             }
         }
-        file
     }
 }
 
