@@ -3,7 +3,7 @@
 //!
 //! Why: an `fdatasync` after a write that extends a file must also commit the file's new size and
 //! block map to the filesystem journal; after a write over blocks already written it flushes data
-//! only. On the CI-class VM, 50 KB `pwrite` + `fdatasync` took 0.49 ms appending and 0.26 ms
+//! only. On the CI-class VM, 50 KB `pwrite` + `fdatasync` took 0.48 ms appending and 0.24 ms
 //! overwriting (medians of 2,000). Under `always` every group commit waits for one such sync, so
 //! this is most of an acknowledgement's time. `fallocate` does not help: its unwritten extents are
 //! converted on first write, which is again a journal commit. PostgreSQL zero-fills its WAL
@@ -20,10 +20,16 @@
 //!
 //! The price is a second write of every segment's size, and the spare's sync competes with the
 //! writer's. Measured with `ivy-bench publish` against `--preallocate false`, same binary, 10 s
-//! runs: one connection with a window of 16 (4 MiB segments) acknowledged 30 K -> 36-45 K events/s
-//! with p99 1.3 -> 0.6-1.2 ms; at saturation (4 connections x 256) throughput did not change
-//! (about 600 K/s) and p50 fell 1.55 -> 1.33 ms, but p99 rose 4.4 -> 5.6 ms, while the worst
-//! acknowledgement fell from 200-380 ms to 120-150 ms. Hence `StoreOptions::preallocate`.
+//! runs on the CI-class VM:
+//! - one connection with a window of 16 (4 MiB segments): 24-29 K -> 31-40 K acknowledged
+//!   events/s, with a lower p99;
+//! - at saturation (4 connections x 256), over 15 runs each: no throughput change beyond noise, p50
+//!   lower in 14 runs, p99 higher in all 15 (by 0.2 to 2.5 ms), and the worst acknowledgement
+//!   118-161 ms against 13-386 ms. Syncing the spare every 8 MiB made p99 far worse (each sync is
+//!   a journal commit); in a C model of the two writers, filling it with O_DIRECT was worse too
+//!   (the writer's partial pages must then be read from disk).
+//!
+//! Hence `StoreOptions::preallocate`.
 //!
 //! For the format this means that the live segment of a stream may end in zeroes up to its end of
 //! file (free space, not a torn tail), and that sealing cuts the file at its trailer
