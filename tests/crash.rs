@@ -25,8 +25,19 @@ use tokio_tungstenite::tungstenite::Message;
 const PUBLISHERS: usize = 4;
 const WINDOW: usize = 32;
 
-fn start(dir: &Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ivy"))
+/// A child server, killed when dropped, so that a failed assertion leaves no server behind.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Already reaped when the test stopped it itself; then both calls just fail.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(dir: &Path) -> (Server, SocketAddr) {
+    let child = Command::new(env!("CARGO_BIN_EXE_ivy"))
         .args([
             "serve",
             "--listen",
@@ -43,17 +54,19 @@ fn start(dir: &Path) -> (Child, SocketAddr) {
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn ivy serve");
-    let stdout = child.stdout.take().expect("stdout");
+    let mut server = Server(child);
+    let stdout = server.0.stdout.take().expect("stdout");
     let mut line = String::new();
     std::io::BufReader::new(stdout)
         .read_line(&mut line)
         .expect("first line");
     let addr = ivy::server::listening_addr(&line)
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-    (child, addr)
+    (server, addr)
 }
 
-fn terminate(mut child: Child) {
+fn terminate(mut server: Server) {
+    let child = &mut server.0;
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -180,18 +193,18 @@ async fn sigkill_never_loses_an_acknowledged_event() {
     let mut checked_from: Option<String> = None;
     let mut acked_before_cycle = 0usize;
     for cycle in 0..cycles {
-        let (mut child, addr) = start(dir.path());
+        let (mut server, addr) = start(dir.path());
         let tasks: Vec<_> = (0..PUBLISHERS)
             .map(|w| tokio::spawn(publish(addr, w, cycle, Arc::clone(&acked))))
             .collect();
         tokio::time::sleep(Duration::from_millis(5 + rng.below(150))).await;
-        child.kill().expect("SIGKILL");
-        child.wait().expect("reap");
+        server.0.kill().expect("SIGKILL");
+        server.0.wait().expect("reap");
         for t in tasks {
             t.await.expect("publisher task");
         }
         // Recovery happens at open; then every acknowledged event must be there, exactly.
-        let (child, addr) = start(dir.path());
+        let (server, addr) = start(dir.path());
         // Every cycle checks what was acknowledged since the previous check (earlier events were
         // checked then, and recovery only touches tails); the last cycle checks everything. This
         // keeps long runs linear.
@@ -218,7 +231,7 @@ async fn sigkill_never_loses_an_acknowledged_event() {
         let probe = tokio::spawn(publish(addr, 99, cycle, Arc::clone(&fresh)));
         tokio::time::sleep(Duration::from_millis(30)).await;
         probe.abort();
-        terminate(child);
+        terminate(server);
         let verify = Command::new(env!("CARGO_BIN_EXE_ivy"))
             .arg("verify")
             .arg(dir.path())
