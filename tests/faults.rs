@@ -29,6 +29,7 @@ const ENOSPC: i32 = 28;
 const EROFS: i32 = 30;
 const EMFILE: i32 = 24;
 const EIO: i32 = 5;
+const EXDEV: i32 = 18;
 
 /// Once `countdown` operations have passed, fails the operations that `errno` fails on a real
 /// system, until cleared: a full disk fails allocations (creating, writing), running out of
@@ -396,42 +397,49 @@ fn random_faults_lose_nothing_acknowledged_and_keep_nothing_failed() {
     );
 }
 
-/// Fails one step of making a spare segment, every time; the rest works.
-struct SpareFault {
-    /// Fail writes to `SPARE.tmp` (as a full disk would), or renames of `SPARE` (as when the
-    /// streams are on another filesystem).
-    at_rename: bool,
+/// What `SpareLayer` does to the making of spare segments; everything else works.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum SpareFault {
+    /// Every write to `SPARE.tmp` fails, as on a full disk.
+    Fill,
+    /// Every rename of `SPARE` into a stream fails, as when the streams are on another filesystem.
+    Rename,
+    /// That rename takes 30 ms, so that a filler which did not wait for it would finish the next
+    /// spare and rename it over `SPARE` first.
+    SlowRename,
+}
+
+struct SpareLayer {
+    fault: SpareFault,
     refused: AtomicU64,
 }
 
-impl SpareFault {
-    fn new(at_rename: bool) -> Arc<SpareFault> {
-        Arc::new(SpareFault {
-            at_rename,
+impl SpareLayer {
+    fn new(fault: SpareFault) -> Arc<SpareLayer> {
+        Arc::new(SpareLayer {
+            fault,
             refused: AtomicU64::new(0),
         })
     }
 
-    fn check(&self, path: &Path, is_rename: bool) -> io::Result<()> {
-        let name = if self.at_rename { "SPARE" } else { "SPARE.tmp" };
-        if is_rename == self.at_rename && path.file_name().is_some_and(|n| n == name) {
-            self.refused.fetch_add(1, Ordering::SeqCst);
-            return Err(io::Error::from_raw_os_error(if is_rename {
-                18 // EXDEV
-            } else {
-                ENOSPC
-            }));
-        }
-        Ok(())
+    fn refuse(&self, errno: i32) -> io::Result<()> {
+        self.refused.fetch_add(1, Ordering::SeqCst);
+        Err(io::Error::from_raw_os_error(errno))
     }
 }
 
-impl FileIo for SpareFault {
+fn is_named(path: &Path, name: &str) -> bool {
+    path.file_name().is_some_and(|n| n == name)
+}
+
+impl FileIo for SpareLayer {
     fn create(&self, path: &Path) -> io::Result<File> {
         OsIo.create(path)
     }
     fn write_at(&self, path: &Path, file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
-        self.check(path, false)?;
+        if self.fault == SpareFault::Fill && is_named(path, "SPARE.tmp") {
+            return self.refuse(ENOSPC);
+        }
         OsIo.write_at(path, file, offset, bytes)
     }
     fn sync_data(&self, path: &Path, file: &File) -> io::Result<()> {
@@ -441,7 +449,13 @@ impl FileIo for SpareFault {
         OsIo.sync_dir(dir)
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        self.check(from, true)?;
+        match self.fault {
+            SpareFault::Rename if is_named(from, "SPARE") => return self.refuse(EXDEV),
+            SpareFault::SlowRename if is_named(from, "SPARE") => {
+                std::thread::sleep(Duration::from_millis(30));
+            }
+            _ => {}
+        }
         OsIo.rename(from, to)
     }
     fn truncate(&self, path: &Path, file: &File, len: u64) -> io::Result<()> {
@@ -457,9 +471,9 @@ impl FileIo for SpareFault {
 /// a full disk would take the space the writer needs).
 #[test]
 fn a_spare_that_cannot_be_made_costs_no_append() {
-    for at_rename in [false, true] {
+    for fault in [SpareFault::Fill, SpareFault::Rename] {
         let dir = tempfile::tempdir().unwrap();
-        let layer = SpareFault::new(at_rename);
+        let layer = SpareLayer::new(fault);
         let store = Store::open(dir.path(), options(layer.clone())).unwrap();
         let a = common::path("/s/a");
         let mut acked = Events::new();
@@ -474,7 +488,7 @@ fn a_spare_that_cannot_be_made_costs_no_append() {
             // Give the filler its chance between rolls.
             std::thread::sleep(Duration::from_millis(1));
         }
-        let what = if at_rename { "rename" } else { "fill" };
+        let what = format!("{fault:?}");
         assert_eq!(
             layer.refused.load(Ordering::SeqCst),
             1,
@@ -489,43 +503,12 @@ fn a_spare_that_cannot_be_made_costs_no_append() {
     }
 }
 
-/// Delays the writer's rename of a ready spare into place, so that a filler which did not wait
-/// for it would finish the next spare and rename it over `SPARE` first.
-struct SlowSpareRename;
-
-impl FileIo for SlowSpareRename {
-    fn create(&self, path: &Path) -> io::Result<File> {
-        OsIo.create(path)
-    }
-    fn write_at(&self, path: &Path, file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
-        OsIo.write_at(path, file, offset, bytes)
-    }
-    fn sync_data(&self, path: &Path, file: &File) -> io::Result<()> {
-        OsIo.sync_data(path, file)
-    }
-    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        OsIo.sync_dir(dir)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        if from.file_name().is_some_and(|n| n == "SPARE") {
-            std::thread::sleep(Duration::from_millis(30));
-        }
-        OsIo.rename(from, to)
-    }
-    fn truncate(&self, path: &Path, file: &File, len: u64) -> io::Result<()> {
-        OsIo.truncate(path, file, len)
-    }
-    fn remove(&self, path: &Path) -> io::Result<()> {
-        OsIo.remove(path)
-    }
-}
-
 /// The segment the writer writes into is the file it renamed into place, however slow that
 /// rename: every acknowledged event is found after a reopen.
 #[test]
 fn a_slow_spare_rename_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path(), options(Arc::new(SlowSpareRename))).unwrap();
+    let store = Store::open(dir.path(), options(SpareLayer::new(SpareFault::SlowRename))).unwrap();
     let a = common::path("/s/a");
     let mut acked = Events::new();
     while common::segments(dir.path()).len() < 12 {
