@@ -67,6 +67,15 @@ pub(crate) fn is_zeroes(bytes: &[u8]) -> bool {
         .all(|page| page.iter().fold(0u8, |acc, b| acc | b) == 0)
 }
 
+/// Whether a segment whose header does not decode is torn at creation (it holds no event): no
+/// more than a header's length, or nothing but zeroes after it (a spare renamed into place whose
+/// header never reached the disk). Recovery and verify share this rule.
+pub(crate) fn is_torn_at_creation(bytes: &[u8]) -> bool {
+    bytes
+        .get(record::SEGMENT_HEADER_LEN..)
+        .is_none_or(is_zeroes)
+}
+
 /// The segment files of a stream directory, oldest first.
 pub fn list_segments(dir: &Path) -> Result<Vec<(EventId, PathBuf)>> {
     let mut found = Vec::new();
@@ -229,7 +238,7 @@ pub fn open_stream(dir: &Path, opts: &StoreOptions, access: Access) -> Result<St
                 })?
             }
             Ok(_) => return Err(Error::corrupt(&last_path, 16, Corruption::NameMismatch)),
-            Err(_) if is_zeroes(&bytes[record::SEGMENT_HEADER_LEN..]) => TailScan {
+            Err(_) if is_torn_at_creation(bytes) => TailScan {
                 valid_end: 0,
                 file_len,
                 events: 0,

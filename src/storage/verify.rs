@@ -214,9 +214,7 @@ fn check_segment(job: &Job) -> SegmentCheck {
             .findings
             .push(finding(path, 16, Corruption::NameMismatch)),
         Err((offset, kind)) => {
-            let is_torn_at_creation = bytes.len() < record::SEGMENT_HEADER_LEN
-                || recovery::is_zeroes(&bytes[record::SEGMENT_HEADER_LEN..]);
-            if !(job.is_last && is_torn_at_creation) {
+            if !(job.is_last && recovery::is_torn_at_creation(bytes)) {
                 check.findings.push(finding(path, offset, kind));
             } else {
                 check.torn_tail = Some((0, bytes.len() as u64));
