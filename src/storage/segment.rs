@@ -261,7 +261,7 @@ impl Segment {
 
 /// Removes a file if it is there. Existence is checked first because `unlink` on a read-only
 /// filesystem fails even for a name that does not exist.
-fn remove_existing(io: &dyn FileIo, path: &Path) -> Result<()> {
+pub(crate) fn remove_existing(io: &dyn FileIo, path: &Path) -> Result<()> {
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         _ => io.remove(path).map_err(|e| Error::io(path, "remove", e)),

@@ -36,8 +36,8 @@
 //! (`storage-format.md`). A spare left by an earlier process is removed at open; it is not part of
 //! the log.
 
-use super::error::{Error, Result};
-use super::io::FileIo;
+use super::error::Result;
+use super::io::{FileIo, OsIo};
 use super::StoreOptions;
 use parking_lot::{Condvar, Mutex};
 use std::fs::File;
@@ -238,20 +238,10 @@ impl Inner {
 }
 
 /// Removes the spare files an earlier process left in `dir` (the writer, at open, whether or not
-/// it preallocates).
+/// it preallocates). Not through `opts.io`: like recovery, this runs before the writer does.
 pub fn remove_left_over(dir: &Path) -> Result<()> {
     for name in [SPARE_FILE, SPARE_TMP_FILE] {
-        let path = dir.join(name);
-        remove_if_present(&path).map_err(|e| Error::io(&path, "remove", e))?;
+        super::segment::remove_existing(&OsIo, &dir.join(name))?;
     }
     Ok(())
-}
-
-/// Removes a file if it is there (checked first: `unlink` on a read-only filesystem fails even for
-/// a name that does not exist).
-fn remove_if_present(path: &Path) -> io::Result<()> {
-    match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        _ => std::fs::remove_file(path),
-    }
 }
