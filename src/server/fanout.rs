@@ -174,8 +174,8 @@ impl Hub {
 
     /// Appends a connection's pipelined publishes (`Store::append_batch_nowait_with`), each
     /// excluded from its delivery to `origin`: the id is recorded as the session's own from
-    /// inside the append, before the event can be committed. `on_id` is told each new id with the session's
-    /// state, under the lock that records the id as the session's own (one lock per event).
+    /// inside the append, before the event can be committed. `on_id` is told each new id with
+    /// the session's state, under that same lock (one lock per event).
     pub fn publish_batch(
         &self,
         events: &[(&ChannelPath, &[u8])],

@@ -157,8 +157,9 @@ impl Store {
     /// consecutive events of one stream share one pass through the locks. `on_id` is called with
     /// each new id before the event can be committed (and so before any reader or watermark can
     /// show it); the server records a publisher there, so fan-out always knows whom not to send
-    /// an event back to. It runs under the stream's lock: it must be short and must not append. On an error, exactly the events `on_id` was called for are appended
-    /// (a stream's consecutive events are appended all or none); the rest are not.
+    /// an event back to. It runs under the stream's lock: it must be short and must not append.
+    /// On an error, exactly the events `on_id` was called for are appended (a stream's
+    /// consecutive events are appended all or none); the rest are not.
     pub fn append_batch_nowait_with(
         &self,
         events: &[(&ChannelPath, &[u8])],
