@@ -8,8 +8,10 @@
 //! - `history`: last-N reads over keep-alive connections: requests/s and latency percentiles;
 //! - `idle`: N idle WebSocket connections, and the server's resident memory with them open.
 //!
-//! The client side uses fastwebsockets and one tokio runtime, and does no per-message
-//! allocation beyond what parsing needs, so that it is not the bottleneck (check with `top`).
+//! The client side uses one tokio runtime, and does no per-message allocation beyond what parsing
+//! needs, so that it is not the bottleneck (check with `top`). Publishers and history readers
+//! use fastwebsockets and plain HTTP/1.1; fan-out subscribers parse frames in place from large
+//! reads (`FrameReader`).
 
 use clap::{Parser, Subcommand};
 use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketRead, WebSocketWrite};
@@ -154,9 +156,20 @@ type Writer = WebSocketWrite<tokio::io::BufWriter<OwnedWriteHalf>>;
 
 /// Opens a WebSocket with subprotocol ivy1 and reads the intro; returns the halves and the sid.
 async fn connect(addr: SocketAddr) -> anyhow::Result<(Reader, Writer, String)> {
+    let (read, mut w) = upgrade(addr).await?;
+    let (mut r, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Client);
+    r.set_auto_pong(false);
+    let intro = read_text(&mut r, &mut w).await?;
+    let sid = intro.split(":~/sid:").nth(1).unwrap_or("").to_owned();
+    Ok((r, w, sid))
+}
+
+/// Upgrades a new connection to a WebSocket with subprotocol ivy1; returns the socket's read
+/// half, with no byte of the WebSocket consumed, and a frame writer on its write half.
+async fn upgrade(addr: SocketAddr) -> anyhow::Result<(OwnedReadHalf, Writer)> {
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
-    let (read, mut write) = tcp.into_split();
+    let (mut read, mut write) = tcp.into_split();
     write
         .write_all(
             format!(
@@ -167,7 +180,6 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<(Reader, Writer, String)> {
         .await?;
     // Read the response head byte by byte, so no WebSocket byte is consumed with it.
     let mut head = Vec::new();
-    let mut read = read;
     while !head.ends_with(b"\r\n\r\n") {
         let b = read.read_u8().await?;
         head.push(b);
@@ -179,15 +191,13 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<(Reader, Writer, String)> {
         String::from_utf8_lossy(&head)
     );
     // Frames go through a buffer and are flushed when the sender has nothing more to send, so
-    // the tool makes one write per batch, not per message, and is not the bottleneck.
+    // the tool makes one write per batch, not per message, and is not the bottleneck. (The
+    // writer is taken from a split over no reader: the read half is returned raw.)
     let write = tokio::io::BufWriter::with_capacity(64 * 1024, write);
-    let (mut r, mut w) = fastwebsockets::after_handshake_split(read, write, Role::Client);
-    r.set_auto_pong(false);
+    let (_, mut w) = fastwebsockets::after_handshake_split(tokio::io::empty(), write, Role::Client);
     w.set_auto_apply_mask(true);
     w.set_writev(false);
-    let intro = read_text(&mut r, &mut w).await?;
-    let sid = intro.split(":~/sid:").nth(1).unwrap_or("").to_owned();
-    Ok((r, w, sid))
+    Ok((read, w))
 }
 
 /// The next text message; answers pings.
@@ -208,28 +218,12 @@ async fn read_text(r: &mut Reader, w: &mut Writer) -> anyhow::Result<String> {
     }
 }
 
-/// Reads the next fan-out event, `@TS:/fan:SEQ:SENT_NANOS:padding`, and returns its sequence
-/// number and send time, parsed in place (no copy per message: the tool must cost little);
-/// `None` for another text message.
-async fn read_fanout_event(r: &mut Reader, w: &mut Writer) -> anyhow::Result<Option<(u64, u64)>> {
-    loop {
-        let frame = r
-            .read_frame(&mut |_| async { Ok::<(), std::convert::Infallible>(()) })
-            .await?;
-        match frame.opcode {
-            OpCode::Text => {
-                let mut fields = frame.payload.split(|&b| b == b':').skip(2);
-                let mut number = || fields.next().and_then(decimal);
-                return Ok(number().zip(number()));
-            }
-            OpCode::Ping => {
-                w.write_frame(Frame::pong(Payload::Owned(frame.payload.to_vec())))
-                    .await?
-            }
-            OpCode::Close => anyhow::bail!("closed by the server: {:?}", frame.payload.get(..2)),
-            _ => {}
-        }
-    }
+/// The sequence number and send time of a fan-out event, `@TS:/fan:SEQ:SENT_NANOS:padding`,
+/// parsed in place; `None` for another message.
+fn fanout_fields(payload: &[u8]) -> Option<(u64, u64)> {
+    let mut fields = payload.split(|&b| b == b':').skip(2);
+    let mut number = || fields.next().and_then(decimal);
+    number().zip(number())
 }
 
 /// A field of ASCII digits as a number (parsed from the bytes: going through `str` was 7% of
@@ -460,6 +454,8 @@ struct SubStats {
     unique: u64,
     duplicated: u64,
     reordered: u64,
+    /// Times the server closed the connection as lagging (1013) and it resumed.
+    resumed: u64,
     latencies: Vec<u64>,
 }
 
@@ -508,32 +504,52 @@ async fn start_subscribers(
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<(bool, SubStats)>>> {
     let mut subs = Vec::new();
     for s in 0..subscribers {
-        let (mut r, mut w, _) = connect(addr).await?;
-        send(&mut w, b"#s#+/fan").await?;
-        loop {
-            if read_text(&mut r, &mut w).await?.starts_with("#s#") {
-                break;
-            }
-        }
+        let (frames, w) = subscribe(addr, b"#s#+/fan").await?;
         let is_slow = s < slow_count;
         let c = c.clone();
         subs.push(tokio::spawn(async move {
-            (is_slow, subscriber(r, w, is_slow, c).await)
+            (is_slow, subscriber(addr, frames, w, is_slow, c).await)
         }));
     }
     Ok(subs)
 }
 
-/// One subscriber's reading loop: until it has every published event, or 15 s of silence.
-async fn subscriber(mut r: Reader, mut w: Writer, is_slow: bool, c: FanoutCounters) -> SubStats {
+/// Connects and sends `command`, a subscription keyed `s`; returns once it is acknowledged.
+async fn subscribe(addr: SocketAddr, command: &[u8]) -> anyhow::Result<(FrameReader, Writer)> {
+    let (read, mut w) = upgrade(addr).await?;
+    let mut frames = FrameReader::new(read);
+    send(&mut w, command).await?;
+    while !frames.next_text(&mut w).await?.starts_with(b"#s#") {}
+    Ok((frames, w))
+}
+
+/// One subscriber's reading loop: until it has every published event, or 15 s of silence. Closed
+/// as lagging (1013), it resumes from the last event it had, as the protocol page tells clients
+/// to: slow subscribers fall that far behind whenever the publisher outruns them for long.
+async fn subscriber(
+    addr: SocketAddr,
+    mut frames: FrameReader,
+    mut w: Writer,
+    is_slow: bool,
+    c: FanoutCounters,
+) -> SubStats {
     let mut seen = Seen::default();
     while !seen.has_all(&c) {
-        // One silence timer per batch of messages, not one per message: racing a timer
-        // against every read (and reading the clock to re-arm it) was a fifth of the
+        // One silence timer per read from the socket, not one per message: racing a timer
+        // against every message (and reading the clock to re-arm it) was a fifth of the
         // subscribers' CPU, and they share the server's cores.
-        let batch = read_batch(&mut r, &mut w, is_slow, &c, &mut seen);
+        let batch = read_batch(&mut frames, &mut w, is_slow, &c, &mut seen);
         match tokio::time::timeout(Duration::from_secs(15), batch).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(Batch::Read)) => {}
+            Ok(Ok(Batch::Lagging)) => {
+                let mut command = b"#s#+/fan".to_vec();
+                command.extend_from_slice(&seen.last_id);
+                match subscribe(addr, &command).await {
+                    Ok((f, writer)) => (frames, w) = (f, writer),
+                    Err(_) => break,
+                }
+                seen.st.resumed += 1;
+            }
             Ok(Err(_)) | Err(_) => break,
         }
     }
@@ -550,6 +566,8 @@ struct Seen {
     next: u64,
     /// Deliveries not yet added to the shared counter.
     uncounted: u64,
+    /// `@TS` of the last event received, to resume after.
+    last_id: Vec<u8>,
 }
 
 impl Seen {
@@ -584,28 +602,171 @@ impl Seen {
     }
 }
 
-/// Reads up to 64 fan-out events into `seen`, fewer if it has them all. Dropped mid-way (by the
-/// silence timer), it loses nothing already counted.
+/// How `read_batch` ended.
+enum Batch {
+    /// It counted what was buffered and read more.
+    Read,
+    /// The server closed the connection as lagging (1013).
+    Lagging,
+}
+
+/// Counts every fan-out event already buffered, then reads the socket once. Dropped mid-way
+/// (by the silence timer), it loses nothing already counted.
 async fn read_batch(
-    r: &mut Reader,
+    frames: &mut FrameReader,
     w: &mut Writer,
     is_slow: bool,
     c: &FanoutCounters,
     seen: &mut Seen,
-) -> anyhow::Result<()> {
-    for _ in 0..64 {
-        if seen.has_all(c) {
-            break;
+) -> anyhow::Result<Batch> {
+    while let Some(frame) = frames.next()? {
+        match frame {
+            ServerFrame::Text(payload) => {
+                if let Some((seq, sent)) = fanout_fields(payload) {
+                    seen.note(seq, sent, is_slow, c);
+                    let id = payload.split(|&b| b == b':').next().unwrap_or_default();
+                    seen.last_id.clear();
+                    seen.last_id.extend_from_slice(id);
+                    if is_slow && seen.st.received.is_multiple_of(16) {
+                        // At most 16 events per 2 ms, about 8,000/s: far below what the
+                        // publisher sends, so a slow subscriber falls behind and reads from the
+                        // log, yet a run's backlog drains in seconds, not minutes.
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+            }
+            ServerFrame::Ping(payload) => {
+                let pong = Frame::pong(Payload::Owned(payload.to_vec()));
+                w.write_frame(pong).await?;
+                w.flush().await?;
+            }
+            ServerFrame::Close(payload) if payload.starts_with(&1013u16.to_be_bytes()) => {
+                return Ok(Batch::Lagging)
+            }
+            ServerFrame::Close(payload) => {
+                anyhow::bail!("closed by the server: {:?}", payload.get(..2))
+            }
+            ServerFrame::Other => {}
         }
-        let Some((seq, sent)) = read_fanout_event(r, w).await? else {
-            continue;
-        };
-        seen.note(seq, sent, is_slow, c);
-        if is_slow {
-            tokio::time::sleep(Duration::from_micros(200)).await;
+        if seen.has_all(c) {
+            return Ok(Batch::Read);
         }
     }
-    Ok(())
+    frames.fill().await?;
+    Ok(Batch::Read)
+}
+
+/// A frame from the server, borrowed from the reader's buffer.
+enum ServerFrame<'a> {
+    Text(&'a [u8]),
+    Ping(&'a [u8]),
+    Close(&'a [u8]),
+    Other,
+}
+
+/// The subscribers' reader: server-to-client frames (whole and unmasked, RFC 6455 section 5.2)
+/// parsed in place from one buffer filled by large reads. fastwebsockets reads one frame per
+/// call, with a future, a buffer reservation, a shared split and a UTF-8 check each; at 4 M
+/// frames/s that was half of the subscribers' CPU, on the cores the server shares. Subscribers
+/// only need each frame's bounds, so they read this way; every other client of the tool, and
+/// the server, use fastwebsockets.
+struct FrameReader {
+    tcp: OwnedReadHalf,
+    buf: Vec<u8>,
+    /// `buf[at..end]` is read and not yet parsed.
+    at: usize,
+    end: usize,
+}
+
+impl FrameReader {
+    /// A frame larger than this is refused (the server's events here are about 100 B).
+    const FRAME_MAX: usize = 16 << 20;
+
+    fn new(tcp: OwnedReadHalf) -> FrameReader {
+        FrameReader {
+            tcp,
+            buf: vec![0; 64 * 1024],
+            at: 0,
+            end: 0,
+        }
+    }
+
+    /// The next frame if it is wholly buffered.
+    fn next(&mut self) -> anyhow::Result<Option<ServerFrame<'_>>> {
+        let Some((opcode, payload)) = parse_server_frame(&self.buf[self.at..self.end])? else {
+            return Ok(None);
+        };
+        let start = self.at + payload.start;
+        self.at += payload.end;
+        let payload = &self.buf[start..self.at];
+        Ok(Some(match opcode {
+            0x1 => ServerFrame::Text(payload),
+            0x8 => ServerFrame::Close(payload),
+            0x9 => ServerFrame::Ping(payload),
+            _ => ServerFrame::Other,
+        }))
+    }
+
+    /// Reads once more from the socket, first moving a partial frame to the buffer's start.
+    async fn fill(&mut self) -> anyhow::Result<()> {
+        self.buf.copy_within(self.at..self.end, 0);
+        self.end -= self.at;
+        self.at = 0;
+        if self.end == self.buf.len() {
+            anyhow::ensure!(self.buf.len() < Self::FRAME_MAX, "frame too large");
+            self.buf.resize(self.buf.len() * 2, 0);
+        }
+        let n = self.tcp.read(&mut self.buf[self.end..]).await?;
+        anyhow::ensure!(n > 0, "the server closed the connection");
+        self.end += n;
+        Ok(())
+    }
+
+    /// The payload of the next text message; answers pings.
+    async fn next_text(&mut self, w: &mut Writer) -> anyhow::Result<Vec<u8>> {
+        loop {
+            match self.next()? {
+                Some(ServerFrame::Text(payload)) => return Ok(payload.to_vec()),
+                Some(ServerFrame::Ping(payload)) => {
+                    let pong = Frame::pong(Payload::Owned(payload.to_vec()));
+                    w.write_frame(pong).await?;
+                    w.flush().await?;
+                }
+                Some(ServerFrame::Close(payload)) => {
+                    anyhow::bail!("closed by the server: {:?}", payload.get(..2))
+                }
+                Some(ServerFrame::Other) => {}
+                None => self.fill().await?,
+            }
+        }
+    }
+}
+
+/// The opcode and the payload's range of the frame at the start of `bytes`, if it is whole.
+fn parse_server_frame(bytes: &[u8]) -> anyhow::Result<Option<(u8, std::ops::Range<usize>)>> {
+    let [first, second, ..] = *bytes else {
+        return Ok(None);
+    };
+    anyhow::ensure!(first & 0x70 == 0, "reserved bits set");
+    anyhow::ensure!(first & 0x80 != 0, "fragmented message");
+    anyhow::ensure!(second & 0x80 == 0, "masked frame from the server");
+    let (head, len) = match second & 0x7f {
+        126 => match bytes.get(2..4) {
+            Some(b) => (4, usize::from(u16::from_be_bytes([b[0], b[1]]))),
+            None => return Ok(None),
+        },
+        127 => match bytes.get(2..10) {
+            Some(b) => {
+                let len = u64::from_be_bytes(b.try_into()?);
+                (10, usize::try_from(len)?)
+            }
+            None => return Ok(None),
+        },
+        len => (2, usize::from(len)),
+    };
+    anyhow::ensure!(len <= FrameReader::FRAME_MAX, "frame too large");
+    let end = head + len;
+    Ok((bytes.len() >= end).then_some((first & 0x0f, head..end)))
 }
 
 /// Waits for the subscribers to finish and prints deliveries/s, losses and latencies.
@@ -620,13 +781,14 @@ async fn report_fanout(
     let deliveries_during = c.delivered.load(Ordering::Relaxed);
     let subscribers = subs.len();
     let mut fast_lat = Vec::new();
-    let (mut lost, mut dup, mut reorder) = (0u64, 0u64, 0u64);
+    let (mut lost, mut dup, mut reorder, mut resumed) = (0u64, 0u64, 0u64, 0u64);
     let mut slow_done = 0;
     for t in subs {
         let (is_slow, st) = t.await?;
         lost += seq.saturating_sub(st.unique);
         dup += st.duplicated;
         reorder += st.reordered;
+        resumed += st.resumed;
         if is_slow {
             slow_done += usize::from(st.unique == seq);
         } else {
@@ -637,7 +799,7 @@ async fn report_fanout(
         "{label}: {subscribers} subscribers ({slow_count} slow): {seq} events published in {publish_secs:.1} s, {:.0} deliveries/s while publishing",
         deliveries_during as f64 / publish_secs
     );
-    say!("{label}: lost {lost}, duplicated {dup}, reordered {reorder}; slow subscribers complete: {slow_done}/{slow_count}");
+    say!("{label}: lost {lost}, duplicated {dup}, reordered {reorder}; slow subscribers complete: {slow_done}/{slow_count}; resumed after a lagging close: {resumed}");
     percentiles("publish-to-delivery (fast subscribers)", fast_lat);
     Ok(())
 }
@@ -1048,5 +1210,39 @@ mod tests {
         assert!(!seen.has_all(&c), "not until the publisher is done");
         c.done_publishing.store(true, Ordering::Relaxed);
         assert!(seen.has_all(&c));
+    }
+
+    #[test]
+    fn server_frames_parse_whole_or_wait_for_more() {
+        // Payload lengths at each of the three length encodings' edges.
+        for len in [0, 1, 125, 126, 65_535, 65_536, 200_000] {
+            let payload = vec![b'x'; len];
+            let mut bytes = Vec::new();
+            server_text_frame(&mut bytes, &payload);
+            let head = bytes.len() - len;
+            let parsed = parse_server_frame(&bytes).expect("a valid frame");
+            assert_eq!(parsed, Some((0x1, head..bytes.len())), "length {len}");
+            for cut in [0, 1, head - 1, head, bytes.len() - 1] {
+                if cut < bytes.len() {
+                    let short = parse_server_frame(&bytes[..cut]).expect("a valid prefix");
+                    assert_eq!(short, None, "length {len} cut at {cut}");
+                }
+            }
+        }
+        let masked = [0x81, 0x81, 1, 2, 3, 4, b'x'];
+        assert!(parse_server_frame(&masked).is_err());
+        let fragment = [0x01, 0x01, b'x'];
+        assert!(parse_server_frame(&fragment).is_err());
+        let ping = [0x89, 0x02, b'h', b'i'];
+        assert_eq!(parse_server_frame(&ping).ok(), Some(Some((0x9, 2..4))));
+    }
+
+    #[test]
+    fn fan_out_fields_come_from_the_third_and_fourth_fields() {
+        assert_eq!(
+            fanout_fields(b"@1795982068.662161665:/fan:42:1795982068662161665:ppp"),
+            Some((42, 1_795_982_068_662_161_665))
+        );
+        assert_eq!(fanout_fields(b"#s#@1795982068.662161665"), None);
     }
 }
