@@ -1259,4 +1259,49 @@ mod tests {
         );
         assert_eq!(fanout_fields(b"#s#@1795982068.662161665"), None);
     }
+
+    #[tokio::test]
+    async fn frames_split_across_reads_come_out_whole() -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let server = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await?;
+            let mut bytes = Vec::new();
+            // Up to 69 KB each: larger than the reader's first buffer, so it must grow.
+            for i in 0..100 {
+                let event = format!("@1.000000000:/fan:{i}:5:{}", "p".repeat(i * 700));
+                server_text_frame(&mut bytes, event.as_bytes());
+            }
+            bytes.extend_from_slice(&[0x89, 0x01, b'p']);
+            bytes.extend_from_slice(&[0x88, 0x02, 0x03, 0xf5]);
+            // Pieces that are no multiple of anything, so heads and payloads straddle reads.
+            for piece in bytes.chunks(997) {
+                tcp.write_all(piece).await?;
+                tokio::task::yield_now().await;
+            }
+            anyhow::Ok(())
+        });
+        let (read, _write) = TcpStream::connect(addr).await?.into_split();
+        let mut frames = FrameReader::new(read);
+        let (mut seqs, mut pings) = (Vec::new(), 0);
+        loop {
+            match frames.next()? {
+                Some(ServerFrame::Text(payload)) => seqs.push(fanout_fields(payload).map(|f| f.0)),
+                Some(ServerFrame::Ping(payload)) => {
+                    assert_eq!(payload, b"p");
+                    pings += 1;
+                }
+                Some(ServerFrame::Close(payload)) => {
+                    assert_eq!(payload, 1013u16.to_be_bytes());
+                    break;
+                }
+                Some(ServerFrame::Other) => anyhow::bail!("no other opcode was sent"),
+                None => frames.fill().await?,
+            }
+        }
+        server.await??;
+        assert_eq!(seqs, (0..100).map(Some).collect::<Vec<_>>());
+        assert_eq!(pings, 1);
+        Ok(())
+    }
 }
