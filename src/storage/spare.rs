@@ -28,6 +28,13 @@
 //!   118-161 ms against 13-386 ms. Syncing the spare every 8 MiB made p99 far worse (each sync is
 //!   a journal commit); in a C model of the two writers, filling it with O_DIRECT was worse too
 //!   (the writer's partial pages must then be read from disk).
+//! - the worst case is the spare's own sync: its 64 MiB reach the device in one burst, and the
+//!   writer's syncs queue behind them. In a later sitting (2 runs each, at saturation) the worst
+//!   acknowledgement was 122-128 ms with spares and 17-19 ms without (p99 5.8-6.4 against
+//!   3.8-4.4 ms). In the C model (60 KB `pwrite` + `fdatasync` beside a 64 MiB fill), the worst
+//!   sync was 106-127 ms against 4.5-11 ms with no fill. Starting writeback every MiB with
+//!   `sync_file_range` and pausing 4 ms between MiBs cut that to 41-55 ms but doubled the
+//!   writer's p99 (3 ms against 1.2-1.9); waiting for each MiB's writeback made its p99 14 ms.
 //!
 //! Hence `StoreOptions::preallocate`.
 //!
