@@ -175,8 +175,9 @@
 //!   binary as a user runs it), `tests/storage_format.rs` (the format page's example),
 //!   `tests/crash.rs` (SIGKILL of a child server), `tests/power_loss.rs` (unsynced writes
 //!   dropped), `tests/faults.rs` and `tests/server/faults.rs` (full disk, read-only directory,
-//!   descriptors exhausted); fuzz targets in `fuzz/` (bodies in `fuzzing.rs`, replayed by
-//!   `tests/fuzz_regressions.rs`); benchmarks in `benches/`.
+//!   descriptors exhausted), `tests/load_tool.rs` (`ivy-bench` against a child server, its
+//!   lost/duplicated/reordered checks and its resume after 1013); fuzz targets in `fuzz/` (bodies
+//!   in `fuzzing.rs`, replayed by `tests/fuzz_regressions.rs`); benchmarks in `benches/`.
 //! - **Observability.** `tracing`: warnings for cut tails and rebuilt indexes, errors for failed
 //!   writes; nothing per event above `debug`. `GET /metrics`: appends, fsyncs, commit rounds,
 //!   histograms of events per round, round time and fsync time, write failures, connections,

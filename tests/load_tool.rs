@@ -1,0 +1,118 @@
+//! The load tool against a real server, briefly: its figures are only worth something if its
+//! checks are right. `fanout` runs against a server that closes lagging subscribers early
+//! (`--lag-events-max 200`), so the slow subscribers are closed with 1013 again and again and must
+//! resume from their last id with nothing lost, duplicated or reordered: this checks the tool's
+//! resume and count, and the server's `+/path@TS` resume under load. `publish` and `history` must
+//! report a rate and exit 0.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+/// A child `ivy serve`, killed when dropped.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start(dir: &Path) -> (Server, SocketAddr) {
+    let child = Command::new(env!("CARGO_BIN_EXE_ivy"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--log", "error"])
+        .args(["--lag-events-max", "200"])
+        .arg("--data")
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn ivy serve");
+    let mut server = Server(child);
+    let stdout = server.0.stdout.take().expect("stdout");
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("first line");
+    let addr = ivy::server::listening_addr(&line)
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    (server, addr)
+}
+
+/// Runs `ivy-bench --addr ADDR --seconds 1 ARGS`; its report, after checking it exited 0.
+fn bench(addr: SocketAddr, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_ivy-bench"))
+        .args(["--addr", &addr.to_string(), "--seconds", "1"])
+        .args(args)
+        .output()
+        .expect("run ivy-bench");
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "ivy-bench {args:?} failed: {report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    report
+}
+
+/// The number after `label` in `report`.
+fn number_after(report: &str, label: &str) -> u64 {
+    let at = report
+        .find(label)
+        .unwrap_or_else(|| panic!("no {label:?} in {report}"));
+    report[at + label.len()..]
+        .trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {label:?} in {report}"))
+}
+
+#[test]
+fn fan_out_with_slow_subscribers_that_must_resume_loses_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, addr) = start(dir.path());
+    // 4 KB events from a window of 64: a few times more events per second than a slow
+    // subscriber reads (about 8,000), so it falls behind past what the socket buffers hold, while
+    // the run, which ends when the slow ones have everything, stays a few seconds long.
+    let report = bench(
+        addr,
+        &[
+            "fanout",
+            "--subscribers",
+            "10",
+            "--slow-fraction",
+            "0.5",
+            "--size",
+            "4000",
+            "--window",
+            "64",
+        ],
+    );
+    assert!(number_after(&report, "(5 slow):") > 0, "{report}");
+    assert!(
+        report.contains("lost 0, duplicated 0, reordered 0"),
+        "{report}"
+    );
+    assert!(
+        report.contains("slow subscribers complete: 5/5"),
+        "{report}"
+    );
+    assert!(
+        number_after(&report, "resumed after a lagging close:") > 0,
+        "the slow subscribers were never closed as lagging, so resuming was not tried: {report}"
+    );
+}
+
+#[test]
+fn publish_and_history_report_a_rate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_server, addr) = start(dir.path());
+    let report = bench(addr, &["publish", "--connections", "2", "--window", "16"]);
+    assert!(report.contains("acknowledged events/s"), "{report}");
+    assert!(report.contains("ack latency: p50"), "{report}");
+    let report = bench(addr, &["history", "--connections", "2", "--events", "500"]);
+    assert!(report.contains("requests/s"), "{report}");
+    assert!(report.contains("request latency: p50"), "{report}");
+}
