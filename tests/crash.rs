@@ -11,12 +11,13 @@
 
 mod common;
 
+use common::ChildServer;
+
 use futures_util::{SinkExt, StreamExt};
 use std::collections::{BTreeMap, HashSet};
-use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -25,47 +26,13 @@ use tokio_tungstenite::tungstenite::Message;
 const PUBLISHERS: usize = 4;
 const WINDOW: usize = 32;
 
-/// A child server, killed when dropped, so that a failed assertion leaves no server behind.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // Already reaped when the test stopped it itself; then both calls just fail.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn start(dir: &Path) -> (ChildServer, SocketAddr) {
+    // Small segments, so that rolls and seals happen.
+    let args = ["--durability", "always", "--segment-bytes-max", "8192"];
+    common::serve_child(dir, &args)
 }
 
-fn start(dir: &Path) -> (Server, SocketAddr) {
-    let child = Command::new(env!("CARGO_BIN_EXE_ivy"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--durability",
-            "always",
-            "--log",
-            "error",
-            "--segment-bytes-max",
-            "8192",
-        ])
-        .arg("--data")
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn ivy serve");
-    let mut server = Server(child);
-    let stdout = server.0.stdout.take().expect("stdout");
-    let mut line = String::new();
-    std::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("first line");
-    let addr = ivy::server::listening_addr(&line)
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-    (server, addr)
-}
-
-fn terminate(mut server: Server) {
+fn terminate(mut server: ChildServer) {
     let child = &mut server.0;
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -5,40 +5,10 @@
 //! resume and count, and the server's `+/path@TS` resume under load. `publish` and `history` must
 //! report a rate and exit 0.
 
-use std::io::BufRead;
+mod common;
+
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-
-/// A child `ivy serve`, killed when dropped.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(dir: &Path) -> (Server, SocketAddr) {
-    let child = Command::new(env!("CARGO_BIN_EXE_ivy"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--log", "error"])
-        .args(["--lag-events-max", "200"])
-        .arg("--data")
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn ivy serve");
-    let mut server = Server(child);
-    let stdout = server.0.stdout.take().expect("stdout");
-    let mut line = String::new();
-    std::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("first line");
-    let addr = ivy::server::listening_addr(&line)
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-    (server, addr)
-}
+use std::process::Command;
 
 /// Runs `ivy-bench --addr ADDR --seconds 1 ARGS`; its report, after checking it exited 0.
 fn bench(addr: SocketAddr, args: &[&str]) -> String {
@@ -72,7 +42,7 @@ fn number_after(report: &str, label: &str) -> u64 {
 #[test]
 fn fan_out_with_slow_subscribers_that_must_resume_loses_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_server, addr) = start(dir.path());
+    let (_server, addr) = common::serve_child(dir.path(), &["--lag-events-max", "200"]);
     // 4 KB events from a window of 64: a few times more events per second than a slow
     // subscriber reads (about 8,000), so it falls behind past what the socket buffers hold, while
     // the run, which ends when the slow ones have everything, stays a few seconds long.
@@ -108,7 +78,7 @@ fn fan_out_with_slow_subscribers_that_must_resume_loses_nothing() {
 #[test]
 fn publish_and_history_report_a_rate() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_server, addr) = start(dir.path());
+    let (_server, addr) = common::serve_child(dir.path(), &["--lag-events-max", "200"]);
     let report = bench(addr, &["publish", "--connections", "2", "--window", "16"]);
     assert!(report.contains("acknowledged events/s"), "{report}");
     assert!(report.contains("ack latency: p50"), "{report}");

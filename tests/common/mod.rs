@@ -111,3 +111,37 @@ impl Rng {
         (path, data)
     }
 }
+
+/// A child `ivy serve`, killed when dropped, so that a failed assertion leaves no server behind.
+pub struct ChildServer(pub std::process::Child);
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        // Already reaped when the test stopped it itself; then both calls just fail.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `ivy serve --listen 127.0.0.1:0 --log error --data DIR ARGS` as a child and returns it
+/// with the address it printed.
+pub fn serve_child(dir: &Path, args: &[&str]) -> (ChildServer, std::net::SocketAddr) {
+    use std::io::BufRead;
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ivy"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--log", "error"])
+        .args(args)
+        .arg("--data")
+        .arg(dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ivy serve");
+    let mut server = ChildServer(child);
+    let stdout = server.0.stdout.take().expect("stdout");
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("first line");
+    let addr = ivy::server::listening_addr(&line)
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+    (server, addr)
+}
