@@ -24,7 +24,8 @@
 //! 2. Each stream involved is rolled back to its committed end (`rollback.rs`): files cut,
 //!    segments that hold no committed event removed, the in-memory view rebuilt. A segment whose
 //!    seal completed cannot be cut under its readers; its events are durable and whole, so they
-//!    are kept.
+//!    are kept. So are events above the watermark that an earlier round already wrote (a round
+//!    takes whole pending lists, which may hold appends made after it read the watermark).
 //! 3. The other ids are recorded as failed (their appends return the failure, now or whenever
 //!    their callers wait), and the watermark passes them all: no stream holds a failed event.
 //! 4. After `StoreOptions::write_retry` appends are taken again; the next round is the probe.
@@ -500,8 +501,9 @@ impl Writer {
         streams.dedup_by(|a, b| Arc::ptr_eq(a, b));
         let mut undone = Ok(());
         let mut kept = Vec::new();
+        let watermark = shared.committed().0;
         for s in &streams {
-            match super::rollback::roll_back(s, &shared.opts) {
+            match super::rollback::roll_back(s, &shared.opts, watermark) {
                 Ok(rolled) => {
                     shared.release_pending(rolled.dropped_bytes);
                     kept.extend(rolled.kept);
@@ -510,13 +512,15 @@ impl Writer {
             }
         }
         kept.sort_unstable();
-        let first_failed = shared.committed().0 + 1;
+        kept.dedup();
+        let first_failed = watermark + 1;
         match undone {
             Ok(()) => {
                 tracing::error!(error = %error, kept = kept.len(), retry_in = ?shared.opts.write_retry, "write failed; the round was undone and appends are refused until the retry");
                 shared.record_failed(first_failed, last_issued.0, kept, &why);
                 // Every id handed out is settled: failed and gone from every stream, or kept
-                // (durable, in a sealed segment). So the watermark may pass them all now, and
+                // (in a sealed segment, or written by an earlier round). So the watermark may
+                // pass them all now, and
                 // the waiters of kept ids are answered without waiting for another round.
                 shared.committed.fetch_max(last_issued.0, Ordering::AcqRel);
                 if shared.opts.durability == Durability::Always {

@@ -268,7 +268,7 @@ impl Store {
     }
 
     /// The stream that holds `path`, created (with its directory) on first use.
-    fn stream_for(&self, path: &ChannelPath) -> Result<Arc<Stream>> {
+    pub(super) fn stream_for(&self, path: &ChannelPath) -> Result<Arc<Stream>> {
         let root = path.prefix(self.inner.stream_depth);
         if let Some(s) = self.inner.streams.read().get(root) {
             return Ok(Arc::clone(s));
