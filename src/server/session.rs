@@ -137,7 +137,9 @@ impl Session {
 impl SessionState {
     /// Drops queued events above `cursor` (they will be read from the log again) and returns
     /// to reading from the log after `cursor`, or after the current lagging cursor if that is
-    /// earlier (moving it forward would skip events of the other subscriptions).
+    /// earlier (moving it forward would skip events of the other subscriptions). The lag count
+    /// (`missed`) is kept, not raised by the backlog: a resume from far back asked for that
+    /// backlog, and is closed as lagging only if it then keeps falling further behind.
     pub fn rewind_to(&mut self, cursor: EventId) {
         let cursor = match self.mode {
             Mode::Lagging {
