@@ -512,7 +512,6 @@ impl Writer {
             }
         }
         kept.sort_unstable();
-        kept.dedup();
         let first_failed = watermark + 1;
         match undone {
             Ok(()) => {
@@ -520,8 +519,8 @@ impl Writer {
                 shared.record_failed(first_failed, last_issued.0, kept, &why);
                 // Every id handed out is settled: failed and gone from every stream, or kept
                 // (in a sealed segment, or written by an earlier round). So the watermark may
-                // pass them all now, and
-                // the waiters of kept ids are answered without waiting for another round.
+                // pass them all now, and the waiters of kept ids are answered without waiting
+                // for another round.
                 shared.committed.fetch_max(last_issued.0, Ordering::AcqRel);
                 if shared.opts.durability == Durability::Always {
                     shared.durable.fetch_max(last_issued.0, Ordering::AcqRel);

@@ -15,7 +15,7 @@
 //! cannot be cut under its readers. Its events are durable and whole, so they are **kept**: the
 //! rollback reports their ids, which then count as committed rather than failed.
 //!
-//! It also reports the ids above the watermark that stay in what is committed. A round takes
+//! The same report covers ids above the watermark within the committed end. A round takes
 //! each stream's whole pending list, after it read the watermark, so it can write an append
 //! that took its id in between: that event is committed in its stream (durable under `always`)
 //! but waits for the next round to pass the watermark. If that round fails, the event is not
@@ -35,7 +35,7 @@ pub(crate) struct RolledBack {
     /// Bytes of pending chunks dropped (returned to the append budget).
     pub dropped_bytes: u64,
     /// Ids above the watermark that stay stored: past the committed end in a segment whose seal
-    /// completed, or within the committed end (see the module docs). Unsorted.
+    /// completed, or within the committed end (see the module docs), newest first.
     pub kept: Vec<u64>,
 }
 
@@ -76,11 +76,8 @@ pub(crate) fn roll_back(
         }
         let seg = Arc::clone(&live.seg);
         if seg.is_sealed_loaded() {
-            let records = seg.records(None)?;
-            for item in Records::new(&seg, records, live.committed_end, records.len() as u64) {
-                out.kept.push(item?.1.id);
-            }
             // Sealed: readers find it through its sealed view from now on, as after a commit.
+            // Its events past the committed end stay, and `stored_above` reports them.
             state.live.remove(i);
             continue;
         }
@@ -91,14 +88,15 @@ pub(crate) fn roll_back(
         *live = LiveSegment::recover(seg, live.committed_end, opts.index_interval_bytes)?;
         i += 1;
     }
-    out.kept.extend(committed_past(&state, watermark)?);
+    out.kept = stored_above(&state, watermark)?;
     Ok(out)
 }
 
-/// The ids above `watermark` in what `state` holds as committed, newest segment first until one
-/// holds an id at or below it. Usually none: the newest live segment's last id says so without a
-/// scan.
-fn committed_past(state: &StreamState, watermark: u64) -> Result<Vec<u64>> {
+/// The ids above `watermark` that the stream still holds once cut back, newest segment first
+/// until one holds an id at or below it: those of a segment whose seal completed, and those an
+/// earlier round wrote (see the module docs). Usually none: the newest live segment's last id
+/// says so without a scan.
+fn stored_above(state: &StreamState, watermark: u64) -> Result<Vec<u64>> {
     let mut ids = Vec::new();
     if state.live.back().is_some_and(|l| l.last_id.0 <= watermark) {
         return Ok(ids);
