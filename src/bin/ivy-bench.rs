@@ -208,10 +208,7 @@ async fn read_text(r: &mut Reader, w: &mut Writer) -> anyhow::Result<String> {
             .await?;
         match frame.opcode {
             OpCode::Text => return Ok(String::from_utf8(frame.payload.to_vec())?),
-            OpCode::Ping => {
-                w.write_frame(Frame::pong(Payload::Owned(frame.payload.to_vec())))
-                    .await?
-            }
+            OpCode::Ping => pong(w, &frame.payload).await?,
             OpCode::Close => anyhow::bail!("closed by the server: {:?}", frame.payload.get(..2)),
             _ => {}
         }
@@ -236,6 +233,14 @@ fn decimal(field: &[u8]) -> Option<u64> {
         let digit = b.checked_sub(b'0').filter(|d| *d < 10)?;
         n.checked_mul(10)?.checked_add(u64::from(digit))
     })
+}
+
+/// Answers a ping now.
+async fn pong(w: &mut Writer, payload: &[u8]) -> anyhow::Result<()> {
+    w.write_frame(Frame::pong(Payload::Owned(payload.to_vec())))
+        .await?;
+    w.flush().await?;
+    Ok(())
 }
 
 /// Sends one message now.
@@ -649,11 +654,7 @@ async fn read_batch(
                     }
                 }
             }
-            ServerFrame::Ping(payload) => {
-                let pong = Frame::pong(Payload::Owned(payload.to_vec()));
-                w.write_frame(pong).await?;
-                w.flush().await?;
-            }
+            ServerFrame::Ping(payload) => pong(w, payload).await?,
             ServerFrame::Close(payload) if payload.starts_with(&1013u16.to_be_bytes()) => {
                 return Ok(Batch::Lagging)
             }
@@ -741,11 +742,7 @@ impl FrameReader {
         loop {
             match self.next()? {
                 Some(ServerFrame::Text(payload)) => return Ok(payload.to_vec()),
-                Some(ServerFrame::Ping(payload)) => {
-                    let pong = Frame::pong(Payload::Owned(payload.to_vec()));
-                    w.write_frame(pong).await?;
-                    w.flush().await?;
-                }
+                Some(ServerFrame::Ping(payload)) => pong(w, payload).await?,
                 Some(ServerFrame::Close(payload)) => {
                     anyhow::bail!("closed by the server: {:?}", payload.get(..2))
                 }
