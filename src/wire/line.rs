@@ -65,32 +65,37 @@ pub fn format_large_notice(out: &mut Vec<u8>, id: EventId, path: &str) {
 }
 
 /// Appends `@TS` (`%010d.%09d`) without allocating.
+///
+/// Every event line of a log read, fan-out message and publish ack starts with one, so it is
+/// printed as four fixed-width groups of at most five digits in 32-bit arithmetic: 119
+/// instructions an id under callgrind, against 188 for two-digit steps over the 64-bit parts.
 pub fn format_id(out: &mut Vec<u8>, id: EventId) {
-    let mut digits = [b'0'; 20];
     let secs = id.seconds();
-    // Two digits per step (half the divisions: this was 4% of a log read's CPU).
-    put_digits(&mut digits[..10], secs % 10_000_000_000);
-    put_digits(&mut digits[11..20], u64::from(id.subsec_nanos()));
-    digits[10] = b'.';
-    // Ids past year 2286 have more than ten digits of seconds; print them whole.
-    let secs = secs / 10_000_000_000;
-    out.push(b'@');
-    if secs > 0 {
+    if secs >= 10_000_000_000 {
+        // Ids past year 2286 have more than ten digits of seconds; print them whole.
+        out.push(b'@');
         out.extend_from_slice(id.to_string().as_bytes());
-    } else {
-        out.extend_from_slice(&digits);
+        return;
     }
+    let nanos = id.subsec_nanos();
+    let mut text = *b"@0000000000.000000000";
+    // Both casts are exact: secs < 10^10, so secs / 10^5 < 10^5.
+    put_fixed(&mut text[1..6], (secs / 100_000) as u32);
+    put_fixed(&mut text[6..11], (secs % 100_000) as u32);
+    put_fixed(&mut text[12..16], nanos / 100_000);
+    put_fixed(&mut text[16..21], nanos % 100_000);
+    out.extend_from_slice(&text);
 }
 
-/// Writes `n` right-aligned in `out` (zero-padded; `out` must be long enough for it).
-fn put_digits(out: &mut [u8], mut n: u64) {
+/// Writes the last `out.len()` decimal digits of `n` into `out`, zero-padded.
+fn put_fixed(out: &mut [u8], mut n: u32) {
     const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
         2021222324252627282930313233343536373839\
         4041424344454647484950515253545556575859\
         6061626364656667686970717273747576777879\
         8081828384858687888990919293949596979899";
     let mut end = out.len();
-    while end >= 2 && n > 0 {
+    while end >= 2 {
         let pair = (n % 100) as usize * 2;
         out[end - 2..end].copy_from_slice(&PAIRS[pair..pair + 2]);
         n /= 100;
