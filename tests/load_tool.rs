@@ -3,7 +3,7 @@
 //! (`--lag-events-max 200`), so the slow subscribers are closed with 1013 again and again and must
 //! resume from their last id with nothing lost, duplicated or reordered: this checks the tool's
 //! resume and count, and the server's `+/path@TS` resume under load. `publish` and `history` must
-//! report a rate and exit 0.
+//! report a rate and the CPU each side used, and exit 0.
 
 mod common;
 
@@ -76,13 +76,44 @@ fn fan_out_with_slow_subscribers_that_must_resume_loses_nothing() {
 }
 
 #[test]
-fn publish_and_history_report_a_rate() {
+fn publish_and_history_report_a_rate_and_the_cpu_each_side_used() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_server, addr) = common::serve_child(dir.path(), &["--lag-events-max", "200"]);
-    let report = bench(addr, &["publish", "--connections", "2", "--window", "16"]);
+    let (server, addr) = common::serve_child(dir.path(), &["--lag-events-max", "200"]);
+    let pid = server.0.id().to_string();
+    let report = bench(
+        addr,
+        &[
+            "publish",
+            "--connections",
+            "2",
+            "--window",
+            "16",
+            "--server-pid",
+            &pid,
+        ],
+    );
     assert!(report.contains("acknowledged events/s"), "{report}");
     assert!(report.contains("ack latency: p50"), "{report}");
+    // A second of publishing keeps the server busy for tens of 10 ms ticks.
+    assert!(cores_of(&report, "cpu: server") > 0.0, "{report}");
+    assert!(report.contains("us/event; ivy-bench "), "{report}");
+    assert!(report.contains("% idle"), "{report}");
     let report = bench(addr, &["history", "--connections", "2", "--events", "500"]);
     assert!(report.contains("requests/s"), "{report}");
     assert!(report.contains("request latency: p50"), "{report}");
+    // Without `--server-pid` the server's share is unknown and left out.
+    assert!(report.contains("cpu: ivy-bench "), "{report}");
+    assert!(!report.contains("server"), "{report}");
+}
+
+/// The figure before " cores" after `label`.
+fn cores_of(report: &str, label: &str) -> f64 {
+    let at = report
+        .find(label)
+        .unwrap_or_else(|| panic!("no {label:?} in {report}"));
+    report[at + label.len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no figure after {label:?} in {report}"))
 }

@@ -9,7 +9,8 @@
 //! - `idle`: N idle WebSocket connections, and the server's resident memory with them open.
 //!
 //! The client side uses one tokio runtime, and does no per-message allocation beyond what parsing
-//! needs, so that it is not the bottleneck (check with `top`). Publishers and history readers
+//! needs, so that it is not the bottleneck: each run reports the CPU the server and the tool
+//! used (`CpuMeter`). Publishers and history readers
 //! use fastwebsockets and plain HTTP/1.1; fan-out subscribers parse frames in place from large
 //! reads (`FrameReader`).
 
@@ -49,6 +50,10 @@ struct Cli {
     /// Seconds to measure.
     #[arg(long, global = true, default_value_t = 10)]
     seconds: u64,
+    /// The process id of the `--addr` server, so that its CPU is reported beside the tool's
+    /// (a spawned server's is known).
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -290,16 +295,132 @@ fn percentiles(label: &str, mut micros: Vec<u64>) {
 }
 
 /// Lets the load run one second to warm up, then counts what `counter` gains over `seconds`;
-/// returns (count, seconds measured).
-async fn measure_window(counter: &AtomicU64, seconds: u64) -> (u64, f64) {
+/// returns (count, seconds measured, the CPU spent meanwhile).
+async fn measure_window(counter: &AtomicU64, seconds: u64) -> (u64, f64, CpuMeter) {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let warm = counter.load(Ordering::Relaxed);
     let from = Instant::now();
+    let cpu = CpuMeter::start();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let cpu = cpu.stop();
     (
         counter.load(Ordering::Relaxed) - warm,
         from.elapsed().as_secs_f64(),
+        cpu,
     )
+}
+
+/// The server's process id, when known (`main` sets it once).
+static SERVER_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// CPU time over a measured window: the server's, the tool's and the machine's idle share, read
+/// from `/proc`. The tool shares the cores with the server, so every report says what each took:
+/// a run in which the tool takes most of the CPU measures the tool, not the server.
+struct CpuMeter {
+    from: CpuSample,
+    to: Option<CpuSample>,
+    wall: Instant,
+    secs: f64,
+}
+
+#[derive(Clone, Copy)]
+struct CpuSample {
+    /// (user, system) clock ticks of each process.
+    server: Option<(u64, u64)>,
+    tool: Option<(u64, u64)>,
+    /// (idle, total) ticks of all cores.
+    machine: Option<(u64, u64)>,
+}
+
+impl CpuSample {
+    fn now() -> CpuSample {
+        CpuSample {
+            server: SERVER_PID
+                .get()
+                .and_then(|pid| process_ticks(&pid.to_string())),
+            tool: process_ticks("self"),
+            machine: machine_ticks(),
+        }
+    }
+}
+
+/// utime and stime of `/proc/PID/stat` (fields 14 and 15, counted after the parenthesised name,
+/// which may hold spaces).
+fn process_ticks(pid: &str) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+}
+
+/// The idle (idle + iowait) and total ticks of the `cpu` line of `/proc/stat`.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    // guest and guest_nice are already counted in user and nice.
+    Some((idle, ticks.iter().take(8).sum()))
+}
+
+impl CpuMeter {
+    /// `/proc` counts in USER_HZ ticks, 100 a second on Linux (10 ms: a window of seconds is
+    /// needed for a useful figure).
+    const TICKS_PER_SEC: f64 = 100.0;
+
+    fn start() -> CpuMeter {
+        CpuMeter {
+            from: CpuSample::now(),
+            to: None,
+            wall: Instant::now(),
+            secs: 0.0,
+        }
+    }
+
+    fn stop(mut self) -> CpuMeter {
+        self.to = Some(CpuSample::now());
+        self.secs = self.wall.elapsed().as_secs_f64();
+        self
+    }
+
+    /// Prints the CPU each side took, in cores and per `unit` (`units` done in the window).
+    fn report(&self, units: u64, unit: &str) {
+        let Some(to) = self.to else { return };
+        let per = |ticks: u64| {
+            let secs = ticks as f64 / Self::TICKS_PER_SEC;
+            let per_unit = if units == 0 {
+                0.0
+            } else {
+                secs * 1e6 / units as f64
+            };
+            (secs / self.secs, per_unit)
+        };
+        let mut parts = Vec::new();
+        for (name, from, to) in [
+            ("server", self.from.server, to.server),
+            ("ivy-bench", self.from.tool, to.tool),
+        ] {
+            if let (Some((u0, s0)), Some((u1, s1))) = (from, to) {
+                let (cores, us) = per((u1 + s1).saturating_sub(u0 + s0));
+                let (user, _) = per(u1.saturating_sub(u0));
+                parts.push(format!(
+                    "{name} {cores:.2} cores ({user:.2} user), {us:.2} us/{unit}"
+                ));
+            }
+        }
+        if let (Some((i0, t0)), Some((i1, t1))) = (self.from.machine, to.machine) {
+            let total = t1.saturating_sub(t0).max(1);
+            parts.push(format!(
+                "machine {:.0}% idle",
+                100.0 * i1.saturating_sub(i0) as f64 / total as f64
+            ));
+        }
+        say!("cpu: {}", parts.join("; "));
+    }
 }
 
 fn now_nanos() -> u64 {
@@ -420,7 +541,7 @@ async fn publish(
         }));
     }
     let started = Instant::now();
-    let (done, elapsed) = measure_window(&acked, seconds).await;
+    let (done, elapsed, cpu) = measure_window(&acked, seconds).await;
     stop.store(true, Ordering::Relaxed);
     let mut lat = Vec::new();
     for t in tasks {
@@ -433,6 +554,7 @@ async fn publish(
         started.elapsed().as_secs_f64()
     );
     percentiles("ack latency", lat);
+    cpu.report(done, "event");
     refusals.check()
 }
 
@@ -787,6 +909,7 @@ async fn report_fanout(
     slow_count: usize,
     c: &FanoutCounters,
     publish_secs: f64,
+    cpu: CpuMeter,
 ) -> anyhow::Result<()> {
     let seq = c.published.load(Ordering::Relaxed);
     let deliveries_during = c.delivered.load(Ordering::Relaxed);
@@ -812,6 +935,7 @@ async fn report_fanout(
     );
     say!("{label}: lost {lost}, duplicated {dup}, reordered {reorder}; slow subscribers complete: {slow_done}/{slow_count}; resumed after a lagging close: {resumed}");
     percentiles("publish-to-delivery (fast subscribers)", fast_lat);
+    cpu.report(deliveries_during, "delivery");
     Ok(())
 }
 
@@ -856,6 +980,7 @@ async fn fanout(
         })
     };
     let started = Instant::now();
+    let cpu = CpuMeter::start();
     let mut seq = 0u64;
     while started.elapsed() < Duration::from_secs(seconds) {
         if let Some(wait) = pace(started, rate, seq) {
@@ -878,13 +1003,14 @@ async fn fanout(
     }
     pw.flush().await?;
     let publish_secs = started.elapsed().as_secs_f64();
+    let cpu = cpu.stop();
     c.done_publishing.store(true, Ordering::Relaxed);
     let label = if rate > 0 {
         format!("fanout, {size} B, paced at {rate}/s")
     } else {
         format!("fanout, {size} B, unpaced, window {window}")
     };
-    report_fanout(&label, subs, slow_count, &c, publish_secs).await?;
+    report_fanout(&label, subs, slow_count, &c, publish_secs, cpu).await?;
     acker.abort();
     refusals.check()
 }
@@ -956,12 +1082,14 @@ async fn floor(seconds: u64, subscribers: usize, size: usize, rate: u64) -> anyh
             Ok(started.elapsed().as_secs_f64())
         })
     };
+    let cpu = CpuMeter::start();
     let publish_secs = tokio::task::spawn_blocking(move || writer.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the floor's writer panicked"))??;
+    let cpu = cpu.stop();
     c.done_publishing.store(true, Ordering::Relaxed);
     let label = format!("floor, {size} B, paced at {rate}/s");
-    report_fanout(&label, subs, 0, &c, publish_secs).await
+    report_fanout(&label, subs, 0, &c, publish_secs, cpu).await
 }
 
 /// The floor's side of one subscriber's handshake: the upgrade, the intro, the ack of its `+`.
@@ -1076,7 +1204,7 @@ async fn history(
             lat
         }));
     }
-    let (done, elapsed) = measure_window(&count, seconds).await;
+    let (done, elapsed, cpu) = measure_window(&count, seconds).await;
     stop.store(true, Ordering::Relaxed);
     let mut lat = Vec::new();
     for task in tasks {
@@ -1084,6 +1212,7 @@ async fn history(
     }
     say!("history: last {n} of a channel of {events} events, {connections} keep-alive connections: {:.0} requests/s", done as f64 / elapsed);
     percentiles("request latency", lat);
+    cpu.report(done, "request");
     Ok(())
 }
 
@@ -1134,6 +1263,10 @@ fn main() -> anyhow::Result<()> {
         (None, Some(a)) => (a, None),
         (None, None) => anyhow::bail!("no server"),
     };
+    let pid = pid.or(cli.server_pid);
+    if let Some(pid) = pid {
+        let _ = SERVER_PID.set(pid);
+    }
     runtime.block_on(async move {
         match cli.mode {
             Mode::Publish {
@@ -1176,6 +1309,25 @@ fn main() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_ticks_are_read_from_proc() {
+        let (user0, sys0) = process_ticks("self").expect("own /proc/self/stat");
+        let (idle, total) = machine_ticks().expect("/proc/stat");
+        assert!(idle <= total);
+        // Half a second of spinning is about 50 ticks of user time.
+        let until = Instant::now() + Duration::from_millis(500);
+        let mut n = 0u64;
+        while Instant::now() < until {
+            n = std::hint::black_box(n.wrapping_add(1));
+        }
+        let (user1, sys1) = process_ticks("self").expect("own /proc/self/stat");
+        assert!(
+            user1 + sys1 > user0 + sys0,
+            "{user0}+{sys0} -> {user1}+{sys1}"
+        );
+        assert_eq!(process_ticks("0"), None, "no such process");
+    }
 
     #[test]
     fn refusals_are_told_from_acks() {
