@@ -26,14 +26,14 @@ fn bench(addr: SocketAddr, args: &[&str]) -> String {
     report
 }
 
-/// The number after `label` in `report`.
-fn number_after(report: &str, label: &str) -> u64 {
+/// The figure (digits and a decimal point) after `label` in `report`.
+fn figure_after(report: &str, label: &str) -> f64 {
     let at = report
         .find(label)
         .unwrap_or_else(|| panic!("no {label:?} in {report}"));
     report[at + label.len()..]
         .trim_start()
-        .split(|c: char| !c.is_ascii_digit())
+        .split(|c: char| !c.is_ascii_digit() && c != '.')
         .next()
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no number after {label:?} in {report}"))
@@ -60,7 +60,7 @@ fn fan_out_with_slow_subscribers_that_must_resume_loses_nothing() {
             "64",
         ],
     );
-    assert!(number_after(&report, "(5 slow):") > 0, "{report}");
+    assert!(figure_after(&report, "(5 slow):") > 0.0, "{report}");
     assert!(
         report.contains("lost 0, duplicated 0, reordered 0"),
         "{report}"
@@ -70,7 +70,7 @@ fn fan_out_with_slow_subscribers_that_must_resume_loses_nothing() {
         "{report}"
     );
     assert!(
-        number_after(&report, "resumed after a lagging close:") > 0,
+        figure_after(&report, "resumed after a lagging close:") > 0.0,
         "the slow subscribers were never closed as lagging, so resuming was not tried: {report}"
     );
 }
@@ -95,7 +95,7 @@ fn publish_and_history_report_a_rate_and_the_cpu_each_side_used() {
     assert!(report.contains("acknowledged events/s"), "{report}");
     assert!(report.contains("ack latency: p50"), "{report}");
     // A second of publishing keeps the server busy for tens of 10 ms ticks.
-    assert!(cores_of(&report, "cpu: server") > 0.0, "{report}");
+    assert!(figure_after(&report, "cpu: server") > 0.0, "{report}");
     assert!(report.contains("us/event; ivy-bench "), "{report}");
     assert!(report.contains("% idle"), "{report}");
     let report = bench(addr, &["history", "--connections", "2", "--events", "500"]);
@@ -104,16 +104,4 @@ fn publish_and_history_report_a_rate_and_the_cpu_each_side_used() {
     // Without `--server-pid` the server's share is unknown and left out.
     assert!(report.contains("cpu: ivy-bench "), "{report}");
     assert!(!report.contains("server"), "{report}");
-}
-
-/// The figure before " cores" after `label`.
-fn cores_of(report: &str, label: &str) -> f64 {
-    let at = report
-        .find(label)
-        .unwrap_or_else(|| panic!("no {label:?} in {report}"));
-    report[at + label.len()..]
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no figure after {label:?} in {report}"))
 }
