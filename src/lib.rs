@@ -64,12 +64,14 @@
 //!   refuse corruption in the middle.
 //! - `verify.rs`: the offline full check and the safe repairs.
 //! - `io.rs`: `FileIo`, the writer's file operations (create, `pwrite`, `fdatasync`, directory
-//!   sync, rename, and the rollback's truncate and remove) behind a trait, so
+//!   sync, rename, the rollback's truncate and remove, and the spare's paced writeback) behind a
+//!   trait, so
 //!   `tests/power_loss.rs` can keep only what was made durable and `tests/faults.rs` can fail
 //!   them.
 //! - `tail.rs`: `Tail`, live reads of a selector bounded by the commit watermark.
 //! - `layout.rs`: the only place that makes file names from channels and ids.
-//! - `mmap.rs`: the only `unsafe` in the crate, under a written four-clause contract.
+//! - `mmap.rs`: the crate's `unsafe` maps, under a written four-clause contract. (The one other
+//!   `unsafe` is `io.rs`' call of `sync_file_range`, which takes no pointers.)
 //!
 //! **Architecture invariants:** storage knows nothing of HTTP, WebSocket, ivy1 text or tokio; it
 //! stores raw event data, never escaped lines. Its waits (`event-listener`) serve threads and

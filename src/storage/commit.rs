@@ -334,6 +334,9 @@ pub(crate) fn run_writer(shared: Arc<Shared>, spares: Option<Spares>) {
         };
         let stop = round.is_shutdown;
         let bytes = writer.commit(round);
+        if let Some(spares) = &writer.spares {
+            spares.note_written(bytes);
+        }
         if stop {
             break;
         }

@@ -24,6 +24,19 @@ pub trait FileIo: Send + Sync + 'static {
     fn truncate(&self, path: &Path, file: &File, len: u64) -> io::Result<()>;
     /// Removes a file; one that is not there is not an error.
     fn remove(&self, path: &Path) -> io::Result<()>;
+    /// Starts writing `len` bytes at `offset` back to the device, and with `wait` waits until
+    /// they are written. A pacing hint that makes nothing durable (no cache flush, no metadata),
+    /// so a test's files may ignore it.
+    fn write_back(
+        &self,
+        _path: &Path,
+        _file: &File,
+        _offset: u64,
+        _len: u64,
+        _wait: bool,
+    ) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// The operating system's files.
@@ -63,6 +76,37 @@ impl FileIo for OsIo {
         match std::fs::remove_file(path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             other => other,
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn write_back(
+        &self,
+        _path: &Path,
+        file: &File,
+        offset: u64,
+        len: u64,
+        wait: bool,
+    ) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let flags = if wait {
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER
+        } else {
+            libc::SYNC_FILE_RANGE_WRITE
+        };
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        // SAFETY: sync_file_range takes no pointers, only integers, and `file` keeps its
+        // descriptor open for the call.
+        #[allow(unsafe_code)]
+        let done = unsafe { libc::sync_file_range(file.as_raw_fd(), offset, len, flags) };
+        if done == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The crate's only `unsafe`: read-only memory maps of segment and index files.
+//! The crate's unsafe maps (its one other `unsafe`, in `io.rs`, is a syscall without pointers):
+//! read-only memory maps of segment and index files.
 //!
 //! # Contract
 //! Every `// SAFETY:` comment in this file relies on these clauses:

@@ -18,23 +18,30 @@
 //! before: a spare is an optimisation, never a reason to refuse an append, and a thread that keeps
 //! retrying on a full disk would take the space the writer needs.
 //!
-//! The price is a second write of every segment's size, and the spare's sync competes with the
-//! writer's. Measured with `ivy-bench publish` against `--preallocate false`, same binary, 10 s
-//! runs on the CI-class VM:
+//! **The fill is paced.** The zeroes go out in 128 KiB pieces, at most `PACE` (2) bytes per byte
+//! the writer has written since the fill began (`Spares::note_written`), so a spare is ready when
+//! the segment that asked for it is half full. Each piece's writeback is started at once
+//! (`FileIo::write_back`, `sync_file_range`) and waited for before the next but one is written.
+//! Why: a cache flush makes durable everything the device has taken, so any sync of the writer
+//! waits for whatever zeroes were sent before it. Filled in one go and synced once, a spare's
+//! 64 MiB reached the device in one burst, and the writer's syncs behind it took 100-150 ms; as
+//! paced pieces, each sync waits for at most 256 KiB of zeroes. `ivy-bench publish` at saturation
+//! (4 connections x 256), 3 runs each, alternating, one sitting: one burst 568-703 K acknowledged
+//! events/s, p99 5.2-7.1 ms, worst 124-139 ms; paced 128 KiB pieces 698-728 K, p99 3.3-3.9 ms,
+//! worst 14-16 ms (p50 1.14 -> 1.31-1.37 ms, the price of zeroes in every sync's way). Pieces of
+//! 1 MiB kept a p99 of 6.5-7.1 ms; 256 KiB gave 3.8-4.6 ms; not waiting for the pieces brought back
+//! a 245 ms worst; a `PACE` of 4, 4.2-4.6 ms.
+//!
+//! The price is a second write of every segment's size. Measured with `ivy-bench publish` against
+//! `--preallocate false` (then with the fill in one burst), same binary, 10 s runs on the CI-class
+//! VM:
 //! - one connection with a window of 16 (4 MiB segments): 24-29 K -> 31-40 K acknowledged
 //!   events/s, with a lower p99;
 //! - at saturation (4 connections x 256), over 15 runs each: no throughput change beyond noise, p50
-//!   lower in 14 runs, p99 higher in all 15 (by 0.2 to 2.5 ms), and the worst acknowledgement
-//!   118-161 ms against 13-386 ms. Syncing the spare every 8 MiB made p99 far worse (each sync is
-//!   a journal commit); in a C model of the two writers, filling it with O_DIRECT was worse too
-//!   (the writer's partial pages must then be read from disk).
-//! - the worst case is the spare's own sync: its 64 MiB reach the device in one burst, and the
-//!   writer's syncs queue behind them. In a later sitting (2 runs each, at saturation) the worst
-//!   acknowledgement was 122-128 ms with spares and 17-19 ms without (p99 5.8-6.4 against
-//!   3.8-4.4 ms). In the C model (60 KB `pwrite` + `fdatasync` beside a 64 MiB fill), the worst
-//!   sync was 106-127 ms against 4.5-11 ms with no fill. Starting writeback every MiB with
-//!   `sync_file_range` and pausing 4 ms between MiBs cut that to 41-55 ms but doubled the
-//!   writer's p99 (3 ms against 1.2-1.9); waiting for each MiB's writeback made its p99 14 ms.
+//!   lower in 14 runs. Syncing the spare every 8 MiB made p99 far worse (each sync is a journal
+//!   commit, as the file grows; `sync_file_range` starts writeback without one); in a C model of
+//!   the two writers, filling it with O_DIRECT was worse too (the writer's partial pages must then
+//!   be read from disk).
 //!
 //! Hence `StoreOptions::preallocate`.
 //!
@@ -50,14 +57,18 @@ use parking_lot::{Condvar, Mutex};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 pub const SPARE_FILE: &str = "SPARE";
 pub const SPARE_TMP_FILE: &str = "SPARE.tmp";
 
-/// Zeroes are written in pieces of this size, so that a stop request is seen quickly.
-const FILL_CHUNK: usize = 1 << 20;
+/// Zeroes are written in pieces of this size, each written back before the next but one.
+const FILL_CHUNK: usize = 128 << 10;
+/// The filler writes at most this many bytes of zeroes per byte the writer writes, so a spare is
+/// ready when the segment that asked for it is half full.
+const PACE: u64 = 2;
 
 /// The writer's handle on the spare and its filler thread (see the module docs).
 pub struct Spares {
@@ -72,6 +83,10 @@ struct Inner {
     io: Arc<dyn FileIo>,
     state: Mutex<State>,
     wake: Condvar,
+    /// Bytes the writer has written (`Spares::note_written`).
+    written: AtomicU64,
+    /// The `written` figure the filler waits for; `u64::MAX` while it does not wait.
+    waits_for: AtomicU64,
 }
 
 #[derive(Default)]
@@ -104,6 +119,8 @@ impl Spares {
             io: Arc::clone(&opts.io),
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
+            written: AtomicU64::new(0),
+            waits_for: AtomicU64::new(u64::MAX),
         };
         Spares {
             inner: Arc::new(inner),
@@ -142,9 +159,20 @@ impl Spares {
                 },
             }
         };
-        self.inner.wake.notify_one();
+        self.inner.wake.notify_all();
         self.start_filler();
         taken
+    }
+
+    /// Counts bytes the writer wrote, which pace the filler; wakes it when it waits for them.
+    pub fn note_written(&self, bytes: u64) {
+        let written = self.inner.written.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        if written >= self.inner.waits_for.load(Ordering::Acquire) {
+            // Under the lock: the filler checks `written` and waits under it, so the notice
+            // cannot fall between the two.
+            let _state = self.inner.state.lock();
+            self.inner.wake.notify_all();
+        }
     }
 
     fn start_filler(&mut self) {
@@ -224,23 +252,41 @@ impl Inner {
         io.remove(&self.tmp)?;
         let file = io.create(&self.tmp)?;
         let zeroes = vec![0u8; FILL_CHUNK];
+        let start = self.written.load(Ordering::Acquire);
         let mut at = 0u64;
+        let mut previous: Option<(u64, u64)> = None;
         while at < self.len {
-            if self.state.lock().is_done() {
+            if !self.wait_for_writer(start + at / PACE) {
                 drop(file);
                 io.remove(&self.tmp)?;
                 return Ok(None);
             }
             let n = usize::try_from(self.len - at).map_or(FILL_CHUNK, |left| left.min(FILL_CHUNK));
             io.write_at(&self.tmp, &file, at, &zeroes[..n])?;
+            // Start this piece's writeback and wait for the one before: at most two pieces are
+            // in flight, so the writer's syncs never queue behind more than 256 KiB of zeroes.
+            io.write_back(&self.tmp, &file, at, n as u64, false)?;
+            if let Some((offset, len)) = previous {
+                io.write_back(&self.tmp, &file, offset, len, true)?;
+            }
+            previous = Some((at, n as u64));
             at += n as u64;
         }
-        // One sync for the whole spare. Syncing every few MiB spread the I/O but made each sync
-        // a journal commit (the file grows), and the writer's syncs queued behind them: publish
-        // p99 went from 6 to 17 ms with a sync every 8 MiB.
+        // Everything is written back by now, so this sync commits only the file's metadata.
         io.sync_data(&self.tmp, &file)?;
         io.rename(&self.tmp, &self.spare)?;
         Ok(Some(file))
+    }
+
+    /// Waits until the writer has written `target` bytes in all; false when asked to stop.
+    fn wait_for_writer(&self, target: u64) -> bool {
+        let mut state = self.state.lock();
+        self.waits_for.store(target, Ordering::Release);
+        while !state.is_done() && self.written.load(Ordering::Acquire) < target {
+            self.wake.wait(&mut state);
+        }
+        self.waits_for.store(u64::MAX, Ordering::Release);
+        !state.is_done()
     }
 }
 
@@ -251,4 +297,80 @@ pub fn remove_left_over(dir: &Path) -> Result<()> {
         super::segment::remove_existing(&OsIo, &dir.join(name))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn spares(dir: &Path) -> Spares {
+        let opts = StoreOptions {
+            segment_bytes_max: 8 * FILL_CHUNK as u64,
+            ..StoreOptions::default()
+        };
+        Spares::new(dir, &opts)
+    }
+
+    fn wait_until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn the_fill_keeps_pace_with_what_the_writer_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut spares = spares(dir.path());
+        let tmp = dir.path().join(SPARE_TMP_FILE);
+        assert!(
+            spares.take_as(&dir.path().join("a.seg")).is_none(),
+            "none made yet"
+        );
+        // With nothing written, only the first piece goes out: the next needs half a piece.
+        wait_until("the fill starts", || tmp.exists());
+        std::thread::sleep(Duration::from_millis(100));
+        let len = || std::fs::metadata(&tmp).map(|m| m.len()).unwrap_or(0);
+        assert_eq!(len(), FILL_CHUNK as u64, "the filler waits for the writer");
+        assert!(!dir.path().join(SPARE_FILE).exists());
+        // Three pieces' worth written lets it fill 6 more (at most PACE bytes per byte): 7 of 8.
+        spares.note_written(3 * FILL_CHUNK as u64);
+        wait_until("the paced pieces", || len() == 7 * FILL_CHUNK as u64);
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            len(),
+            7 * FILL_CHUNK as u64,
+            "no further than the pace allows"
+        );
+        spares.note_written(FILL_CHUNK as u64);
+        wait_until("the spare is ready", || {
+            dir.path().join(SPARE_FILE).exists()
+        });
+        let taken = dir.path().join("b.seg");
+        let file = spares.take_as(&taken).expect("the spare, once made");
+        assert_eq!(
+            file.metadata().expect("metadata").len(),
+            8 * FILL_CHUNK as u64
+        );
+        let bytes = std::fs::read(&taken).expect("read the taken spare");
+        assert!(bytes.iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_fill_waiting_for_the_writer_stops_with_the_store() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut spares = spares(dir.path());
+        assert!(spares.take_as(&dir.path().join("a.seg")).is_none());
+        let tmp = dir.path().join(SPARE_TMP_FILE);
+        wait_until("the fill starts", || tmp.exists());
+        let started = Instant::now();
+        drop(spares);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the filler was joined promptly"
+        );
+        assert!(!tmp.exists(), "the unfinished spare is removed");
+    }
 }
