@@ -265,9 +265,11 @@ impl Inner {
             io.write_at(&self.tmp, &file, at, &zeroes[..n])?;
             // Start this piece's writeback and wait for the one before: at most two pieces are
             // in flight, so the writer's syncs never queue behind more than 256 KiB of zeroes.
-            io.write_back(&self.tmp, &file, at, n as u64, false)?;
+            // Only a pacing hint: where it fails (a filesystem without it), the spare is still
+            // made, and a real write error surfaces at the sync below.
+            let _hint = io.write_back(&self.tmp, &file, at, n as u64, false);
             if let Some((offset, len)) = previous {
-                io.write_back(&self.tmp, &file, offset, len, true)?;
+                let _hint = io.write_back(&self.tmp, &file, offset, len, true);
             }
             previous = Some((at, n as u64));
             at += n as u64;
