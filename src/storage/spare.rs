@@ -26,11 +26,17 @@
 //! waits for whatever zeroes were sent before it. Filled in one go and synced once, a spare's
 //! 64 MiB reached the device in one burst, and the writer's syncs behind it took 100-150 ms; as
 //! paced pieces, each sync waits for at most 256 KiB of zeroes. `ivy-bench publish` at saturation
-//! (4 connections x 256), 3 runs each, alternating, one sitting: one burst 568-703 K acknowledged
-//! events/s, p99 5.2-7.1 ms, worst 124-139 ms; paced 128 KiB pieces 698-728 K, p99 3.3-3.9 ms,
-//! worst 14-16 ms (p50 1.14 -> 1.31-1.37 ms, the price of zeroes in every sync's way). Pieces of
-//! 1 MiB kept a p99 of 6.5-7.1 ms; 256 KiB gave 3.8-4.6 ms; not waiting for the pieces brought back
-//! a 245 ms worst; a `PACE` of 4, 4.2-4.6 ms.
+//! (4 connections x 256), 3 runs each, alternating:
+//! - one sitting: one burst 568-703 K acknowledged events/s, p99 5.2-7.1 ms, worst 124-139 ms;
+//!   paced 128 KiB pieces 698-728 K, p99 3.3-3.9 ms, worst 14-16 ms;
+//! - a later one, with slower syncs: one burst 552-630 K, p99 4.7-5.8 ms, worst 122-129 ms; paced
+//!   538-656 K, p99 3.9-5.4 ms, worst 74-163 ms (a full sitting of the paced build just before:
+//!   worst 10-19 ms in 3 runs).
+//!
+//! So the bursts' stalls are gone and p99 is lower, throughput the same within the VM's noise, and
+//! p50 higher (1.14-1.24 -> 1.31-1.59 ms): zeroes are now in the way of many syncs, a little each.
+//! Pieces of 1 MiB kept a p99 of 6.5-7.1 ms; 256 KiB gave 3.8-4.6 ms; not waiting for the pieces
+//! brought back a 245 ms worst; a `PACE` of 4, 4.2-4.6 ms (1.25 and 1.5: no better than 2).
 //!
 //! The price is a second write of every segment's size. Measured with `ivy-bench publish` against
 //! `--preallocate false` (then with the fill in one burst), same binary, 10 s runs on the CI-class
