@@ -56,7 +56,9 @@
 //! - `segment.rs`: one segment file: create (or take a spare), `pwrite`, sync, seal, its sealed
 //!   view and index.
 //! - `spare.rs`: the zero-filled spare segment a background thread keeps ready, so that a stream
-//!   that filled a segment writes its next one by overwriting (a faster `fdatasync`).
+//!   that filled a segment writes its next one by overwriting (a faster `fdatasync`); its zeroes
+//!   go out in small pieces paced by the writer's bytes, so the writer's syncs never wait behind
+//!   a burst of them.
 //! - `record.rs`: the byte codec (header, record, seal footer, trailer); no I/O.
 //! - `index.rs`: the sparse index: which records get an entry, the file codec, seek.
 //! - `read.rs`: `Reader` (a snapshot) and `Events` (lazy, merged by id, data borrowed from maps).
