@@ -280,7 +280,8 @@ impl Inner {
             previous = Some((at, n as u64));
             at += n as u64;
         }
-        // Everything is written back by now, so this sync commits only the file's metadata.
+        // All but the last piece are written back by now: this sync waits for at most one piece,
+        // and commits the file's size and block map.
         io.sync_data(&self.tmp, &file)?;
         io.rename(&self.tmp, &self.spare)?;
         Ok(Some(file))
