@@ -63,7 +63,6 @@ use parking_lot::{Condvar, Mutex};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -89,10 +88,6 @@ struct Inner {
     io: Arc<dyn FileIo>,
     state: Mutex<State>,
     wake: Condvar,
-    /// Bytes the writer has written (`Spares::note_written`).
-    written: AtomicU64,
-    /// The `written` figure the filler waits for; `u64::MAX` while it does not wait.
-    waits_for: AtomicU64,
 }
 
 #[derive(Default)]
@@ -102,6 +97,8 @@ struct State {
     is_stopping: bool,
     /// Filling failed once: no more spares in this process.
     is_disabled: bool,
+    /// Bytes the writer has written (`Spares::note_written`), which pace the fill.
+    written: u64,
 }
 
 impl State {
@@ -125,8 +122,6 @@ impl Spares {
             io: Arc::clone(&opts.io),
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
-            written: AtomicU64::new(0),
-            waits_for: AtomicU64::new(u64::MAX),
         };
         Spares {
             inner: Arc::new(inner),
@@ -165,20 +160,16 @@ impl Spares {
                 },
             }
         };
-        self.inner.wake.notify_all();
+        self.inner.wake.notify_one();
         self.start_filler();
         taken
     }
 
-    /// Counts bytes the writer wrote, which pace the filler; wakes it when it waits for them.
+    /// Counts bytes the writer wrote, which pace the filler (once a round: the lock is free
+    /// but for the filler's brief checks, never held across its I/O).
     pub fn note_written(&self, bytes: u64) {
-        let written = self.inner.written.fetch_add(bytes, Ordering::AcqRel) + bytes;
-        if written >= self.inner.waits_for.load(Ordering::Acquire) {
-            // Under the lock: the filler checks `written` and waits under it, so the notice
-            // cannot fall between the two.
-            let _state = self.inner.state.lock();
-            self.inner.wake.notify_all();
-        }
+        self.inner.state.lock().written += bytes;
+        self.inner.wake.notify_one();
     }
 
     fn start_filler(&mut self) {
@@ -258,7 +249,7 @@ impl Inner {
         io.remove(&self.tmp)?;
         let file = io.create(&self.tmp)?;
         let zeroes = vec![0u8; FILL_CHUNK];
-        let start = self.written.load(Ordering::Acquire);
+        let start = self.state.lock().written;
         let mut at = 0u64;
         let mut previous: Option<(u64, u64)> = None;
         while at < self.len {
@@ -290,11 +281,9 @@ impl Inner {
     /// Waits until the writer has written `target` bytes in all; false when asked to stop.
     fn wait_for_writer(&self, target: u64) -> bool {
         let mut state = self.state.lock();
-        self.waits_for.store(target, Ordering::Release);
-        while !state.is_done() && self.written.load(Ordering::Acquire) < target {
+        while !state.is_done() && state.written < target {
             self.wake.wait(&mut state);
         }
-        self.waits_for.store(u64::MAX, Ordering::Release);
         !state.is_done()
     }
 }
