@@ -10,12 +10,11 @@
 //!
 //! The client side uses one tokio runtime, and does no per-message allocation beyond what parsing
 //! needs, so that it is not the bottleneck: each run reports the CPU the server and the tool
-//! used (`CpuMeter`). Publishers and history readers
-//! use fastwebsockets and plain HTTP/1.1; fan-out subscribers parse frames in place from large
-//! reads (`FrameReader`).
+//! used (`CpuMeter`). WebSocket clients write frames with fastwebsockets and parse what they read
+//! in place from large reads (`FrameReader`); history readers speak plain HTTP/1.1.
 
 use clap::{Parser, Subcommand};
-use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketRead, WebSocketWrite};
+use fastwebsockets::{Frame, Payload, Role, WebSocketWrite};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -156,17 +155,14 @@ fn server_rss_kib(pid: u32) -> Option<u64> {
     ivy::metrics::resident_bytes(pid).map(|b| b / 1024)
 }
 
-type Reader = WebSocketRead<OwnedReadHalf>;
 type Writer = WebSocketWrite<tokio::io::BufWriter<OwnedWriteHalf>>;
 
-/// Opens a WebSocket with subprotocol ivy1 and reads the intro; returns the halves and the sid.
-async fn connect(addr: SocketAddr) -> anyhow::Result<(Reader, Writer, String)> {
+/// Opens a WebSocket with subprotocol ivy1 and reads the intro.
+async fn connect(addr: SocketAddr) -> anyhow::Result<(FrameReader, Writer)> {
     let (read, mut w) = upgrade(addr).await?;
-    let (mut r, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Client);
-    r.set_auto_pong(false);
-    let intro = read_text(&mut r, &mut w).await?;
-    let sid = intro.split(":~/sid:").nth(1).unwrap_or("").to_owned();
-    Ok((r, w, sid))
+    let mut frames = FrameReader::new(read);
+    frames.next_text(&mut w).await?;
+    Ok((frames, w))
 }
 
 /// Upgrades a new connection to a WebSocket with subprotocol ivy1; returns the socket's read
@@ -203,21 +199,6 @@ async fn upgrade(addr: SocketAddr) -> anyhow::Result<(OwnedReadHalf, Writer)> {
     w.set_auto_apply_mask(true);
     w.set_writev(false);
     Ok((read, w))
-}
-
-/// The next text message; answers pings.
-async fn read_text(r: &mut Reader, w: &mut Writer) -> anyhow::Result<String> {
-    loop {
-        let frame = r
-            .read_frame(&mut |_| async { Ok::<(), std::convert::Infallible>(()) })
-            .await?;
-        match frame.opcode {
-            OpCode::Text => return Ok(String::from_utf8(frame.payload.to_vec())?),
-            OpCode::Ping => pong(w, &frame.payload).await?,
-            OpCode::Close => anyhow::bail!("closed by the server: {:?}", frame.payload.get(..2)),
-            _ => {}
-        }
-    }
 }
 
 /// The sequence number and send time of a fan-out event, `@TS:/fan:SEQ:SENT_NANOS:padding`,
@@ -442,9 +423,7 @@ async fn publish(
     let refusals = Refusals::default();
     let mut tasks = Vec::new();
     for c in 0..connections {
-        let (read, mut w) = upgrade(addr).await?;
-        let mut frames = FrameReader::new(read);
-        frames.next_text(&mut w).await?;
+        let (mut frames, mut w) = connect(addr).await?;
         let stop = Arc::clone(&stop);
         let acked = Arc::clone(&acked);
         let refusals = refusals.clone();
@@ -657,8 +636,7 @@ async fn start_subscribers(
 
 /// Connects and sends `command`, a subscription keyed `s`; returns once it is acknowledged.
 async fn subscribe(addr: SocketAddr, command: &[u8]) -> anyhow::Result<(FrameReader, Writer)> {
-    let (read, mut w) = upgrade(addr).await?;
-    let mut frames = FrameReader::new(read);
+    let (mut frames, mut w) = connect(addr).await?;
     send(&mut w, command).await?;
     while !frames.next_text(&mut w).await?.starts_with(b"#s#") {}
     Ok((frames, w))
@@ -804,9 +782,9 @@ enum ServerFrame<'a> {
 /// The subscribers' reader: server-to-client frames (whole and unmasked, RFC 6455 section 5.2)
 /// parsed in place from one buffer filled by large reads. fastwebsockets reads one frame per
 /// call, with a future, a buffer reservation, a shared split and a UTF-8 check each; at 4 M
-/// frames/s that was half of the subscribers' CPU, on the cores the server shares. Subscribers
-/// only need each frame's bounds, so they read this way; every other client of the tool, and
-/// the server, use fastwebsockets.
+/// frames/s that was half of the subscribers' CPU, on the cores the server shares. The tool's
+/// clients only need each frame's bounds, so they all read this way (the server uses
+/// fastwebsockets).
 struct FrameReader {
     tcp: OwnedReadHalf,
     buf: Vec<u8>,
@@ -960,7 +938,7 @@ async fn fanout(
     let slow_count = ((subscribers as f64) * slow_fraction).round() as usize;
     let c = FanoutCounters::new();
     let subs = start_subscribers(addr, subscribers, slow_count, &c).await?;
-    let (mut pr, mut pw, _) = connect(addr).await?;
+    let (mut pr, mut pw) = connect(addr).await?;
     let pad = "p".repeat(size.saturating_sub(40));
     let permits = Arc::new(tokio::sync::Semaphore::new(window));
     let refusals = Refusals::default();
@@ -968,13 +946,19 @@ async fn fanout(
         let permits = Arc::clone(&permits);
         let refusals = refusals.clone();
         tokio::spawn(async move {
-            while let Ok(frame) = pr
-                .read_frame(&mut |_| async { Ok::<(), std::convert::Infallible>(()) })
-                .await
-            {
-                if frame.opcode == OpCode::Text && frame.payload.starts_with(b"#") {
-                    refusals.note(&frame.payload);
-                    permits.add_permits(1);
+            loop {
+                let is_buffered = match pr.next() {
+                    Ok(Some(ServerFrame::Text(payload))) if payload.starts_with(b"#") => {
+                        refusals.note(payload);
+                        permits.add_permits(1);
+                        true
+                    }
+                    Ok(Some(_)) => true,
+                    Ok(None) => false,
+                    Err(_) => break,
+                };
+                if !is_buffered && pr.fill().await.is_err() {
+                    break;
                 }
             }
         })
@@ -1144,7 +1128,7 @@ async fn history(
     n: usize,
     events: usize,
 ) -> anyhow::Result<()> {
-    let (mut r, mut w, _) = connect(addr).await?;
+    let (mut frames, mut w) = connect(addr).await?;
     let data = "h".repeat(100);
     for i in 0..events {
         let line = if i + 1 == events {
@@ -1156,7 +1140,7 @@ async fn history(
     }
     // The last one is keyed: once it is acknowledged, every one is stored. (With `--events 0`
     // the channel is read as it is, for runs against a server filled before.)
-    while events > 0 && !read_text(&mut r, &mut w).await?.starts_with("#last#") {}
+    while events > 0 && !frames.next_text(&mut w).await?.starts_with(b"#last#") {}
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
