@@ -277,18 +277,13 @@ fn percentiles(label: &str, mut micros: Vec<u64>) {
 
 /// Lets the load run one second to warm up, then counts what `counter` gains over `seconds`;
 /// returns (count, seconds measured, the CPU spent meanwhile).
-async fn measure_window(counter: &AtomicU64, seconds: u64) -> (u64, f64, CpuMeter) {
+async fn measure_window(counter: &AtomicU64, seconds: u64) -> (u64, f64, CpuUse) {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let warm = counter.load(Ordering::Relaxed);
-    let from = Instant::now();
     let cpu = CpuMeter::start();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let cpu = cpu.stop();
-    (
-        counter.load(Ordering::Relaxed) - warm,
-        from.elapsed().as_secs_f64(),
-        cpu,
-    )
+    (counter.load(Ordering::Relaxed) - warm, cpu.secs, cpu)
 }
 
 /// The server's process id, when known (`main` sets it once).
@@ -299,8 +294,14 @@ static SERVER_PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
 /// a run in which the tool takes most of the CPU measures the tool, not the server.
 struct CpuMeter {
     from: CpuSample,
-    to: Option<CpuSample>,
     wall: Instant,
+}
+
+/// What `CpuMeter::stop` measured.
+struct CpuUse {
+    from: CpuSample,
+    to: CpuSample,
+    /// The window's length.
     secs: f64,
 }
 
@@ -349,28 +350,30 @@ fn machine_ticks() -> Option<(u64, u64)> {
 }
 
 impl CpuMeter {
+    fn start() -> CpuMeter {
+        CpuMeter {
+            from: CpuSample::now(),
+            wall: Instant::now(),
+        }
+    }
+
+    fn stop(self) -> CpuUse {
+        CpuUse {
+            from: self.from,
+            to: CpuSample::now(),
+            secs: self.wall.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+impl CpuUse {
     /// `/proc` counts in USER_HZ ticks, 100 a second on Linux (10 ms: a window of seconds is
     /// needed for a useful figure).
     const TICKS_PER_SEC: f64 = 100.0;
 
-    fn start() -> CpuMeter {
-        CpuMeter {
-            from: CpuSample::now(),
-            to: None,
-            wall: Instant::now(),
-            secs: 0.0,
-        }
-    }
-
-    fn stop(mut self) -> CpuMeter {
-        self.to = Some(CpuSample::now());
-        self.secs = self.wall.elapsed().as_secs_f64();
-        self
-    }
-
     /// Prints the CPU each side took, in cores and per `unit` (`units` done in the window).
     fn report(&self, units: u64, unit: &str) {
-        let Some(to) = self.to else { return };
+        let to = self.to;
         let per = |ticks: u64| {
             let secs = ticks as f64 / Self::TICKS_PER_SEC;
             let per_unit = if units == 0 {
@@ -887,7 +890,7 @@ async fn report_fanout(
     slow_count: usize,
     c: &FanoutCounters,
     publish_secs: f64,
-    cpu: CpuMeter,
+    cpu: CpuUse,
 ) -> anyhow::Result<()> {
     let seq = c.published.load(Ordering::Relaxed);
     let deliveries_during = c.delivered.load(Ordering::Relaxed);
