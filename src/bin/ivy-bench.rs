@@ -1222,7 +1222,7 @@ async fn idle(addr: SocketAddr, connections: usize, pid: Option<u32>) -> anyhow:
             b as f64 / 1024.0,
             (a.saturating_sub(b) * 1024) as f64 / connections as f64
         ),
-        _ => say!("idle: give no --addr to let the tool start the server and read its memory"),
+        _ => say!("idle: the server's memory is unknown: give --server-pid with --addr, or no --addr to let the tool start the server"),
     }
     drop(held);
     Ok(())
