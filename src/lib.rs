@@ -13,7 +13,8 @@
 //!
 //! - `src/main.rs`: the `ivy` binary; parses the command line (`src/cli/`), starts logging, maps
 //!   errors to exit codes (0 ok, 1 `verify` found problems, 2 could not run).
-//! - `src/cli/serve.rs`: `ivy serve`: flags into `config::ServerOptions` and
+//! - `src/cli/serve.rs`: `ivy serve`: raises the descriptor limit and shares it out (connections,
+//!   `StoreOptions::streams_max`), flags into `config::ServerOptions` and
 //!   `storage::StoreOptions`, then [`server::Server::serve`] until SIGINT/SIGTERM.
 //! - [`server::Server`]: the server as a library type: `handle` answers one hyper request (to
 //!   mount in a larger program), `serve` runs a listener.
@@ -103,7 +104,8 @@
 //!   dispatcher (recovered from hyper's upgrade; an embedder's other streams take the plain path).
 //! - `catchup.rs`: log reads for `+/path@TS` and for lagging sessions.
 //! - `linger.rs`: lingering close, so that an answer sent before the request was read whole (a
-//!   413) reaches the client instead of being erased by a TCP reset.
+//!   413) reaches the client instead of being erased by a TCP reset; at most a 32nd of the
+//!   descriptor limit lingers at once.
 //! - `error.rs`: store failures to HTTP statuses (507 disk full, 503 otherwise) and close codes
 //!   (1013 while a write failure is temporary).
 //!
@@ -179,7 +181,7 @@
 //!   binary as a user runs it), `tests/storage_format.rs` (the format page's example),
 //!   `tests/crash.rs` (SIGKILL of a child server), `tests/power_loss.rs` (unsynced writes
 //!   dropped), `tests/faults.rs` and `tests/server/faults.rs` (full disk, read-only directory,
-//!   descriptors exhausted), `tests/load_tool.rs` (`ivy-bench` against a child server, its
+//!   descriptors shared out between connections and streams), `tests/load_tool.rs` (`ivy-bench` against a child server, its
 //!   lost/duplicated/reordered checks and its resume after 1013); fuzz targets in `fuzz/` (bodies
 //!   in `fuzzing.rs`, replayed by `tests/fuzz_regressions.rs`); benchmarks in `benches/`.
 //! - **Observability.** `tracing`: warnings for cut tails and rebuilt indexes, errors for failed

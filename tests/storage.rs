@@ -493,6 +493,58 @@ fn oversized_events_are_refused_before_taking_an_id() {
     store.append(&path("/a"), &[0; 10]).unwrap();
 }
 
+#[test]
+fn a_stream_past_the_limit_is_refused_and_the_others_write_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        streams_max: 2,
+        durability: Durability::Always,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(dir.path(), opts.clone()).unwrap();
+    let a = store.append(&path("/a/x"), b"a").unwrap();
+    let b = store.append(&path("/b"), b"b").unwrap();
+    // A third stream is refused before it takes an id or a directory; a new channel inside an
+    // existing stream is not a new stream.
+    assert!(matches!(
+        store.append(&path("/c/y"), b"c"),
+        Err(Error::TooManyStreams { max: 2 })
+    ));
+    let a2 = store.append(&path("/a/new"), b"a2").unwrap();
+    // In a batch, what comes before the refused stream is appended, nothing after it.
+    let outcome = store.append_batch(&[(&path("/b"), b"b2"), (&path("/d"), b"d")]);
+    assert!(
+        matches!(outcome, Err(Error::TooManyStreams { .. })),
+        "{outcome:?}"
+    );
+    assert!(!dir.path().join("streams/~c").exists());
+    assert!(!dir.path().join("streams/~d").exists());
+    // Committed once a later append is (the batch's error came before its wait).
+    let b3 = store.append(&path("/b"), b"b3").unwrap();
+    let events = read(&store, "/**", &Query::all());
+    let data: Vec<_> = events.iter().map(|e| e.2.as_slice()).collect();
+    assert_eq!(data, [&b"a"[..], b"b", b"a2", b"b2", b"b3"]);
+    let ids: Vec<_> = events.iter().map(|e| e.0).collect();
+    assert_eq!([ids[0], ids[1], ids[2], ids[4]], [a, b, a2, b3]);
+    drop(store);
+    // The limit is on starting streams: a store holding more than it opens, and refuses a new one.
+    let store = Store::open(
+        dir.path(),
+        StoreOptions {
+            streams_max: 1,
+            ..opts
+        },
+    )
+    .unwrap();
+    store.append(&path("/b"), b"b4").unwrap();
+    assert!(matches!(
+        store.append(&path("/e"), b"e"),
+        Err(Error::TooManyStreams { max: 1 })
+    ));
+    drop(store);
+    check_clean(dir.path());
+}
+
 /// Many writers on different streams; a tail over all of them must see strictly increasing ids,
 /// every event exactly once, whatever order the streams were written in.
 /// `writers` threads, each appending `each` events to its path (`path_of(writer)`); each

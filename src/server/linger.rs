@@ -7,10 +7,16 @@
 //! sends, for at most `LINGER_TIME` and `LINGER_BYTES`, and only then closes.
 //!
 //! A stream whose client has already closed, or that has an error, is closed at once. The
-//! lingering task holds no connection permit: it is bounded by time and bytes instead.
+//! lingering task holds no connection permit: it is bounded by time and bytes instead, and the
+//! number of sockets lingering at once is bounded too (`LingerSlot`): each holds a descriptor
+//! that the connection limit does not count, and a flood of refused or closing connections must
+//! not take the descriptors the store keeps for its files. Past that bound a socket is closed at
+//! once, and its client may see a reset.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -18,6 +24,42 @@ use tokio::net::TcpStream;
 
 const LINGER_TIME: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 4 << 20;
+
+/// Sockets lingering now, process-wide (descriptors are a process's resource).
+static LINGERING: AtomicUsize = AtomicUsize::new(0);
+
+/// How many sockets may linger at once: a 32nd of the descriptor limit (the server keeps an
+/// eighth of it from connections, `ivy serve`'s `connections_within`), 1 to 4096.
+fn lingering_max() -> usize {
+    static MAX: OnceLock<usize> = OnceLock::new();
+    *MAX.get_or_init(|| {
+        let limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
+        usize::try_from(limit / 32)
+            .unwrap_or(usize::MAX)
+            .clamp(1, 4096)
+    })
+}
+
+/// A place among the lingering sockets, given back on drop.
+struct LingerSlot;
+
+impl LingerSlot {
+    fn take() -> Option<LingerSlot> {
+        let max = lingering_max();
+        LINGERING
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| LingerSlot)
+    }
+}
+
+impl Drop for LingerSlot {
+    fn drop(&mut self) {
+        LINGERING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// A TCP stream that lingers when dropped (see the module docs).
 pub struct LingeringTcp {
@@ -110,14 +152,20 @@ impl Drop for LingeringTcp {
             // Unread bytes, or the client may still be sending.
             _ => {}
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(linger(tcp));
+        // Without a runtime or a free slot the socket closes here, at once.
+        if let (Ok(runtime), Some(slot)) =
+            (tokio::runtime::Handle::try_current(), LingerSlot::take())
+        {
+            runtime.spawn(async move {
+                linger(tcp).await;
+                drop(slot);
+            });
         }
     }
 }
 
 /// Sends FIN, then discards what the client still sends, within the bounds, then closes.
-pub async fn linger(mut tcp: TcpStream) {
+async fn linger(mut tcp: TcpStream) {
     let _ = tcp.shutdown().await;
     let deadline = tokio::time::Instant::now() + LINGER_TIME;
     let mut buf = [0u8; 8192];

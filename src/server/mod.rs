@@ -202,7 +202,7 @@ async fn refuse(mut tcp: tokio::net::TcpStream) {
         BODY.len()
     );
     let _ = tcp.write_all(answer.as_bytes()).await;
-    linger::linger(tcp).await;
+    drop(linger::LingeringTcp::new(tcp));
 }
 
 async fn serve_connection(

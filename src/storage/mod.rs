@@ -125,6 +125,11 @@ pub struct StoreOptions {
     pub event_bytes_max: usize,
     /// Encoded bytes waiting for the writer before appends block.
     pub pending_bytes_max: u64,
+    /// Streams the store may hold; an append that would start another is refused
+    /// (`Error::TooManyStreams`). Each stream keeps its live segment's file open and mapped, so
+    /// this is how a server keeps clients that invent top-level channels from taking every
+    /// descriptor (which would fail every write, not just theirs).
+    pub streams_max: usize,
     /// After a failed write is rolled back, appends are refused for this long; then the next
     /// round tries the disk again (see `commit.rs`).
     pub write_retry: Duration,
@@ -144,6 +149,7 @@ impl Default for StoreOptions {
             index_interval_bytes: DEFAULT_INDEX_INTERVAL,
             event_bytes_max: 16 << 20,
             pending_bytes_max: 64 << 20,
+            streams_max: usize::MAX,
             write_retry: Duration::from_secs(1),
             clock: Arc::new(SystemClock),
             io: Arc::new(io::OsIo),

@@ -267,7 +267,8 @@ impl Store {
         Ok(last)
     }
 
-    /// The stream that holds `path`, created (with its directory) on first use.
+    /// The stream that holds `path`, created (with its directory) on first use unless the store
+    /// holds `streams_max` already.
     pub(super) fn stream_for(&self, path: &ChannelPath) -> Result<Arc<Stream>> {
         let root = path.prefix(self.inner.stream_depth);
         if let Some(s) = self.inner.streams.read().get(root) {
@@ -276,6 +277,10 @@ impl Store {
         let mut streams = self.inner.streams.write();
         if let Some(s) = streams.get(root) {
             return Ok(Arc::clone(s));
+        }
+        let max = self.inner.shared.opts.streams_max;
+        if streams.len() >= max {
+            return Err(Error::TooManyStreams { max });
         }
         let root = path.truncated(self.inner.stream_depth);
         let parent = layout::streams_dir(&self.inner.dir);
