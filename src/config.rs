@@ -22,6 +22,8 @@ pub struct ServerOptions {
     /// A WebSocket message, after reassembly.
     pub frame_bytes_max: usize,
     pub subscriptions_max: usize,
+    /// Subscriptions of all connections together.
+    pub subscriptions_total_max: usize,
     /// A subscriber this many events behind is closed with 1013.
     pub lag_events_max: u64,
     /// Outbound bytes queued for one connection before it reads from the log instead.
@@ -43,6 +45,7 @@ impl Default for ServerOptions {
             large_event_bytes: 64 * 1024,
             frame_bytes_max: 64 * 1024,
             subscriptions_max: 10_000,
+            subscriptions_total_max: 1_000_000,
             lag_events_max: 100_000,
             queue_bytes_max: 1024 * 1024,
             header_bytes_max: 16 * 1024,

@@ -43,6 +43,9 @@ pub struct Args {
     /// Subscriptions per connection.
     #[arg(long, env = "IVY_SUBSCRIPTIONS_MAX", default_value_t = 10_000)]
     subscriptions_max: usize,
+    /// Subscriptions of all connections together (each takes a few hundred bytes).
+    #[arg(long, env = "IVY_SUBSCRIPTIONS_TOTAL_MAX", default_value_t = 1_000_000)]
+    subscriptions_total_max: usize,
     /// Events a subscriber may fall behind before it is closed with 1013 (events).
     #[arg(long, env = "IVY_LAG_EVENTS_MAX", default_value_t = 100_000)]
     lag_events_max: u64,
@@ -104,6 +107,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         large_event_bytes: args.large_event_bytes,
         frame_bytes_max: args.frame_bytes_max,
         subscriptions_max: args.subscriptions_max,
+        subscriptions_total_max: args.subscriptions_total_max,
         lag_events_max: args.lag_events_max,
         queue_bytes_max: args.queue_bytes_max,
         header_bytes_max: args.header_bytes_max,

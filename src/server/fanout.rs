@@ -108,11 +108,31 @@ pub struct Hub {
     large_event_bytes: usize,
     queue_bytes_max: usize,
     lag_events_max: u64,
+    subscriptions_total_max: usize,
     is_stopping: AtomicBool,
+}
+
+/// Why a `+` was refused: the reason for `#KEY#!`, and the close code for an unkeyed one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscribeRefusal {
+    pub reason: &'static str,
+    pub close_code: u16,
+}
+
+impl SubscribeRefusal {
+    /// The client asked for what it may not have (1008, policy).
+    const fn policy(reason: &'static str) -> SubscribeRefusal {
+        SubscribeRefusal {
+            reason,
+            close_code: 1008,
+        }
+    }
 }
 
 struct HubState {
     index: HashMap<ChannelPath, Vec<Arc<Session>>>,
+    /// Subscriptions of all sessions (the index's entries).
+    subscriptions: usize,
     /// Every event at or below this id has been dispatched.
     dispatched: EventId,
 }
@@ -125,12 +145,14 @@ impl Hub {
             metrics,
             state: Mutex::new(HubState {
                 index: HashMap::new(),
+                subscriptions: 0,
                 dispatched: start,
             }),
             sessions_by_sid: Mutex::new(HashMap::new()),
             large_event_bytes: opts.large_event_bytes,
             queue_bytes_max: opts.queue_bytes_max,
             lag_events_max: opts.lag_events_max,
+            subscriptions_total_max: opts.subscriptions_total_max,
             is_stopping: AtomicBool::new(false),
         }
     }
@@ -148,6 +170,7 @@ impl Hub {
         let paths: Vec<ChannelPath> = session.state.lock().subscriptions.keys().cloned().collect();
         for path in paths {
             remove_from_index(&mut hub.index, &path, session.id);
+            hub.subscriptions -= 1;
             self.metrics.subscriptions.dec();
         }
     }
@@ -189,27 +212,36 @@ impl Hub {
         })
     }
 
-    /// Subscribes; returns the boundary id. `resume_after` replays the log after it first.
+    /// Subscribes; returns the boundary id. `resume_after` replays the log after it first. A
+    /// session holds at most `max` subscriptions, and the server `subscriptions_total_max` (each
+    /// costs a few hundred bytes: without a bound, many connections could take all memory).
     pub fn subscribe(
         &self,
         session: &Arc<Session>,
         path: ChannelPath,
         resume_after: Option<EventId>,
         max: usize,
-    ) -> Result<EventId, &'static str> {
+    ) -> Result<EventId, SubscribeRefusal> {
         let mut hub = self.state.lock();
         let boundary = hub.dispatched;
         let mut st = session.state.lock();
         let is_new = !st.subscriptions.contains_key(&path);
         if is_new && st.subscriptions.len() >= max {
-            return Err("too many subscriptions");
+            return Err(SubscribeRefusal::policy("too many subscriptions"));
+        }
+        if is_new && hub.subscriptions >= self.subscriptions_total_max {
+            // Not this client's doing: it may try again later (1013).
+            return Err(SubscribeRefusal {
+                reason: "too many subscriptions on this server",
+                close_code: 1013,
+            });
         }
         let since = match resume_after {
             Some(ts) => {
                 if ts < st.last_taken {
-                    return Err(
+                    return Err(SubscribeRefusal::policy(
                         "resume point is behind this connection; resume on a new connection",
-                    );
+                    ));
                 }
                 ts
             }
@@ -226,6 +258,7 @@ impl Hub {
         drop(st);
         if is_new {
             hub.index.entry(path).or_default().push(Arc::clone(session));
+            hub.subscriptions += 1;
             self.metrics.subscriptions.inc();
         }
         drop(hub);
@@ -240,6 +273,7 @@ impl Hub {
         let mut hub = self.state.lock();
         if session.state.lock().subscriptions.remove(path).is_some() {
             remove_from_index(&mut hub.index, path, session.id);
+            hub.subscriptions -= 1;
             self.metrics.subscriptions.dec();
         }
         hub.dispatched

@@ -349,9 +349,9 @@ fn handle(
                         ack(session, key, boundary);
                     }
                 }
-                Err(reason) => match key {
-                    Some(key) => refuse(session, key, reason),
-                    None => session.close(1008, reason),
+                Err(refusal) => match key {
+                    Some(key) => refuse(session, key, refusal.reason),
+                    None => session.close(refusal.close_code, refusal.reason),
                 },
             }
         }

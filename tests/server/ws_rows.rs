@@ -408,6 +408,54 @@ async fn subscription_cap() {
     assert_eq!(a.closed().await, 1008);
 }
 
+/// The server-wide cap counts every connection's subscriptions, frees them on `-` and on close,
+/// and refuses past it with 1013 (try later), not 1008: the client broke no rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_cap_for_the_whole_server() {
+    let opts = ServerOptions {
+        subscriptions_total_max: 4,
+        ..ServerOptions::default()
+    };
+    let server = start_with(opts, StoreOptions::default()).await;
+    let mut a = ws(&server).await;
+    let mut b = ws(&server).await;
+    for i in 0..2 {
+        assert!(a.request("k", &format!("+/a{i}")).await.starts_with('@'));
+        assert!(b.request("k", &format!("+/b{i}")).await.starts_with('@'));
+    }
+    // Again the same channel is no new subscription.
+    assert!(a.request("k", "+/a0").await.starts_with('@'));
+    let full = "!too many subscriptions on this server";
+    assert_eq!(a.request("k", "+/a2").await, full);
+    assert_eq!(b.request("k", "+/b2").await, full);
+    // An unsubscribe frees a place, and so does a closed connection.
+    assert!(a.request("k", "-/a1").await.starts_with('@'));
+    assert!(b.request("k", "+/b2").await.starts_with('@'));
+    assert_eq!(a.request("k", "+/a1").await, full);
+    drop(b);
+    let mut c = ws(&server).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let reply = c.request("k", "+/c0").await;
+        if reply.starts_with('@') {
+            break;
+        }
+        assert_eq!(reply, full);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b's subscriptions were not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Subscribed ones still get events; an unkeyed `+` past the cap closes with 1013.
+    post(&server, "/a0", b"still delivered").await;
+    assert!(a.recv().await.ends_with(":/a0:still delivered"));
+    assert!(c.request("k", "+/c1").await.starts_with('@'));
+    assert!(c.request("k", "+/c2").await.starts_with('@'));
+    a.send("+/a9").await;
+    assert_eq!(a.closed().await, 1013);
+}
+
 /// Shutdown closes WebSockets with 1001 and keeps every acknowledged event; a restart on the
 /// same directory serves them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
