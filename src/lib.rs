@@ -121,7 +121,9 @@
 //! ## One event's path through the engine
 //!
 //! 1. `Store::append` (`store.rs`) routes the channel to its stream (`ChannelPath::truncated` to
-//!    the stream depth) and reserves room in the bounded pending budget.
+//!    the stream depth) and reserves room in the bounded pending budget (the thread waits while
+//!    the writer is `pending_bytes_max` behind; async callers await `Store::room` instead and
+//!    append with `append_batch_nowait_with`, which never blocks).
 //! 2. Under the stream's lock it takes an id from the sequencer (`commit.rs`: strictly above the
 //!    last, `+1 ns` when the clock stalls) and marks the stream dirty, then `StreamState::append`
 //!    (`stream.rs`) rolls the segment if it is full or old (encoding the seal footer), and encodes
@@ -144,7 +146,9 @@
 //!    `#k#!reason`, or close 1008 unkeyed.
 //! 2. A publish waits in the connection's batch (`Publishes` in `ws.rs`) while further messages
 //!    are already read; before the reader would wait for the socket, or when another command
-//!    comes, `Hub::publish_batch` (`server/fanout.rs`) appends the batch in one store call
+//!    comes, the reader awaits `Store::room` for the batch (so a disk far behind stops this
+//!    connection's reads, never a runtime thread) and `Hub::publish_batch` (`server/fanout.rs`)
+//!    appends the batch in one store call
 //!    without waiting for the commit, recording each id as the publisher's own (sender
 //!    exclusion) under the stream lock. Each ack `#k#@TS` is queued as pending.
 //! 3. The engine commits it (steps 2–4 above). The connection's writer sends the ack once the

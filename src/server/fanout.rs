@@ -180,7 +180,7 @@ impl Hub {
     }
 
     /// Appends an event for `origin` (excluded from its delivery) without waiting for the
-    /// commit; returns the id.
+    /// commit; returns the id. Never blocks: await `Store::room` first.
     pub fn publish(
         &self,
         path: &ChannelPath,
@@ -191,7 +191,10 @@ impl Hub {
             Some(session) => self
                 .publish_batch(&[(path, data)], session, &mut |_, _| {})?
                 .ok_or(crate::storage::Error::Closed),
-            None => self.store.append_nowait(path, data),
+            None => self
+                .store
+                .append_batch_nowait_with(&[(path, data)], &mut |_| {})?
+                .ok_or(crate::storage::Error::Closed),
         }
     }
 

@@ -671,6 +671,9 @@ async fn publish(shared: &Arc<Shared>, req: Request<Incoming>, rest: &str) -> Re
         Err(e) => return text(StatusCode::BAD_REQUEST, e.to_string()),
     };
     let origin = sid.as_deref().and_then(|s| shared.hub.session_by_sid(s));
+    // The append never blocks; when the writer is far behind, this task waits here instead.
+    let bytes = crate::storage::encoded_len(path.as_str(), &data) as u64;
+    shared.hub.store.room(bytes).await;
     let id = match shared.hub.publish(&path, &data, origin.as_ref()) {
         Ok(id) => id,
         Err(e) => {

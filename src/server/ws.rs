@@ -229,7 +229,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     match polled {
                         Poll::Ready(read) => Some(read),
                         Poll::Pending => {
-                            publishes.append(&hub, &session);
+                            publishes.append_when_room(&hub, &session).await;
                             None
                         }
                     }
@@ -245,7 +245,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             };
             if !matches!(&read, Some(Ok(f)) if f.opcode == OpCode::Text && f.fin) {
                 // Whatever else came is handled after the publishes read before it.
-                publishes.append(&hub, &session);
+                publishes.append_when_room(&hub, &session).await;
             }
             let frame = match read {
                 None => {
@@ -281,7 +281,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     return session.close(1002, "new message inside a fragmented one")
                 }
                 OpCode::Text if frame.fin => {
-                    handle(&hub, &opts, &session, &frame.payload, &mut publishes)
+                    handle(&hub, &opts, &session, &frame.payload, &mut publishes).await
                 }
                 OpCode::Text | OpCode::Continuation => {
                     if frame.opcode == OpCode::Continuation && !is_fragmented {
@@ -294,7 +294,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     message.extend_from_slice(&frame.payload);
                     if frame.fin {
                         is_fragmented = false;
-                        handle(&hub, &opts, &session, &message, &mut publishes);
+                        handle(&hub, &opts, &session, &message, &mut publishes).await;
                         message = Vec::new();
                     }
                 }
@@ -302,7 +302,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             if session.state.lock().close.is_some() {
                 // Closed from elsewhere (lagging, shutdown): what was read is still published,
                 // as it would have been had it not waited in the batch.
-                publishes.append(&hub, &session);
+                publishes.append_when_room(&hub, &session).await;
                 return;
             }
         }
@@ -311,7 +311,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
 
 /// Handles one whole text message. A publish joins `publishes`; any other command is handled
 /// after the publishes before it are appended.
-fn handle(
+async fn handle(
     hub: &Hub,
     opts: &ServerOptions,
     session: &Arc<Session>,
@@ -333,13 +333,14 @@ fn handle(
     };
     let key = message.key;
     if let command::Command::Publish { path, data } = message.command {
+        publishes.room_for(hub, &path, data).await;
         publishes.push(key, path, data);
         if publishes.is_full() {
             publishes.append(hub, session);
         }
         return;
     }
-    publishes.append(hub, session);
+    publishes.append_when_room(hub, session).await;
     match message.command {
         command::Command::Time => ack(session, key, SystemClock.now()),
         command::Command::Subscribe { path, resume_after } => {
@@ -380,6 +381,8 @@ const PUBLISH_BATCH_BYTES: usize = 256 * 1024;
 struct Publishes {
     items: Vec<PublishItem>,
     data: Vec<u8>,
+    /// The bytes the batch will take in the log (`storage::encoded_len`).
+    encoded: u64,
 }
 
 /// One batched publish: its key, its channel, and where its data lies in the batch's bytes.
@@ -398,7 +401,25 @@ impl Publishes {
         self.items.len() >= PUBLISH_BATCH_EVENTS || self.data.len() >= PUBLISH_BATCH_BYTES
     }
 
+    /// Waits until the writer's budget has room for the batch and, if given, one more publish
+    /// (about to join it, and perhaps fill it). Appends never block, so that a disk far behind
+    /// holds up this connection's reads, not a runtime thread: the peer then meets TCP
+    /// backpressure, and other connections are served meanwhile.
+    async fn room_for(&self, hub: &Hub, path: &ChannelPath, data: &[u8]) {
+        let next = crate::storage::encoded_len(path.as_str(), data) as u64;
+        hub.store.room(self.encoded + next).await;
+    }
+
+    /// Appends the batch once the writer has room for it.
+    async fn append_when_room(&mut self, hub: &Hub, session: &Arc<Session>) {
+        if !self.is_empty() {
+            hub.store.room(self.encoded).await;
+            self.append(hub, session);
+        }
+    }
+
     fn push(&mut self, key: Option<&str>, path: ChannelPath, data: &[u8]) {
+        self.encoded += crate::storage::encoded_len(path.as_str(), data) as u64;
         let start = self.data.len();
         self.data.extend_from_slice(data);
         let key = key.map(compact_str::CompactString::new);
@@ -427,6 +448,7 @@ impl Publishes {
         }
         self.items.clear();
         self.data.clear();
+        self.encoded = 0;
     }
 }
 

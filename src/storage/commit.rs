@@ -227,20 +227,44 @@ impl Shared {
     }
 
     /// Blocks while too many bytes wait for the writer, so memory stays bounded when appenders
-    /// outrun the disk.
+    /// outrun the disk; then takes `bytes` of the budget.
     pub fn reserve(&self, bytes: u64) -> Result<()> {
         loop {
             self.check_healthy()?;
-            let now = self.pending_bytes.load(Ordering::Acquire);
-            if now == 0 || now + bytes <= self.opts.pending_bytes_max {
-                self.pending_bytes.fetch_add(bytes, Ordering::AcqRel);
+            if self.has_room(bytes) {
+                self.take_budget(bytes);
                 return Ok(());
             }
             let listener = self.space_event.listen();
-            if self.pending_bytes.load(Ordering::Acquire) + bytes <= self.opts.pending_bytes_max {
+            if self.has_room(bytes) {
                 continue;
             }
             listener.wait_timeout(Duration::from_millis(100));
+        }
+    }
+
+    /// Takes `bytes` of the budget without waiting (the caller awaited `room`).
+    pub fn take_budget(&self, bytes: u64) {
+        self.pending_bytes.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    /// Whether `bytes` more may wait for the writer: they fit, or nothing waits (an event larger
+    /// than the whole budget goes alone).
+    fn has_room(&self, bytes: u64) -> bool {
+        let now = self.pending_bytes.load(Ordering::Acquire);
+        now == 0 || now + bytes <= self.opts.pending_bytes_max
+    }
+
+    /// `reserve`'s wait, without a thread: resolves once `bytes` fit, or the store refuses
+    /// appends (the append then says why). Every round, written or failed, ends by releasing
+    /// its bytes, which notifies `space_event`; so does the rollback of a failure.
+    pub async fn room(&self, bytes: u64) {
+        while self.check_healthy().is_ok() && !self.has_room(bytes) {
+            let listener = self.space_event.listen();
+            if self.check_healthy().is_err() || self.has_room(bytes) {
+                return;
+            }
+            listener.await;
         }
     }
 

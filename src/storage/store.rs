@@ -147,10 +147,20 @@ impl Store {
         Ok(id)
     }
 
-    /// Appends one event without waiting for the writer; pair with `wait_committed`.
+    /// Appends one event without waiting for the writer; pair with `wait_committed`. Blocks
+    /// while the writer is `pending_bytes_max` behind.
     pub fn append_nowait(&self, path: &ChannelPath, data: &[u8]) -> Result<EventId> {
-        self.append_each(&[(path, data)], None, &mut |_| {})?
+        self.append_each(&[(path, data)], None, Budget::Wait, &mut |_| {})?
             .ok_or(Error::Closed)
+    }
+
+    /// For async callers of `append_batch_nowait_with`, which never blocks: resolves once
+    /// `bytes` (`storage::encoded_len` of the events) fit in the writer's budget, or once the store
+    /// refuses appends. Between this and the append, other callers may take the room too; the
+    /// budget is then passed by what those callers append at once, which is bounded by the
+    /// threads that append.
+    pub async fn room(&self, bytes: u64) {
+        self.inner.shared.room(bytes).await
     }
 
     /// Appends events in order, each with a fresh id, without waiting for the writer:
@@ -160,18 +170,21 @@ impl Store {
     /// an event back to. It runs under the stream's lock: it must be short and must not append.
     /// On an error, exactly the events `on_id` was called for are appended (a stream's
     /// consecutive events are appended all or none); the rest are not.
+    ///
+    /// It never blocks: an async caller (the server) awaits `room` first, so that no runtime
+    /// thread waits for the disk.
     pub fn append_batch_nowait_with(
         &self,
         events: &[(&ChannelPath, &[u8])],
         on_id: &mut dyn FnMut(EventId),
     ) -> Result<Option<EventId>> {
-        self.append_each(events, None, on_id)
+        self.append_each(events, None, Budget::Take, on_id)
     }
 
     /// Appends events in order, each with a fresh id; returns the last id once committed
     /// under the policy (as `append`). Consecutive events of one stream share one lock.
     pub fn append_batch(&self, events: &[(&ChannelPath, &[u8])]) -> Result<Option<EventId>> {
-        let last = self.append_each(events, None, &mut |_| {})?;
+        let last = self.append_each(events, None, Budget::Wait, &mut |_| {})?;
         if let (Some(id), Durability::Always) = (last, self.inner.shared.opts.durability) {
             self.inner.shared.wait_committed(id)?;
         }
@@ -187,7 +200,7 @@ impl Store {
     ) -> Result<Option<EventId>> {
         let mut last = None;
         for (id, path, data) in events {
-            last = self.append_each(&[(path, data)], Some(*id), &mut |_| {})?;
+            last = self.append_each(&[(path, data)], Some(*id), Budget::Wait, &mut |_| {})?;
         }
         Ok(last)
     }
@@ -196,6 +209,7 @@ impl Store {
         &self,
         events: &[(&ChannelPath, &[u8])],
         fixed_id: Option<EventId>,
+        budget: Budget,
         on_id: &mut dyn FnMut(EventId),
     ) -> Result<Option<EventId>> {
         if self.inner.access == Access::ReadOnly {
@@ -219,7 +233,13 @@ impl Store {
             for (p, d) in batch {
                 stream::check_event(opts, p.as_str(), d)?;
             }
-            shared.reserve(bytes)?;
+            match budget {
+                Budget::Wait => shared.reserve(bytes)?,
+                Budget::Take => {
+                    shared.check_healthy()?;
+                    shared.take_budget(bytes);
+                }
+            }
             let mut state = stream.state.lock();
             let first_id = {
                 let mut seq = shared.seq.lock();
@@ -671,4 +691,13 @@ fn parse_meta(text: &str) -> std::result::Result<usize, String> {
         }
     }
     depth.ok_or_else(|| "no stream_depth line".into())
+}
+
+/// How an append takes its bytes of the writer's budget (`StoreOptions::pending_bytes_max`).
+#[derive(Clone, Copy)]
+enum Budget {
+    /// Block the thread until they fit.
+    Wait,
+    /// Take them now: the caller has awaited `Store::room`.
+    Take,
 }

@@ -1,5 +1,5 @@
 //! Faults under a real server (issue "Faults"): a full disk, a read-only data directory, running
-//! out of file descriptors. Publishes fail with a clear reason (HTTP 507 or 503, `#KEY#!reason`),
+//! out of file descriptors, a disk that stops syncing. Publishes fail with a clear reason (HTTP 507 or 503, `#KEY#!reason`),
 //! reads keep working, nothing stored is damaged, and publishing resumes by itself once the cause
 //! is gone.
 //!
@@ -249,4 +249,123 @@ async fn descriptors_are_shared_out_so_no_client_stops_the_writes() {
 
     child.terminate();
     harness::verify_clean(&data_dir);
+}
+
+/// The disk of `a_stalled_disk_holds_up_its_publishers_not_the_runtime`: the OS's files, except
+/// that `fdatasync` waits while the test holds it.
+#[derive(Default)]
+struct Stalling {
+    held: parking_lot::Mutex<bool>,
+    released: parking_lot::Condvar,
+}
+
+impl Stalling {
+    fn hold(&self, held: bool) {
+        *self.held.lock() = held;
+        self.released.notify_all();
+    }
+}
+
+impl ivy::storage::io::FileIo for Stalling {
+    fn create(&self, path: &Path) -> std::io::Result<std::fs::File> {
+        ivy::storage::io::OsIo.create(path)
+    }
+    fn write_at(
+        &self,
+        path: &Path,
+        file: &std::fs::File,
+        offset: u64,
+        bytes: &[u8],
+    ) -> std::io::Result<()> {
+        ivy::storage::io::OsIo.write_at(path, file, offset, bytes)
+    }
+    fn sync_data(&self, path: &Path, file: &std::fs::File) -> std::io::Result<()> {
+        let mut held = self.held.lock();
+        while *held {
+            self.released.wait(&mut held);
+        }
+        drop(held);
+        ivy::storage::io::OsIo.sync_data(path, file)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        ivy::storage::io::OsIo.sync_dir(dir)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        ivy::storage::io::OsIo.rename(from, to)
+    }
+    fn truncate(&self, path: &Path, file: &std::fs::File, len: u64) -> std::io::Result<()> {
+        ivy::storage::io::OsIo.truncate(path, file, len)
+    }
+    fn remove(&self, path: &Path) -> std::io::Result<()> {
+        ivy::storage::io::OsIo.remove(path)
+    }
+}
+
+/// While the disk does not finish a sync, publishers past the writer's budget wait, and they
+/// wait without a runtime thread: with more of them than the runtime has threads, every other
+/// client is still answered. Once the disk goes on, every publish is acknowledged and stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_disk_holds_up_its_publishers_not_the_runtime() {
+    let disk = std::sync::Arc::new(Stalling::default());
+    let server = harness::start_with(
+        ServerOptions::default(),
+        StoreOptions {
+            pending_bytes_max: 64 * 1024,
+            preallocate: false,
+            io: disk.clone(),
+            ..StoreOptions::default()
+        },
+    )
+    .await;
+    disk.hold(true);
+    const PUBLISHERS: usize = 4;
+    const EACH: usize = 100;
+    let data = "d".repeat(4096);
+    let mut publishers = Vec::new();
+    for p in 0..PUBLISHERS {
+        let mut ws = harness::ws(&server).await;
+        let data = data.clone();
+        publishers.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                ws.send(&format!("#{i}#:/stall/p{p}:{data}")).await;
+            }
+            let mut acks = Vec::new();
+            while acks.len() < EACH {
+                let m = ws.recv().await;
+                if m.starts_with('#') {
+                    acks.push(m);
+                }
+            }
+            acks
+        }));
+    }
+    // 1.6 MB of publishes against a 64 KiB budget and a disk that does not sync: they wait.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let answered = tokio::time::timeout(Duration::from_secs(5), async {
+        let health = harness::get(&server, "/healthz").await.status;
+        let mut other = harness::ws(&server).await;
+        let time = other.request("t", "@").await;
+        let read = harness::get(&server, "/events/elsewhere?n=1").await.status;
+        (health, time, read)
+    })
+    .await
+    .expect("other clients are answered while the disk stalls");
+    assert_eq!(answered.0, 200);
+    assert!(answered.1.starts_with('@'), "{}", answered.1);
+    assert_eq!(answered.2, 200);
+    assert!(publishers.iter().all(|p| !p.is_finished()));
+
+    disk.hold(false);
+    for publisher in publishers {
+        let acks = publisher.await.unwrap();
+        for (i, ack) in acks.iter().enumerate() {
+            assert!(ack.starts_with(&format!("#{i}#@")), "{ack}");
+        }
+    }
+    for p in 0..PUBLISHERS {
+        assert_eq!(
+            harness::ids(&server, &format!("/stall/p{p}")).await.len(),
+            EACH
+        );
+    }
 }
