@@ -310,14 +310,14 @@ async fn read(shared: &Arc<Shared>, req: &Request<Incoming>, rest: &str) -> Resp
         .headers()
         .get(header::RANGE)
         .filter(|_| if_range_holds(req.headers(), &etag, last_modified, plan.is_immutable));
-    let mut resp = match (inline.resume_after, range) {
+    let mut resp = match (inline.rest, range) {
         (None, Some(range)) => ranged(inline.body, range),
         (None, None) => Response::new(full(inline.body)),
-        (Some((after, remaining)), _) => {
+        (Some(rest), _) => {
             let body = if req.method() == Method::HEAD {
                 empty()
             } else {
-                stream_rest(hub, &plan, inline.body, after, remaining)
+                stream_rest(hub, &plan, inline.body, rest)
             };
             Response::new(body)
         }
@@ -385,12 +385,20 @@ fn etag_for(req: &Request<Incoming>, plan: &Plan) -> String {
     format!("\"{:016x}\"", h.finish())
 }
 
+/// What a streamed answer holds after its inline part.
+#[derive(Clone, Copy)]
+enum Rest {
+    /// The events after this id, at most this many.
+    After(EventId, Option<usize>),
+    /// All of a last-N answer (too large to build inline): the newest N, oldest first.
+    LastN(usize),
+}
+
 struct Inline {
     body: Vec<u8>,
     last_id: Option<EventId>,
-    /// Set when the answer continues past the inline part: stream the rest after this id, at
-    /// most this many more events.
-    resume_after: Option<(EventId, Option<usize>)>,
+    /// Set when the answer continues past the inline part, which a blocking task streams.
+    rest: Option<Rest>,
     /// Set when `limit` cut the answer: the continuation's `after`.
     next_after: Option<EventId>,
 }
@@ -400,11 +408,24 @@ fn read_inline(hub: &Hub, plan: &Plan) -> crate::storage::Result<Inline> {
     let mut body = Vec::new();
     let mut last_id = None;
     if plan.is_reversed {
-        // Last-N: at most 1,000,000 events, gathered newest first as borrowed slices of the
-        // maps, then printed oldest first into one buffer.
-        let events = reader
-            .events(&plan.query)
-            .collect::<crate::storage::Result<Vec<_>>>()?;
+        // Last-N: gathered newest first as borrowed slices of the maps, then printed oldest
+        // first into one buffer; past `INLINE_BYTES_MAX` the whole answer is streamed instead,
+        // so that `n=1000000` of large events is never built in memory.
+        let mut events = Vec::new();
+        let mut bytes = 0;
+        for e in reader.events(&plan.query) {
+            let e = e?;
+            bytes += e.path.len() + e.data.len() + 32;
+            events.push(e);
+            if bytes > INLINE_BYTES_MAX {
+                return Ok(Inline {
+                    body,
+                    last_id: events.first().map(|e| e.id),
+                    rest: Some(Rest::LastN(plan.query.limit.unwrap_or(usize::MAX))),
+                    next_after: None,
+                });
+            }
+        }
         last_id = events.first().map(|e| e.id);
         body.reserve(
             events
@@ -418,7 +439,7 @@ fn read_inline(hub: &Hub, plan: &Plan) -> crate::storage::Result<Inline> {
         return Ok(Inline {
             body,
             last_id,
-            resume_after: None,
+            rest: None,
             next_after: None,
         });
     }
@@ -441,7 +462,7 @@ fn read_inline(hub: &Hub, plan: &Plan) -> crate::storage::Result<Inline> {
             return Ok(Inline {
                 body,
                 last_id,
-                resume_after: Some((e.id, remaining)),
+                rest: Some(Rest::After(e.id, remaining)),
                 next_after,
             });
         }
@@ -449,7 +470,7 @@ fn read_inline(hub: &Hub, plan: &Plan) -> crate::storage::Result<Inline> {
     Ok(Inline {
         body,
         last_id,
-        resume_after: None,
+        rest: None,
         next_after,
     })
 }
@@ -481,24 +502,45 @@ fn continuation_after(
 }
 
 /// Streams the rest of a large answer from a blocking task, starting after `after`.
-fn stream_rest(
-    hub: &Arc<Hub>,
-    plan: &Plan,
-    first: Vec<u8>,
-    after: EventId,
-    remaining: Option<usize>,
-) -> Body {
+fn stream_rest(hub: &Arc<Hub>, plan: &Plan, first: Vec<u8>, rest: Rest) -> Body {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
     let hub = Arc::clone(hub);
     let selector = plan.selector.clone();
-    let mut query = plan.query;
-    query.start = Bound::Excluded(after);
-    query.limit = remaining;
+    let asked = plan.query;
     tokio::task::spawn_blocking(move || {
-        if tx.blocking_send(Ok(Bytes::from(first))).is_err() {
+        if !first.is_empty() && tx.blocking_send(Ok(Bytes::from(first))).is_err() {
             return;
         }
         let reader = hub.store.reader(&selector);
+        let query = match rest {
+            Rest::After(after, remaining) => Query {
+                start: Bound::Excluded(after),
+                limit: remaining,
+                ..asked
+            },
+            Rest::LastN(n) => {
+                // Walk back to the oldest of the newest `n` (counting, not formatting), then
+                // read forward from it. The end is the watermark the request was planned at, so
+                // no later event can join.
+                let mut oldest = None;
+                for e in reader.events(&asked) {
+                    match e {
+                        Ok(e) => oldest = Some(e.id),
+                        Err(err) => {
+                            let _ = tx.blocking_send(Err(std::io::Error::other(err.to_string())));
+                            return;
+                        }
+                    }
+                }
+                let Some(oldest) = oldest else { return };
+                Query {
+                    start: Bound::Included(oldest),
+                    end: asked.end,
+                    direction: Direction::Forward,
+                    limit: Some(n),
+                }
+            }
+        };
         let mut chunk = Vec::with_capacity(CHUNK_BYTES + 4096);
         for e in reader.events(&query) {
             let e = match e {

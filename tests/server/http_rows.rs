@@ -260,6 +260,39 @@ async fn large_answers_stream_completely() {
     let r = get(&server, "/events/bulk?limit=1200").await;
     assert_eq!(r.text().lines().count(), 1200);
     assert!(r.header("link").is_some());
+    // Last-N past the inline size is streamed too (chunked), oldest first, exactly N lines:
+    // the same bytes as the tail of the whole answer.
+    let all = get(&server, "/events/bulk").await.text();
+    let lines: Vec<&str> = all.lines().collect();
+    for n in [1501, 1000, 300, 10] {
+        let r = get(&server, &format!("/events/bulk?n={n}")).await;
+        assert_eq!(r.status, 200);
+        let tail = lines[lines.len() - n..].join("\n") + "\n";
+        assert!(
+            r.text() == tail,
+            "n={n}: {} lines",
+            r.text().lines().count()
+        );
+        let is_streamed = r.header("transfer-encoding") == Some("chunked");
+        assert_eq!(is_streamed, n >= 300, "n={n}");
+        assert_eq!(
+            r.header("last-modified"),
+            get(&server, "/events/bulk?n=1")
+                .await
+                .header("last-modified")
+        );
+    }
+    // More than there are: all of them. With `at`: the N up to and including it.
+    assert_eq!(get(&server, "/events/bulk?n=1000000").await.text(), all);
+    let at = lines[1199]
+        .split(':')
+        .next()
+        .unwrap()
+        .trim_start_matches('@');
+    let r = get(&server, &format!("/events/bulk?at={at}&n=900")).await;
+    assert!(r.text() == lines[300..1200].join("\n") + "\n");
+    let r = http(&server, "HEAD", "/events/bulk?n=1000", &[], b"").await;
+    assert_eq!((r.status, r.body.len()), (200, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
