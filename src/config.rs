@@ -32,6 +32,8 @@ pub struct ServerOptions {
     pub header_timeout: Duration,
     pub body_timeout: Duration,
     pub body_bytes_max: usize,
+    /// POST bodies being received, all together: past it a body waits (unread) for its share.
+    pub body_bytes_in_flight_max: usize,
     pub connections_max: usize,
     pub origins: OriginPolicy,
     pub ping_interval: Duration,
@@ -52,6 +54,7 @@ impl Default for ServerOptions {
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             body_bytes_max: 16 * 1024 * 1024,
+            body_bytes_in_flight_max: 256 * 1024 * 1024,
             connections_max: 100_000,
             origins: OriginPolicy::SameOriginAnd(Vec::new()),
             ping_interval: Duration::from_secs(50),

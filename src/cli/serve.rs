@@ -64,6 +64,10 @@ pub struct Args {
     /// Largest POST body (bytes); larger is 413.
     #[arg(long, env = "IVY_BODY_BYTES_MAX", default_value_t = 16 * 1024 * 1024)]
     body_bytes_max: usize,
+    /// POST bodies being received, all together (bytes): past it a body waits, unread, for its
+    /// share, and gets 503 if the body timeout ends first.
+    #[arg(long, env = "IVY_BODY_BYTES_IN_FLIGHT_MAX", default_value_t = 256 * 1024 * 1024)]
+    body_bytes_in_flight_max: usize,
     /// Streams (top-level channels, at stream depth 1) the store may hold; publishing to a channel
     /// that would start another is refused with a reason. Each stream keeps a file open and
     /// mapped. Default: what the descriptor limit leaves (see the README).
@@ -114,6 +118,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         header_timeout: Duration::from_secs(args.header_timeout_secs),
         body_timeout: Duration::from_secs(args.body_timeout_secs),
         body_bytes_max: args.body_bytes_max,
+        body_bytes_in_flight_max: args.body_bytes_in_flight_max,
         connections_max: connections_within(descriptors, args.connections_max.max(1)),
         origins: OriginPolicy::from_list(&args.allow_origin),
         ping_interval: Duration::from_secs(args.ping_interval_secs.max(1)),

@@ -692,8 +692,29 @@ async fn publish(shared: &Arc<Shared>, req: Request<Incoming>, rest: &str) -> Re
     if req.body().size_hint().lower() > shared.opts.body_bytes_max as u64 {
         return text(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
     }
-    let collected = tokio::time::timeout(
-        shared.opts.body_timeout,
+    // Its share of the bodies being received, held until the event is appended: its length, or
+    // the most it may be when it comes chunked. Until then the body is not read, and waits in
+    // the client's socket.
+    let deadline = tokio::time::Instant::now() + shared.opts.body_timeout;
+    let share = req
+        .body()
+        .size_hint()
+        .exact()
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(shared.opts.body_bytes_max)
+        .clamp(1, shared.opts.body_bytes_in_flight_max.max(1));
+    let share = u32::try_from(share).unwrap_or(u32::MAX);
+    let _share = match tokio::time::timeout_at(deadline, shared.bodies.acquire_many(share)).await {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many request bodies being received; retry",
+            )
+        }
+    };
+    let collected = tokio::time::timeout_at(
+        deadline,
         Limited::new(req.into_body(), shared.opts.body_bytes_max).collect(),
     )
     .await;

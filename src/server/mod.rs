@@ -45,6 +45,8 @@ pub struct Shared {
     /// `true` once shutdown began; connections watch it.
     shutdown: watch::Sender<bool>,
     connections: Arc<Semaphore>,
+    /// Bytes of POST bodies being received (`ServerOptions::body_bytes_in_flight_max`).
+    bodies: Semaphore,
     next_session: AtomicU64,
     sid_seed: std::collections::hash_map::RandomState,
 }
@@ -68,12 +70,17 @@ impl Server {
             .spawn(move || for_thread.run_dispatcher())?;
         let (shutdown, _) = watch::channel(false);
         let connections = Arc::new(Semaphore::new(opts.connections_max));
+        let bodies = Semaphore::new(
+            opts.body_bytes_in_flight_max
+                .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize)),
+        );
         Ok(Server {
             shared: Arc::new(Shared {
                 hub,
                 opts: Arc::new(opts),
                 shutdown,
                 connections,
+                bodies,
                 next_session: AtomicU64::new(1),
                 sid_seed: std::collections::hash_map::RandomState::new(),
             }),

@@ -224,3 +224,65 @@ async fn connections_past_the_limit_get_503() {
     }
     assert_eq!(status, 200);
 }
+
+/// POST bodies being received share one budget: a body that does not fit waits, unread, until
+/// an earlier one is done (or its body timeout ends: 503). Waiters are served in arrival order,
+/// so a large body is never starved by small ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_bodies_share_a_budget() {
+    let opts = ServerOptions {
+        body_bytes_max: 64 * 1024,
+        body_bytes_in_flight_max: 100 * 1024,
+        ..ServerOptions::default()
+    };
+    let server = start_with(opts, StoreOptions::default()).await;
+    let head = |n: usize| {
+        format!(
+            "POST /events/bodies HTTP/1.1\r\nHost: a\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let answer = |mut tcp: tokio::net::TcpStream| async move {
+        let mut raw = Vec::new();
+        tokio::time::timeout(WAIT, tcp.read_to_end(&mut raw))
+            .await
+            .expect("answer in time")
+            .unwrap();
+        parse_response(&raw, false)
+    };
+    // A holds 60 KB of the 100 KB: all but its last byte has been sent.
+    let mut a = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    a.write_all(head(60_000).as_bytes()).await.unwrap();
+    a.write_all(&[b'a'; 59_999]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // B's whole 60 KB are sent, but do not fit next to A's: B is not answered yet.
+    let mut b = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    b.write_all(head(60_000).as_bytes()).await.unwrap();
+    b.write_all(&[b'b'; 60_000]).await.unwrap();
+    let mut early = [0u8; 1];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), b.read(&mut early))
+            .await
+            .is_err(),
+        "B was answered while A held the budget"
+    );
+    // A small body comes after B, and waits behind it.
+    let mut c = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    c.write_all(head(5).as_bytes()).await.unwrap();
+    c.write_all(b"small").await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), c.read(&mut early))
+            .await
+            .is_err(),
+        "C went before B"
+    );
+    // Reads are not held up.
+    assert_eq!(get(&server, "/healthz").await.status, 200);
+    // A's last byte: A is published, and then B and C.
+    a.write_all(b"a").await.unwrap();
+    assert_eq!(answer(a).await.status, 200);
+    assert_eq!(answer(b).await.status, 200);
+    assert_eq!(answer(c).await.status, 200);
+    let r = get(&server, "/events/bodies").await;
+    let sizes: Vec<usize> = r.text().lines().map(|l| l.len()).collect();
+    assert_eq!(sizes.len(), 3, "{sizes:?}");
+}
