@@ -1,7 +1,8 @@
 //! Reading a session's events from the log: for `+/path@TS` replay and for subscribers that
 //! fell behind the fan-out. The same reader as HTTP range reads (`storage::Reader`).
 //!
-//! One call reads at most `max` events after `cursor` and up to `upto` (never past the fan-out's
+//! One call reads at most `max` events, and about `bytes_max` bytes of frames (at least one),
+//! after `cursor` and up to `upto` (never past the fan-out's
 //! position, which is at or below the commit watermark), for the union of the session's
 //! subscriptions, each only after its own start, without the session's own publishes, merged by
 //! id with duplicates (overlapping subtrees) removed.
@@ -27,9 +28,12 @@ pub fn read_after(
     cursor: EventId,
     upto: EventId,
     max: usize,
+    bytes_max: usize,
 ) -> Result<Batch> {
     let mut found: BTreeMap<EventId, Bytes> = BTreeMap::new();
-    // Everything up to `cut` has been seen by every subscription's read.
+    let mut found_bytes = 0;
+    // Everything up to `cut` has been seen by every subscription's read, and every event up to
+    // it that was seen is in `found`.
     let mut cut = upto;
     for (path, since) in subscriptions {
         let start = cursor.max(*since);
@@ -47,10 +51,31 @@ pub fn read_after(
         let mut last = start;
         for event in reader.events(&query) {
             let event = event?;
+            // A full batch takes nothing above its largest id: that can wait for the next one,
+            // and this subscription has seen everything up to it.
+            if let Some((&top, _)) = found.last_key_value() {
+                if event.id > top && (found.len() >= max || found_bytes >= bytes_max) {
+                    cut = cut.min(top);
+                    n = 0;
+                    break;
+                }
+            }
             n += 1;
             last = event.id;
             if own.binary_search(&event.id).is_err() && !found.contains_key(&event.id) {
-                found.insert(event.id, hub.encode(event.id, event.path, event.data));
+                let frame = hub.encode(event.id, event.path, event.data);
+                found_bytes += frame.len();
+                found.insert(event.id, frame);
+                // Over either bound, the largest ids go (never the last frame: a batch always
+                // moves on), and the batch ends below them.
+                while found.len() > 1 && (found.len() > max || found_bytes > bytes_max) {
+                    if let Some((_, dropped)) = found.pop_last() {
+                        found_bytes -= dropped.len();
+                    }
+                    if let Some((&top, _)) = found.last_key_value() {
+                        cut = cut.min(top);
+                    }
+                }
             }
         }
         if n == max {
@@ -67,4 +92,83 @@ pub fn read_after(
         _ => cut,
     };
     Ok(Batch { frames, cursor })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{Durability, Store, StoreOptions};
+
+    /// Batch after batch, a lagging session gets every event of its subscriptions exactly once,
+    /// in id order, none of its own, and no batch holds more than its bounds.
+    #[test]
+    fn batches_are_bounded_and_cover_everything_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            durability: Durability::Never,
+            ..StoreOptions::default()
+        };
+        let store = Store::open(dir.path(), opts).unwrap();
+        let paths = ["/a/x", "/b", "/c/y/z", "/d"];
+        let mut ids = Vec::new();
+        for i in 0..400usize {
+            let path = ChannelPath::parse(paths[i % paths.len()]).unwrap();
+            // Mostly small events, some near the inline limit.
+            let data = vec![b'e'; if i % 7 == 0 { 3000 } else { 40 + i % 50 }];
+            ids.push((store.append(&path, &data).unwrap(), path));
+        }
+        let upto = ids.last().unwrap().0;
+        store.wait_committed(upto).unwrap();
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+        let hub = Hub::new(store, metrics, &crate::config::ServerOptions::default());
+        let sub = |p: &str, since: EventId| (ChannelPath::parse(p).unwrap(), since);
+        // `/a` and `/a/x` overlap; `/c` starts late; `/d` is not subscribed.
+        let late = ids[101].0;
+        let subscriptions = [
+            sub("/a", EventId(0)),
+            sub("/a/x", EventId(0)),
+            sub("/b", EventId(0)),
+            sub("/c", late),
+        ];
+        let subscriptions = &subscriptions[..];
+        let own: VecDeque<EventId> = ids.iter().step_by(5).map(|(id, _)| *id).collect();
+        let expected: Vec<EventId> = ids
+            .iter()
+            .filter(|(id, path)| {
+                let wanted = match path.as_str() {
+                    "/a/x" | "/b" => true,
+                    "/c/y/z" => *id > late,
+                    _ => false,
+                };
+                wanted && !own.contains(id)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        assert!(expected.len() > 150);
+        for (max, bytes_max) in [(50, 4096), (1024, 1), (3, 1 << 20), (1024, 1 << 20)] {
+            let mut got = Vec::new();
+            let mut cursor = EventId(0);
+            let mut batches = 0;
+            while cursor < upto {
+                let batch =
+                    read_after(&hub, subscriptions, &own, cursor, upto, max, bytes_max).unwrap();
+                assert!(batch.cursor > cursor, "no progress at {cursor:?}");
+                assert!(batch.frames.len() <= max);
+                let bytes: usize = batch.frames.iter().map(|(_, f)| f.len()).sum();
+                assert!(
+                    batch.frames.len() == 1 || bytes <= bytes_max,
+                    "{bytes} bytes"
+                );
+                assert!(batch
+                    .frames
+                    .iter()
+                    .all(|(id, _)| *id > cursor && *id <= batch.cursor));
+                got.extend(batch.frames.iter().map(|(id, _)| *id));
+                cursor = batch.cursor;
+                batches += 1;
+                assert!(batches < 10_000);
+            }
+            assert_eq!(got, expected, "max {max}, bytes_max {bytes_max}");
+        }
+    }
 }

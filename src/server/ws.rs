@@ -43,8 +43,11 @@ const PARSER_RELEASE: std::time::Duration = std::time::Duration::from_secs(2);
 /// milliseconds; this bounds a close while the disk hangs).
 const ACKS_BEFORE_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Events per catch-up read.
+/// Events per catch-up read, at most.
 const CATCHUP_BATCH_EVENTS: usize = 1024;
+/// Frame bytes per catch-up read, about (one frame more at most): a lagging session holds no
+/// more than this of the log in memory, however large its events or many its subscriptions.
+const CATCHUP_BATCH_BYTES: usize = 256 * 1024;
 
 /// Runs a connection until it closes. `io` is the upgraded stream.
 pub async fn run(
@@ -714,6 +717,7 @@ async fn catch_up<W: AsyncWrite + Unpin>(
             cursor,
             upto,
             CATCHUP_BATCH_EVENTS,
+            CATCHUP_BATCH_BYTES,
         )
     })
     .await;
