@@ -90,19 +90,23 @@
 //!
 //! ### `server/` — ivy1 over WebSocket and HTTP
 //! - `mod.rs`: `Server`: `listen` (a deep accept queue for connection bursts), accept loop,
-//!   connection limit (a semaphore; past it, 503 and close),
+//!   connection limit (a semaphore; past it, 503 and close), the budget of POST bodies being
+//!   received (another semaphore, in bytes),
 //!   WebSocket upgrade (Origin policy, `ivy1` subprotocol), graceful shutdown.
 //! - `http.rs`: the hyper service: log reads (inline, or streamed from a blocking task when
-//!   large), caching headers, Range, CORS, HTTP publish (forms, multipart, raw), `/metrics`.
+//!   large, last-N included), caching headers, Range, CORS, HTTP publish (forms, multipart,
+//!   raw), `/metrics`.
 //! - `ws.rs`: one connection: a reader task (frames, reassembly with the size limit, commands)
 //!   and a writer task (drains the session, sends acks once committed, pings, closes).
 //! - `session.rs`: per-connection state: subscriptions, bounded queue, `Live`/`Lagging` mode.
-//! - `fanout.rs`: `Hub`: the subscription index, publish with sender exclusion, and the
+//! - `fanout.rs`: `Hub`: the subscription index (with the server-wide subscription cap),
+//!   publish with sender exclusion, and the
 //!   dispatcher thread that delivers committed events in id order, writing them to an idle
 //!   connection's socket itself.
 //! - `tcp.rs`: the upgraded connection's socket, shared by its reader, its writer and the
 //!   dispatcher (recovered from hyper's upgrade; an embedder's other streams take the plain path).
-//! - `catchup.rs`: log reads for `+/path@TS` and for lagging sessions.
+//! - `catchup.rs`: log reads for `+/path@TS` and for lagging sessions, a bounded batch at a
+//!   time (events and bytes), however many subscriptions a session has.
 //! - `linger.rs`: lingering close, so that an answer sent before the request was read whole (a
 //!   413) reaches the client instead of being erased by a TCP reset; at most a 32nd of the
 //!   descriptor limit lingers at once.
