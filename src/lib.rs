@@ -13,8 +13,9 @@
 //!
 //! - `src/main.rs`: the `ivy` binary; parses the command line (`src/cli/`), starts logging, maps
 //!   errors to exit codes (0 ok, 1 `verify` found problems, 2 could not run).
-//! - `src/cli/serve.rs`: `ivy serve`: raises the descriptor limit and shares it out (connections,
-//!   `StoreOptions::streams_max`), flags into `config::ServerOptions` and
+//! - `src/cli/serve.rs`: `ivy serve`: raises the descriptor limit and shares it out
+//!   (`server/descriptors.rs`: connections, `StoreOptions::streams_max`), flags into
+//!   `config::ServerOptions` and
 //!   `storage::StoreOptions`, then [`server::Server::serve`] until SIGINT/SIGTERM.
 //! - [`server::Server`]: the server as a library type: `handle` answers one hyper request (to
 //!   mount in a larger program), `serve` runs a listener.
@@ -110,6 +111,8 @@
 //! - `linger.rs`: lingering close, so that an answer sent before the request was read whole (a
 //!   413) reaches the client instead of being erased by a TCP reset; at most a 32nd of the
 //!   descriptor limit lingers at once.
+//! - `descriptors.rs`: how the descriptor limit is shared out between connections, streams
+//!   and lingering sockets, so that no client can take what the store needs to write.
 //! - `error.rs`: store failures to HTTP statuses (507 disk full, 503 otherwise) and close codes
 //!   (1013 while a write failure is temporary).
 //!

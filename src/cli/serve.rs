@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use ivy::config::{OriginPolicy, ServerOptions};
-use ivy::server::Server;
+use ivy::server::{descriptors, Server};
 use ivy::storage::{Durability, Store, StoreOptions};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -91,7 +91,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.stream_depth == 0 || args.stream_depth > ivy::channel::DEPTH_MAX {
         anyhow::bail!("--stream-depth must be 1..={}", ivy::channel::DEPTH_MAX);
     }
-    let descriptors = raise_descriptor_limit();
+    let fd_limit = match descriptors::raise_limit() {
+        Ok(limit) => Some(limit),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the descriptor limit");
+            None
+        }
+    };
     let store_opts = StoreOptions {
         durability: args.durability,
         stream_depth: args.stream_depth,
@@ -102,7 +108,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         preallocate: args.preallocate,
         streams_max: args
             .streams_max
-            .unwrap_or_else(|| streams_within(descriptors))
+            .unwrap_or_else(|| descriptors::streams_within(fd_limit))
             .max(1),
         ..StoreOptions::default()
     };
@@ -119,7 +125,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         body_timeout: Duration::from_secs(args.body_timeout_secs),
         body_bytes_max: args.body_bytes_max,
         body_bytes_in_flight_max: args.body_bytes_in_flight_max,
-        connections_max: connections_within(descriptors, args.connections_max.max(1)),
+        connections_max: descriptors::connections_within(fd_limit, args.connections_max.max(1)),
         origins: OriginPolicy::from_list(&args.allow_origin),
         ping_interval: Duration::from_secs(args.ping_interval_secs.max(1)),
         idle_timeout: Duration::from_secs(args.idle_timeout_secs.max(1)),
@@ -138,7 +144,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let data = std::fs::canonicalize(&args.data).unwrap_or(args.data.clone());
         println!("{}", ivy::server::listening_line(addr, &data));
         tracing::info!(%addr, data = %data.display(), durability = ?args.durability, "listening");
-        if let Some(limit) = descriptors {
+        if let Some(limit) = fd_limit {
             tracing::info!(
                 descriptors = limit,
                 connections_max = opts.connections_max,
@@ -158,54 +164,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         server.serve(listener, shutdown_signal()).await?;
         Ok(())
     })
-}
-
-/// Raises the soft limit on open descriptors to the hard limit, as servers do (Go's runtime does
-/// it for every program): the usual soft default, 1024, is far below what a server with thousands
-/// of connections and streams needs, and the hard limit is the administrator's real ceiling.
-/// Returns the limit now in force, if it can be read.
-fn raise_descriptor_limit() -> Option<u64> {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => Some(limit),
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read or raise the descriptor limit");
-            None
-        }
-    }
-}
-
-/// The descriptors kept from connections for the store: an eighth of the limit, at least 32.
-fn store_reserve(limit: u64) -> u64 {
-    (limit / 8).max(32)
-}
-
-/// Descriptors of the reserve that streams may not take: the lock file, a spare, directories
-/// and indexes being synced, sealed segments being opened, a lingering socket or two.
-const STORE_HEADROOM: u64 = 16;
-
-/// The default stream limit: each stream holds a descriptor and a mapping. At most 60,000,
-/// below Linux's default of 65,530 mappings per process (`vm.max_map_count`), which sealed
-/// segments being read also use.
-fn streams_within(descriptors: Option<u64>) -> usize {
-    let Some(limit) = descriptors else {
-        return 60_000;
-    };
-    let streams = store_reserve(limit)
-        .saturating_sub(STORE_HEADROOM)
-        .min(60_000);
-    usize::try_from(streams).unwrap_or(60_000).max(1)
-}
-
-/// The connections allowed under a descriptor limit: each holds one descriptor, and the store
-/// keeps its reserve, which holds one per stream and opens files as segments roll. Without it,
-/// idle connections could take every descriptor and make every write fail, for all clients,
-/// until some of them close.
-fn connections_within(descriptors: Option<u64>, asked: usize) -> usize {
-    let Some(limit) = descriptors else {
-        return asked;
-    };
-    let allowed = usize::try_from(limit.saturating_sub(store_reserve(limit))).unwrap_or(usize::MAX);
-    asked.min(allowed).max(1)
 }
 
 /// Resolves at SIGINT or SIGTERM.
@@ -229,35 +187,4 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{connections_within, streams_within};
-
-    #[test]
-    fn streams_fit_in_the_store_reserve() {
-        assert_eq!(streams_within(Some(64)), 16);
-        assert_eq!(streams_within(Some(1024)), 112);
-        assert_eq!(streams_within(Some(20_000)), 2_484);
-        // Mappings, not descriptors, bound it on a generous limit.
-        assert_eq!(streams_within(Some(1 << 20)), 60_000);
-        assert_eq!(streams_within(Some(8)), 16);
-        assert_eq!(streams_within(None), 60_000);
-    }
-
-    #[test]
-    fn connections_leave_the_store_a_reserve() {
-        // An eighth of the limit, at least 32, is never given to connections.
-        assert_eq!(connections_within(Some(20_000), 100_000), 17_500);
-        assert_eq!(connections_within(Some(1024), 100_000), 896);
-        assert_eq!(connections_within(Some(64), 100_000), 32);
-        // The flag still caps when the limit allows more.
-        assert_eq!(connections_within(Some(1 << 20), 100_000), 100_000);
-        assert_eq!(connections_within(Some(20_000), 50), 50);
-        // A limit below the reserve still lets one connection in (the store will refuse what
-        // it cannot open, with a reason), and an unknown limit changes nothing.
-        assert_eq!(connections_within(Some(16), 100_000), 1);
-        assert_eq!(connections_within(None, 7), 7);
-    }
 }

@@ -28,16 +28,10 @@ const LINGER_BYTES: usize = 4 << 20;
 /// Sockets lingering now, process-wide (descriptors are a process's resource).
 static LINGERING: AtomicUsize = AtomicUsize::new(0);
 
-/// How many sockets may linger at once: a 32nd of the descriptor limit (the server keeps an
-/// eighth of it from connections, `ivy serve`'s `connections_within`), 1 to 4096.
+/// How many sockets may linger at once (`descriptors::lingering_within`), read once.
 fn lingering_max() -> usize {
     static MAX: OnceLock<usize> = OnceLock::new();
-    *MAX.get_or_init(|| {
-        let limit = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft);
-        usize::try_from(limit / 32)
-            .unwrap_or(usize::MAX)
-            .clamp(1, 4096)
-    })
+    *MAX.get_or_init(|| super::descriptors::lingering_within(super::descriptors::limit()))
 }
 
 /// A place among the lingering sockets, given back on drop.

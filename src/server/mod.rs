@@ -10,6 +10,7 @@
 //! store is closed.
 
 mod catchup;
+pub mod descriptors;
 mod error;
 mod fanout;
 pub mod http;
