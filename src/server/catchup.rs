@@ -56,7 +56,6 @@ pub fn read_after(
             if let Some((&top, _)) = found.last_key_value() {
                 if event.id > top && (found.len() >= max || found_bytes >= bytes_max) {
                     cut = cut.min(top);
-                    n = 0;
                     break;
                 }
             }
