@@ -230,11 +230,10 @@ impl Shared {
     /// outrun the disk; then takes `bytes` of the budget.
     pub fn reserve(&self, bytes: u64) -> Result<()> {
         loop {
-            self.check_healthy()?;
             if self.has_room(bytes) {
-                self.take_budget(bytes);
-                return Ok(());
+                return self.take_budget(bytes);
             }
+            self.check_healthy()?;
             let listener = self.space_event.listen();
             if self.has_room(bytes) {
                 continue;
@@ -243,9 +242,12 @@ impl Shared {
         }
     }
 
-    /// Takes `bytes` of the budget without waiting (the caller awaited `room`).
-    pub fn take_budget(&self, bytes: u64) {
+    /// Takes `bytes` of the budget without waiting (the caller awaited `room`, or saw room),
+    /// unless the store refuses appends.
+    pub fn take_budget(&self, bytes: u64) -> Result<()> {
+        self.check_healthy()?;
         self.pending_bytes.fetch_add(bytes, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Whether `bytes` more may wait for the writer: they fit, or nothing waits (an event larger

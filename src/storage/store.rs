@@ -235,10 +235,7 @@ impl Store {
             }
             match budget {
                 Budget::Wait => shared.reserve(bytes)?,
-                Budget::Take => {
-                    shared.check_healthy()?;
-                    shared.take_budget(bytes);
-                }
+                Budget::Take => shared.take_budget(bytes)?,
             }
             let mut state = stream.state.lock();
             let first_id = {
