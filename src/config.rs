@@ -38,6 +38,9 @@ pub struct ServerOptions {
     pub origins: OriginPolicy,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
+    /// A write that the peer takes not one byte of for this long ends the connection
+    /// (`server/stall.rs`).
+    pub write_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -59,6 +62,7 @@ impl Default for ServerOptions {
             origins: OriginPolicy::SameOriginAnd(Vec::new()),
             ping_interval: Duration::from_secs(50),
             idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(60),
         }
     }
 }

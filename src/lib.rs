@@ -111,6 +111,9 @@
 //! - `linger.rs`: lingering close, so that an answer sent before the request was read whole (a
 //!   413) reaches the client instead of being erased by a TCP reset; at most a 32nd of the
 //!   descriptor limit lingers at once.
+//! - `stall.rs`: `WriteStall`, the write timeout: a write the peer takes not one byte of for
+//!   `write_timeout` ends the connection (HTTP and WebSocket), so a client that stopped reading
+//!   does not hold its connection and buffers forever.
 //! - `descriptors.rs`: how the descriptor limit is shared out between connections, streams
 //!   and lingering sockets, so that no client can take what the store needs to write.
 //! - `error.rs`: store failures to HTTP statuses (507 disk full, 503 otherwise) and close codes

@@ -85,6 +85,10 @@ pub struct Args {
     /// Seconds between pings to each WebSocket peer.
     #[arg(long, env = "IVY_PING_INTERVAL_SECS", default_value_t = 50)]
     ping_interval_secs: u64,
+    /// Seconds a write may wait with the peer taking not one byte; then the connection is
+    /// closed (a client that stopped reading must not hold its connection and buffers forever).
+    #[arg(long, env = "IVY_WRITE_TIMEOUT_SECS", default_value_t = 60)]
+    write_timeout_secs: u64,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -129,6 +133,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         origins: OriginPolicy::from_list(&args.allow_origin),
         ping_interval: Duration::from_secs(args.ping_interval_secs.max(1)),
         idle_timeout: Duration::from_secs(args.idle_timeout_secs.max(1)),
+        write_timeout: Duration::from_secs(args.write_timeout_secs.max(1)),
     };
     let streams_max = store_opts.streams_max;
     let store = Store::open(&args.data, store_opts)

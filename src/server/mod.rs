@@ -16,6 +16,7 @@ mod fanout;
 pub mod http;
 mod linger;
 mod session;
+mod stall;
 mod tcp;
 mod ws;
 
@@ -219,7 +220,10 @@ async fn serve_connection(
     permit: Arc<OwnedSemaphorePermit>,
 ) {
     shared.hub.metrics.connections.inc();
-    let io = TokioIo::new(linger::LingeringTcp::new(tcp));
+    let io = TokioIo::new(stall::WriteStall::new(
+        linger::LingeringTcp::new(tcp),
+        shared.opts.write_timeout,
+    ));
     let service_shared = Arc::clone(&shared);
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
         let shared = Arc::clone(&service_shared);

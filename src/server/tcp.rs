@@ -4,10 +4,11 @@
 //! lets `try_read`/`try_write` and the readiness polls work through `&TcpStream`.
 //!
 //! The socket is recovered from hyper's upgrade by downcasting to the stream `ivy serve` gives
-//! hyper (`TokioIo<LingeringTcp>`); a server embedded in another program may hand hyper some
+//! hyper (`TokioIo<WriteStall<LingeringTcp>>`); a server embedded in another program may hand hyper some
 //! other stream, and then the connection runs on the generic path, without direct writes.
 
 use super::linger::LingeringTcp;
+use super::stall::WriteStall;
 use bytes::Bytes;
 use hyper_util::rt::TokioIo;
 use std::io;
@@ -30,8 +31,11 @@ pub enum Upgraded {
 
 /// Takes the TCP socket back from an upgraded connection, or gives the stream back unchanged.
 pub fn recover(io: TokioIo<hyper::upgrade::Upgraded>) -> Upgraded {
-    match io.into_inner().downcast::<TokioIo<LingeringTcp>>() {
-        Ok(parts) => match parts.io.into_inner().into_tcp() {
+    match io
+        .into_inner()
+        .downcast::<TokioIo<WriteStall<LingeringTcp>>>()
+    {
+        Ok(parts) => match parts.io.into_inner().into_inner().into_tcp() {
             Some(tcp) => Upgraded::Tcp {
                 tcp,
                 // A copy: the bytes hyper read ahead are a slice of its whole read buffer, which

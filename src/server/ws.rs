@@ -15,6 +15,7 @@ use super::catchup;
 use super::fanout::Hub;
 use super::linger::LingeringTcp;
 use super::session::{Control, Mode, Session};
+use super::stall::WriteStall;
 use super::tcp::{self, SharedTcp};
 use crate::channel::ChannelPath;
 use crate::clock::{Clock, SystemClock};
@@ -620,10 +621,12 @@ pub(crate) fn push_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
 async fn write_loop<W: AsyncWrite + Unpin>(
     hub: &Arc<Hub>,
     opts: &ServerOptions,
-    mut write: W,
+    write: W,
     session: &Arc<Session>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    // A subscriber that stops reading is let go, not written to forever.
+    let mut write = WriteStall::new(write, opts.write_timeout);
     let mut bufs = WriteBuffers::default();
     let mut acks_deadline = None;
     let mut ping = tokio::time::interval_at(

@@ -286,3 +286,85 @@ async fn post_bodies_share_a_budget() {
     let sizes: Vec<usize> = r.text().lines().map(|l| l.len()).collect();
     assert_eq!(sizes.len(), 3, "{sizes:?}");
 }
+
+/// A client that stops reading is let go once a write has waited `write_timeout` without the
+/// socket taking a byte, over HTTP and WebSocket alike: it must not hold its connection, its
+/// descriptor and its buffers for as long as it stays (before, it did, forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_is_let_go() {
+    let opts = ServerOptions {
+        write_timeout: Duration::from_secs(1),
+        ..ServerOptions::default()
+    };
+    let server = start_with(opts, StoreOptions::default()).await;
+    // Clients with a 4 KiB receive window, so that the kernel buffers little on their side.
+    let connect = || async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(server.addr).await.unwrap()
+    };
+    // A subscriber that sends its `+` right behind the upgrade and never reads anything.
+    let mut sub = connect().await;
+    let upgrade = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        server.addr
+    );
+    sub.write_all(upgrade.as_bytes()).await.unwrap();
+    let command = b"+/stuck";
+    let mut frame = vec![0x81, 0x80 | command.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(command);
+    sub.write_all(&frame).await.unwrap();
+    let until = tokio::time::Instant::now() + WAIT;
+    while metric(&server, "ivy_subscriptions").await == 0 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the subscription never came"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // 12 MB: more than the server's socket buffer, its queue and a catch-up batch together.
+    let data = vec![b'x'; 60_000];
+    for _ in 0..200 {
+        post(&server, "/stuck", &data).await;
+    }
+    // A reader of all of it that reads nothing.
+    let mut reader = connect().await;
+    reader
+        .write_all(b"GET /events/stuck HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    // Both are let go: only the connection that asks for the metrics is left.
+    let until = tokio::time::Instant::now() + WAIT;
+    while metric(&server, "ivy_websockets").await > 0
+        || metric(&server, "ivy_connections").await > 1
+    {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "a peer that reads nothing still holds its connection"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // What each can still read ends well short of the whole: the server cut it off.
+    for (name, mut tcp) in [("subscriber", sub), ("reader", reader)] {
+        let mut got = Vec::new();
+        let ended = tokio::time::timeout(WAIT, async {
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                match tcp.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the {name}'s connection was not closed");
+        assert!(
+            got.starts_with(b"HTTP/1.1 "),
+            "{name}: {:?}",
+            &got[..got.len().min(20)]
+        );
+        assert!(got.len() < 200 * 60_000, "the {name} was sent everything");
+    }
+    // Nothing stored was touched, and the server serves on.
+    assert_eq!(ids(&server, "/stuck").await.len(), 200);
+}
