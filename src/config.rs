@@ -26,8 +26,12 @@ pub struct ServerOptions {
     pub subscriptions_total_max: usize,
     /// A subscriber this many events behind is closed with 1013.
     pub lag_events_max: u64,
-    /// Outbound bytes queued for one connection before it reads from the log instead.
+    /// Outbound bytes queued for one connection before it reads from the log instead (frames,
+    /// plus a queue entry's 40 bytes each).
     pub queue_bytes_max: usize,
+    /// Event bytes held for all WebSocket subscribers together: queued, being written, or read
+    /// from the log to catch up (`server/outbound.rs`).
+    pub queue_bytes_total_max: usize,
     pub header_bytes_max: usize,
     pub header_timeout: Duration,
     pub body_timeout: Duration,
@@ -53,6 +57,7 @@ impl Default for ServerOptions {
             subscriptions_total_max: 1_000_000,
             lag_events_max: 100_000,
             queue_bytes_max: 1024 * 1024,
+            queue_bytes_total_max: 256 * 1024 * 1024,
             header_bytes_max: 16 * 1024,
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),

@@ -100,6 +100,9 @@
 //! - `ws.rs`: one connection: a reader task (frames, reassembly with the size limit, commands)
 //!   and a writer task (drains the session, sends acks once committed, pings, closes).
 //! - `session.rs`: per-connection state: subscriptions, bounded queue, `Live`/`Lagging` mode.
+//! - `outbound.rs`: the server-wide budget of event bytes held for subscribers (queued, taken
+//!   by a writer and not yet written, or read from the log to catch up): past it, queues count
+//!   as full and catch-up reads wait for their share.
 //! - `fanout.rs`: `Hub`: the subscription index (with the server-wide subscription cap),
 //!   publish with sender exclusion, and the
 //!   dispatcher thread that delivers committed events in id order, writing them to an idle
@@ -166,8 +169,9 @@
 //! 4. The dispatcher thread (`Hub::run_dispatcher`) reads the log up to the watermark, encodes
 //!    the line once, walks `/rooms/a`, `/rooms`, `/` in the index and pushes the shared frame to
 //!    each subscribed session once, except the publisher (consecutive events of one channel go
-//!    as a run, under one lock of each session). A full queue turns the session
-//!    `Lagging`: its writer reads the log itself (`catchup.rs`) and rejoins live under the hub
+//!    as a run, under one lock of each session). A full queue (its own bound, or the
+//!    server's outbound budget, `outbound.rs`) turns the session `Lagging`: its writer reads
+//!    the log itself (`catchup.rs`) and rejoins live under the hub
 //!    lock, with no gap and no duplicate; past `lag_events_max` it is closed with 1013.
 //! 5. Between deliveries, the dispatcher flushes the sessions whose queue turned non-empty,
 //!    oldest first, 32 at a time, and looks at the watermark again in between, so an event

@@ -58,6 +58,7 @@ pub struct Metrics {
     pub deliveries: Counter,
     pub direct_writes: Counter,
     pub lagging: Gauge,
+    pub outbound_bytes: Gauge,
     pub lag_closes: Counter,
     pub catchup_reads: Counter,
     pub http_requests: Family<StatusLabel, Counter>,
@@ -133,6 +134,11 @@ impl Metrics {
             "ivy_lagging_subscribers",
             "Sessions reading from the log to catch up",
             m.lagging.clone(),
+        );
+        r.register(
+            "ivy_outbound_bytes",
+            "Event bytes held for WebSocket subscribers (queued, being written, or read to catch up)",
+            m.outbound_bytes.clone(),
         );
         r.register(
             "ivy_catchup_reads",

@@ -49,9 +49,14 @@ pub struct Args {
     /// Events a subscriber may fall behind before it is closed with 1013 (events).
     #[arg(long, env = "IVY_LAG_EVENTS_MAX", default_value_t = 100_000)]
     lag_events_max: u64,
-    /// Outbound bytes queued per connection before it reads from the log instead (bytes).
+    /// Outbound bytes queued per connection before it reads from the log instead (bytes: the
+    /// frames, plus 40 per queued event for its queue entry).
     #[arg(long, env = "IVY_QUEUE_BYTES_MAX", default_value_t = 1024 * 1024)]
     queue_bytes_max: usize,
+    /// Event bytes held for all WebSocket subscribers together (queued, being written, or read
+    /// from the log to catch up): past it, subscribers read from the log in bounded batches.
+    #[arg(long, env = "IVY_QUEUE_BYTES_TOTAL_MAX", default_value_t = 256 * 1024 * 1024)]
+    queue_bytes_total_max: usize,
     /// Largest HTTP request head (bytes).
     #[arg(long, env = "IVY_HEADER_BYTES_MAX", default_value_t = 16 * 1024)]
     header_bytes_max: usize,
@@ -124,6 +129,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         subscriptions_total_max: args.subscriptions_total_max,
         lag_events_max: args.lag_events_max,
         queue_bytes_max: args.queue_bytes_max,
+        queue_bytes_total_max: args.queue_bytes_total_max,
         header_bytes_max: args.header_bytes_max,
         header_timeout: Duration::from_secs(args.header_timeout_secs),
         body_timeout: Duration::from_secs(args.body_timeout_secs),

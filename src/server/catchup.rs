@@ -1,13 +1,15 @@
 //! Reading a session's events from the log: for `+/path@TS` replay and for subscribers that
 //! fell behind the fan-out. The same reader as HTTP range reads (`storage::Reader`).
 //!
-//! One call reads at most `max` events, and about `bytes_max` bytes of frames (at least one),
+//! One call reads at most `max` events, and about `bytes_max` bytes of frames (at least one;
+//! each frame counted with its entry, `outbound::ENTRY_BYTES`, as in a session's queue),
 //! after `cursor` and up to `upto` (never past the fan-out's
 //! position, which is at or below the commit watermark), for the union of the session's
 //! subscriptions, each only after its own start, without the session's own publishes, merged by
 //! id with duplicates (overlapping subtrees) removed.
 
 use super::fanout::Hub;
+use super::outbound::ENTRY_BYTES;
 use crate::channel::{ChannelPath, Selector};
 use crate::event_id::EventId;
 use crate::storage::{Query, Result};
@@ -63,13 +65,13 @@ pub fn read_after(
             last = event.id;
             if own.binary_search(&event.id).is_err() && !found.contains_key(&event.id) {
                 let frame = hub.encode(event.id, event.path, event.data);
-                found_bytes += frame.len();
+                found_bytes += frame.len() + ENTRY_BYTES;
                 found.insert(event.id, frame);
                 // Over either bound, the largest ids go (never the last frame: a batch always
                 // moves on), and the batch ends below them.
                 while found.len() > 1 && (found.len() > max || found_bytes > bytes_max) {
                     if let Some((_, dropped)) = found.pop_last() {
-                        found_bytes -= dropped.len();
+                        found_bytes -= dropped.len() + ENTRY_BYTES;
                     }
                     if let Some((&top, _)) = found.last_key_value() {
                         cut = cut.min(top);
@@ -153,7 +155,11 @@ mod tests {
                     read_after(&hub, subscriptions, &own, cursor, upto, max, bytes_max).unwrap();
                 assert!(batch.cursor > cursor, "no progress at {cursor:?}");
                 assert!(batch.frames.len() <= max);
-                let bytes: usize = batch.frames.iter().map(|(_, f)| f.len()).sum();
+                let bytes: usize = batch
+                    .frames
+                    .iter()
+                    .map(|(_, f)| f.len() + ENTRY_BYTES)
+                    .sum();
                 assert!(
                     batch.frames.len() == 1 || bytes <= bytes_max,
                     "{bytes} bytes"

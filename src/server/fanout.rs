@@ -31,6 +31,7 @@
 //! dispatcher holds while it delivers a batch, so `dispatched` is exact at that moment: events
 //! above it are delivered under the new state, none at or below it are.
 
+use super::outbound::Budget;
 use super::session::{Mode, Session, SessionId, SessionState};
 use crate::channel::{ChannelPath, Selector};
 use crate::event_id::EventId;
@@ -107,6 +108,8 @@ pub struct Hub {
     sessions_by_sid: Mutex<HashMap<Box<str>, Arc<Session>>>,
     large_event_bytes: usize,
     queue_bytes_max: usize,
+    /// Event bytes held for all subscribers together (`outbound.rs`).
+    pub outbound: Arc<Budget>,
     lag_events_max: u64,
     subscriptions_total_max: usize,
     is_stopping: AtomicBool,
@@ -151,6 +154,7 @@ impl Hub {
             sessions_by_sid: Mutex::new(HashMap::new()),
             large_event_bytes: opts.large_event_bytes,
             queue_bytes_max: opts.queue_bytes_max,
+            outbound: Arc::new(Budget::new(opts.queue_bytes_total_max)),
             lag_events_max: opts.lag_events_max,
             subscriptions_total_max: opts.subscriptions_total_max,
             is_stopping: AtomicBool::new(false),
@@ -484,24 +488,22 @@ impl Hub {
             if st.is_own(*id) {
                 continue;
             }
-            let is_full = st.queued_bytes + frame.len() > self.queue_bytes_max;
-            match st.mode {
-                Mode::Live if is_full => {
+            let mode = st.mode;
+            match mode {
+                // A non-empty queue is waiting for its flush or was handed to the writer
+                // already, and both take the whole queue: one flush per write, not per event.
+                Mode::Live if st.try_queue(*id, frame, self.queue_bytes_max) => {
+                    st.last_queued = *id;
+                    queued += 1;
+                }
+                // The queue, or the server's outbound budget, is full.
+                Mode::Live => {
                     st.mode = Mode::Lagging {
                         cursor: st.last_queued,
                         missed: 1,
                     };
                     self.metrics.lagging.inc();
                     must_wake = true;
-                }
-                Mode::Live => {
-                    // A non-empty queue is waiting for its flush or was handed to the writer
-                    // already, and both take the whole queue: one flush per write, not per
-                    // event.
-                    st.queued_bytes += frame.len();
-                    st.queue.push_back((*id, frame.clone()));
-                    st.last_queued = *id;
-                    queued += 1;
                 }
                 Mode::Lagging { cursor, missed } => {
                     st.mode = Mode::Lagging {
@@ -549,7 +551,6 @@ impl Hub {
             super::ws::push_frame(out, fastwebsockets::OpCode::Text, &frame);
             st.last_taken = id;
         }
-        st.queued_bytes = 0;
         let taken_upto = st.last_taken;
         st.prune_own(taken_upto);
         let sent = match st.direct.as_ref().map(|tcp| tcp.try_write(out)) {
@@ -557,6 +558,8 @@ impl Hub {
             // Nothing went; on an error the writer meets it too and ends the connection.
             _ => 0,
         };
+        // What is left to write stays charged (a frame's charge covers its head).
+        st.keep_charge(out.len() - sent);
         if sent == out.len() {
             self.metrics.direct_writes.inc();
             return;
@@ -591,8 +594,15 @@ mod tests {
     use super::*;
 
     fn sessions(ids: std::ops::Range<u64>) -> Vec<Arc<Session>> {
-        ids.map(|id| Arc::new(Session::new(id, format!("s{id}").into())))
-            .collect()
+        let budget = Arc::new(super::super::outbound::Budget::new(usize::MAX));
+        ids.map(|id| {
+            Arc::new(Session::new(
+                id,
+                format!("s{id}").into(),
+                Arc::clone(&budget),
+            ))
+        })
+        .collect()
     }
 
     #[test]

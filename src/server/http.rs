@@ -113,6 +113,8 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             return method_not_allowed("GET, HEAD");
         }
         shared.hub.metrics.observe_store(&shared.hub.store.totals());
+        let outbound = i64::try_from(shared.hub.outbound.held()).unwrap_or(i64::MAX);
+        shared.hub.metrics.outbound_bytes.set(outbound);
         let mut resp = Response::new(full(shared.hub.metrics.render()));
         resp.headers_mut().insert(
             header::CONTENT_TYPE,

@@ -15,6 +15,7 @@ mod error;
 mod fanout;
 pub mod http;
 mod linger;
+mod outbound;
 mod session;
 mod stall;
 mod tcp;
@@ -312,7 +313,11 @@ pub(crate) fn upgrade(shared: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
     };
     let n = shared.next_session.fetch_add(1, Ordering::Relaxed);
     let sid = format!("{:016x}", shared.sid_seed.hash_one(n));
-    let session = Arc::new(Session::new(n, sid.into_boxed_str()));
+    let session = Arc::new(Session::new(
+        n,
+        sid.into_boxed_str(),
+        Arc::clone(&shared.hub.outbound),
+    ));
     let hub = Arc::clone(&shared.hub);
     let opts = Arc::clone(&shared.opts);
     let shutdown = shared.shutdown.subscribe();

@@ -2,7 +2,8 @@
 //! bounded queue of event frames, the control lines (acks, replies) and the delivery mode.
 //!
 //! **Modes.** `Live`: fan-out pushes each event's shared frame into `queue`. When the queue
-//! would pass `queue_bytes_max`, the session turns `Lagging` with `cursor` = the last event it
+//! would pass `queue_bytes_max`, or the server's budget for all queues (`outbound.rs`) has no
+//! room for the frame, the session turns `Lagging` with `cursor` = the last event it
 //! queued: fan-out stops queueing for it (it only counts `missed`), and the connection's writer,
 //! once the queue is drained, reads the log after `cursor` itself (`catchup.rs`) and rejoins live
 //! when it has caught up with the fan-out. The log is the buffer, so memory stays bounded
@@ -16,6 +17,7 @@
 //! **Lock order:** the hub's state (`fanout.rs`), then a session's state. Nothing awaits while
 //! holding either; fan-out's direct write under a session's lock never blocks (`try_write`).
 
+use super::outbound::{self, Budget, Charge};
 use crate::channel::ChannelPath;
 use crate::event_id::EventId;
 use bytes::Bytes;
@@ -66,6 +68,9 @@ pub enum Mode {
 pub struct SessionState {
     /// Event frames, in id order.
     pub queue: VecDeque<(EventId, Bytes)>,
+    /// What `queue` and `partial` are charged to the server's outbound budget (`outbound.rs`):
+    /// their bytes, plus `outbound::ENTRY_BYTES` per queued frame. Bounded by `queue_bytes_max`;
+    /// given back as they are written or dropped, and when the session ends.
     pub queued_bytes: usize,
     /// Non-event messages (acks, time, refusals, pongs), in the order they were made.
     pub control: VecDeque<Control>,
@@ -89,10 +94,12 @@ pub struct SessionState {
     /// The unsent end of a direct write that the socket did not take whole: already framed,
     /// the writer sends it before anything else.
     pub partial: Option<Bytes>,
+    /// The server's outbound budget, which `queued_bytes` is charged to.
+    budget: Arc<Budget>,
 }
 
 impl Session {
-    pub fn new(id: SessionId, sid: Box<str>) -> Session {
+    pub fn new(id: SessionId, sid: Box<str>, budget: Arc<Budget>) -> Session {
         Session {
             id,
             sid,
@@ -109,6 +116,7 @@ impl Session {
                 close: None,
                 direct: None,
                 partial: None,
+                budget,
             }),
             wake: tokio::sync::Notify::new(),
             last_considered: AtomicU64::new(0),
@@ -149,7 +157,9 @@ impl SessionState {
         };
         while self.queue.back().is_some_and(|(id, _)| *id > cursor) {
             if let Some((_, frame)) = self.queue.pop_back() {
-                self.queued_bytes -= frame.len();
+                let cost = frame.len() + outbound::ENTRY_BYTES;
+                self.queued_bytes -= cost;
+                self.budget.give_back(cost);
             }
         }
         let missed = match self.mode {
@@ -157,6 +167,32 @@ impl SessionState {
             Mode::Live => 0,
         };
         self.mode = Mode::Lagging { cursor, missed };
+    }
+
+    /// Charges a frame to the queue's bound and the server's budget, and queues it; or, when
+    /// either has no room, leaves everything as it was and returns `false`.
+    pub fn try_queue(&mut self, id: EventId, frame: &Bytes, queue_bytes_max: usize) -> bool {
+        let cost = frame.len() + outbound::ENTRY_BYTES;
+        if self.queued_bytes + cost > queue_bytes_max || !self.budget.try_take(cost) {
+            return false;
+        }
+        self.queued_bytes += cost;
+        self.queue.push_back((id, frame.clone()));
+        true
+    }
+
+    /// Hands what the queue and `partial` are charged to whoever took them for writing; it is
+    /// given back when that charge is dropped, after the write.
+    pub fn take_charge(&mut self) -> Charge {
+        Charge::new(&self.budget, std::mem::take(&mut self.queued_bytes))
+    }
+
+    /// Keeps `bytes` of the charge (for what is left to write in `partial`) and gives the rest
+    /// back.
+    pub fn keep_charge(&mut self, bytes: usize) {
+        let kept = bytes.min(self.queued_bytes);
+        self.budget.give_back(self.queued_bytes - kept);
+        self.queued_bytes = kept;
     }
 
     /// Remembers an id this session published. Usually the largest so far, so it goes at the
@@ -188,21 +224,65 @@ impl SessionState {
     }
 }
 
+impl Drop for SessionState {
+    fn drop(&mut self) {
+        self.budget.give_back(self.queued_bytes);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn unbounded() -> Arc<Budget> {
+        Arc::new(Budget::new(usize::MAX))
+    }
+
+    /// Frames `@ID` (3 bytes for two-digit ids).
     fn queued(st: &mut SessionState, ids: &[u64]) {
         for id in ids {
-            let frame = Bytes::from(format!("@{id}"));
-            st.queued_bytes += frame.len();
-            st.queue.push_back((EventId(*id), frame));
+            assert!(st.try_queue(EventId(*id), &Bytes::from(format!("@{id}")), usize::MAX));
         }
+    }
+
+    const FRAME: usize = 3 + outbound::ENTRY_BYTES;
+
+    #[test]
+    fn queued_frames_are_charged_to_the_queue_and_the_server_and_given_back() {
+        let budget = Arc::new(Budget::new(3 * FRAME));
+        let a = Session::new(1, "a".into(), Arc::clone(&budget));
+        let b = Session::new(2, "b".into(), Arc::clone(&budget));
+        let frame = Bytes::from_static(b"@10");
+        let mut st = a.state.lock();
+        // The session's own bound.
+        assert!(st.try_queue(EventId(10), &frame, 2 * FRAME));
+        assert!(st.try_queue(EventId(11), &frame, 2 * FRAME));
+        assert!(!st.try_queue(EventId(12), &frame, 2 * FRAME));
+        assert_eq!((st.queue.len(), st.queued_bytes), (2, 2 * FRAME));
+        drop(st);
+        // The server's: one frame's room is left, whatever b's own bound.
+        let mut other = b.state.lock();
+        assert!(other.try_queue(EventId(10), &frame, usize::MAX));
+        assert!(!other.try_queue(EventId(11), &frame, usize::MAX));
+        assert_eq!(budget.held(), 3 * FRAME);
+        // A writer takes a's queue: charged until its charge is dropped.
+        let charge = a.state.lock().take_charge();
+        assert_eq!(budget.held(), 3 * FRAME);
+        drop(charge);
+        assert_eq!(budget.held(), FRAME);
+        // A direct write that left 2 bytes unsent keeps 2 bytes of the charge.
+        other.keep_charge(2);
+        assert_eq!((other.queued_bytes, budget.held()), (2, 2));
+        drop(other);
+        // A session that ends gives back what it still holds.
+        drop(b);
+        assert_eq!(budget.held(), 0);
     }
 
     #[test]
     fn rewind_drops_queued_events_above_the_cursor_and_never_moves_a_lagging_cursor_forward() {
-        let session = Session::new(1, "s".into());
+        let budget = unbounded();
+        let session = Session::new(1, "s".into(), Arc::clone(&budget));
         let mut st = session.state.lock();
         queued(&mut st, &[10, 20, 30]);
         st.rewind_to(EventId(20));
@@ -210,7 +290,8 @@ mod tests {
             st.queue.iter().map(|(id, _)| id.0).collect::<Vec<_>>(),
             [10, 20]
         );
-        assert_eq!(st.queued_bytes, 6);
+        assert_eq!(st.queued_bytes, 2 * FRAME);
+        assert_eq!(budget.held(), 2 * FRAME);
         assert_eq!(
             st.mode,
             Mode::Lagging {
@@ -238,7 +319,7 @@ mod tests {
 
     #[test]
     fn own_ids_stay_sorted_and_are_pruned() {
-        let mut st = Session::new(1, "s".into()).state.into_inner();
+        let mut st = Session::new(1, "s".into(), unbounded()).state.into_inner();
         for id in [5, 9, 7, 11, 3, 12] {
             st.note_own(EventId(id));
         }
@@ -252,7 +333,7 @@ mod tests {
 
     #[test]
     fn own_ids_keep_the_newest_when_full() {
-        let mut st = Session::new(1, "s".into()).state.into_inner();
+        let mut st = Session::new(1, "s".into(), unbounded()).state.into_inner();
         let n = OWN_IDS_MAX as u64 + 10;
         for id in 1..=n {
             st.note_own(EventId(id));

@@ -14,6 +14,7 @@
 use super::catchup;
 use super::fanout::Hub;
 use super::linger::LingeringTcp;
+use super::outbound::Charge;
 use super::session::{Control, Mode, Session};
 use super::stall::WriteStall;
 use super::tcp::{self, SharedTcp};
@@ -46,8 +47,9 @@ const ACKS_BEFORE_CLOSE: std::time::Duration = std::time::Duration::from_secs(2)
 
 /// Events per catch-up read, at most.
 const CATCHUP_BATCH_EVENTS: usize = 1024;
-/// Frame bytes per catch-up read, about (one frame more at most): a lagging session holds no
-/// more than this of the log in memory, however large its events or many its subscriptions.
+/// Frame bytes per catch-up read, about (one frame more at most), counting each frame's entry
+/// (`outbound::ENTRY_BYTES`): a lagging session holds no more than this of the log in memory
+/// (and its copy in the write buffer), however large its events or many its subscriptions.
 const CATCHUP_BATCH_BYTES: usize = 256 * 1024;
 
 /// Runs a connection until it closes. `io` is the upgraded stream.
@@ -517,6 +519,8 @@ fn refuse(session: &Session, key: &str, reason: &str) {
 
 /// What the writer took from the session in one go, besides the frames it formatted.
 struct Taken {
+    /// What the taken frames are charged to the server's outbound budget, until written.
+    charge: Charge,
     close: Option<(u16, &'static str)>,
     needs_catchup: bool,
     has_pending_acks: bool,
@@ -588,12 +592,13 @@ fn take(hub: &Hub, session: &Session, bufs: &mut WriteBuffers) -> Taken {
     }
     let taken_upto = st.last_taken;
     st.prune_own(taken_upto);
-    st.queued_bytes = 0;
+    let charge = st.take_charge();
     if !bufs.out.is_empty() || !bufs.events.is_empty() || st.close.is_some() {
         // Under the lock, so fan-out sees it before it could write here itself.
         session.is_writing.store(true, Ordering::Release);
     }
     Taken {
+        charge,
         close: st.close,
         needs_catchup: matches!(st.mode, Mode::Lagging { .. }),
         has_pending_acks: !st.pending_acks.is_empty(),
@@ -665,9 +670,12 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             bufs.out.clear();
             bufs.release_if_large();
         }
+        drop(taken.charge);
         session.is_writing.store(false, Ordering::Release);
         if taken.needs_catchup {
             catch_up(hub, session, &mut write, &mut bufs.out).await?;
+            // A session that waits for its next batch's share holds no batch's buffer.
+            bufs.release_if_large();
             continue;
         }
         // Listen for commits only while an ack waits: every registered listener is visited by
@@ -710,6 +718,14 @@ async fn catch_up<W: AsyncWrite + Unpin>(
         hub.try_rejoin(session, cursor);
         return Ok(());
     }
+    // The batch's share of the server's outbound budget, held until it is written: twice its
+    // bytes, for its frames as read and for their copy in `buf`.
+    let share = tokio::select! {
+        share = hub.outbound.take(2 * CATCHUP_BATCH_BYTES) => share,
+        // Something else to send (a close, an ack): the writer sends it and comes back.
+        () = session.wake.notified() => return Ok(()),
+    };
+    let bytes_max = share.bytes() / 2;
     hub.metrics.catchup_reads.inc();
     let reader_hub = Arc::clone(hub);
     let read = tokio::task::spawn_blocking(move || {
@@ -720,7 +736,7 @@ async fn catch_up<W: AsyncWrite + Unpin>(
             cursor,
             upto,
             CATCHUP_BATCH_EVENTS,
-            CATCHUP_BATCH_BYTES,
+            bytes_max,
         )
     })
     .await;
@@ -753,9 +769,11 @@ async fn catch_up<W: AsyncWrite + Unpin>(
     for (_, frame) in &batch.frames {
         push_frame(buf, OpCode::Text, frame);
     }
+    drop(batch);
     if !buf.is_empty() {
         write.write_all(buf).await?;
         buf.clear();
     }
+    drop(share);
     Ok(())
 }

@@ -140,6 +140,24 @@ pub async fn ws_at(addr: std::net::SocketAddr) -> Ws {
         .expect("upgrade accepted")
 }
 
+/// `ws`, over a socket whose receive buffer is `bytes`, so that a client that does not read
+/// soon leaves the server with writes it cannot make (the kernel's buffers hold little).
+pub async fn ws_with_receive_buffer(server: &TestServer, bytes: u32) -> Ws {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(bytes).unwrap();
+    let tcp = socket.connect(server.addr).await.unwrap();
+    let mut req = format!("ws://{}/ws", server.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "ivy1".parse().unwrap());
+    let (stream, _) =
+        tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(tcp))
+            .await
+            .unwrap();
+    ws_ready(stream, Some("ivy1".into())).await
+}
+
 pub async fn ws_at_with(
     addr: std::net::SocketAddr,
     headers: &[(&str, &str)],
@@ -156,6 +174,14 @@ pub async fn ws_at_with(
         .headers()
         .get("sec-websocket-protocol")
         .map(|v| v.to_str().unwrap().to_owned());
+    Ok(ws_ready(stream, protocol).await)
+}
+
+/// Reads the intro line of a new connection.
+async fn ws_ready(
+    stream: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>,
+    protocol: Option<String>,
+) -> Ws {
     let mut ws = Ws {
         stream,
         sid: String::new(),
@@ -165,7 +191,7 @@ pub async fn ws_at_with(
     let (_, sid) = intro.split_once(":~/sid:").expect("intro line");
     assert!(intro.starts_with('@'));
     ws.sid = sid.to_owned();
-    Ok(ws)
+    ws
 }
 
 impl Ws {

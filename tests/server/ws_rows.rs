@@ -163,6 +163,59 @@ async fn resume_replays_then_continues_live_without_gap_or_duplicate() {
     assert_eq!(sub.quiet_for(Duration::from_millis(300)).await, None);
 }
 
+/// Subscribers that do not read share one server-wide budget of event bytes held for them
+/// (queued, being written, or read from the log to catch up): past it they read from the log
+/// instead, though each is far from its own queue's bound, and every one still gets every event
+/// once, in order, when it reads again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_subscribers_share_a_server_wide_budget() {
+    const TOTAL: u64 = 64 * 1024;
+    let opts = ServerOptions {
+        queue_bytes_total_max: TOTAL as usize,
+        ..ServerOptions::default()
+    };
+    let server = start_with(opts, StoreOptions::default()).await;
+    let mut subs = Vec::new();
+    for _ in 0..4 {
+        let mut sub = ws_with_receive_buffer(&server, 4096).await;
+        sub.request("s", "+/budget").await;
+        subs.push(sub);
+    }
+    // 800 KB for each: under its own queue's bound (1 MiB), far over the server's.
+    let (events, data) = (400, "d".repeat(2000));
+    let mut p = ws(&server).await;
+    for i in 0..events {
+        p.send(&format!("#{i}#:/budget:{i}:{data}")).await;
+    }
+    for _ in 0..events {
+        assert!(p.recv().await.contains("#@"));
+    }
+    let mut has_lagged = false;
+    for _ in 0..20 {
+        let held = metric(&server, "ivy_outbound_bytes").await;
+        assert!(held <= TOTAL, "{held} bytes held");
+        has_lagged |= metric(&server, "ivy_lagging_subscribers").await > 0;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(has_lagged, "nobody fell back to the log");
+    for sub in &mut subs {
+        let mut last = EventId(0);
+        for i in 0..events {
+            let m = sub.recv().await;
+            assert!(m.ends_with(&format!(":/budget:{i}:{data}")), "event {i}");
+            assert!(id_of(&m) > last);
+            last = id_of(&m);
+        }
+        assert_eq!(sub.quiet_for(Duration::from_millis(100)).await, None);
+    }
+    // Everything written: nothing is held any more.
+    let until = tokio::time::Instant::now() + WAIT;
+    while metric(&server, "ivy_outbound_bytes").await > 0 {
+        assert!(tokio::time::Instant::now() < until, "bytes still held");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A subscriber far slower than the publisher: it falls back to the log and catches up with
 /// nothing lost, nothing duplicated, ids increasing; the publisher is not slowed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
