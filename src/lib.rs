@@ -94,8 +94,9 @@
 //!   connection limit (a semaphore; past it, 503 and close), the budget of POST bodies being
 //!   received (another semaphore, in bytes),
 //!   WebSocket upgrade (Origin policy, `ivy1` subprotocol), graceful shutdown.
-//! - `http.rs`: the hyper service: log reads (inline, or streamed from a blocking task when
-//!   large, last-N included), caching headers, Range, CORS, HTTP publish (forms, multipart,
+//! - `http.rs`: the hyper service: log reads (inline, or streamed when large, last-N
+//!   included: a chunk at a time from blocking tasks, read when the one before is taken, so a
+//!   client that stops reading holds no thread), caching headers, Range, CORS, HTTP publish (forms, multipart,
 //!   raw), `/metrics`.
 //! - `ws.rs`: one connection: a reader task (frames, reassembly with the size limit, commands)
 //!   and a writer task (drains the session, sends acks once committed, pings, closes).

@@ -4,8 +4,9 @@
 //! `OPTIONS` (CORS preflight), `GET /ws` (WebSocket upgrade, `ws.rs`), `GET /healthz`,
 //! `GET /metrics`. Every refusal is a 4xx with a one-line text reason.
 //!
-//! Reads: small answers are built inline; an answer past `INLINE_BYTES_MAX` continues from a
-//! blocking task that streams chunks from the mapped segments. An answer that can never change
+//! Reads: small answers are built inline; an answer past `INLINE_BYTES_MAX` continues in chunks
+//! read from the mapped segments by blocking tasks, each chunk when the one before is taken
+//! (`LogBody`). An answer that can never change
 //! (its range ends at or before the commit watermark) is `Cache-Control: public, max-age=31536000,
 //! immutable`; the open tail is `no-cache`. The `ETag` is a hash of the request and the end of the
 //! range it was answered up to, so it changes exactly when the answer can.
@@ -21,6 +22,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body as _, Frame, Incoming};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::ops::Bound;
 use std::pin::Pin;
@@ -42,21 +44,6 @@ fn full(bytes: impl Into<Bytes>) -> Body {
 
 fn empty() -> Body {
     full(Bytes::new())
-}
-
-/// A body fed by a channel, for answers streamed from a blocking reader.
-struct ChannelBody(tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>);
-
-impl hyper::body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        self.0.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
-    }
 }
 
 const TEXT_PLAIN: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
@@ -503,69 +490,152 @@ fn continuation_after(
     Ok(None)
 }
 
-/// Streams the rest of a large answer from a blocking task, starting after `after`.
+/// Streams the rest of a large answer after its inline part `first`.
 fn stream_rest(hub: &Arc<Hub>, plan: &Plan, first: Vec<u8>, rest: Rest) -> Body {
-    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
-    let hub = Arc::clone(hub);
-    let selector = plan.selector.clone();
-    let asked = plan.query;
-    tokio::task::spawn_blocking(move || {
-        if !first.is_empty() && tx.blocking_send(Ok(Bytes::from(first))).is_err() {
+    let next = match rest {
+        Rest::After(after, remaining) => Next::Forward(Query {
+            start: Bound::Excluded(after),
+            limit: remaining,
+            ..plan.query
+        }),
+        Rest::LastN(n) => Next::LastN(n),
+    };
+    LogBody {
+        first: Some(Bytes::from(first)),
+        hub: Arc::clone(hub),
+        selector: plan.selector.clone(),
+        asked: plan.query,
+        next: Some(next),
+        reading: None,
+    }
+    .boxed()
+}
+
+/// The rest of a large answer, read from the log a chunk at a time by a blocking task, one chunk
+/// ahead of what hyper has taken. A client that reads slowly therefore holds no thread and at
+/// most two chunks. (Before, a blocking task per answer waited for its client to take each
+/// chunk: 600 readers that read nothing took all of tokio's blocking threads, and a normal
+/// reader's answer, and every catch-up read, waited for them to be cut off by the write timeout,
+/// 30 s in that run.)
+struct LogBody {
+    /// The inline part, sent first.
+    first: Option<Bytes>,
+    hub: Arc<Hub>,
+    selector: Selector,
+    /// The request's query; its end is the watermark the request was planned at, so no later
+    /// event joins the answer however long it takes.
+    asked: Query,
+    /// What the next chunk reads; `None` once the answer is complete.
+    next: Option<Next>,
+    /// The read of the next chunk, under way.
+    reading: Option<tokio::task::JoinHandle<crate::storage::Result<Chunk>>>,
+}
+
+/// One chunk of a streamed answer, and where the next one starts (`None`: it was the last).
+type Chunk = (Vec<u8>, Option<Next>);
+
+/// Where the next chunk of a streamed answer starts.
+#[derive(Clone, Copy)]
+enum Next {
+    /// The events of this query, oldest first.
+    Forward(Query),
+    /// The newest N of the asked query, oldest first: found by walking back first.
+    LastN(usize),
+}
+
+impl LogBody {
+    /// Starts reading the next chunk, if any and none is under way.
+    fn read_ahead(&mut self) {
+        if self.reading.is_some() {
             return;
         }
-        let reader = hub.store.reader(&selector);
-        let query = match rest {
-            Rest::After(after, remaining) => Query {
-                start: Bound::Excluded(after),
-                limit: remaining,
-                ..asked
-            },
-            Rest::LastN(n) => {
-                // Walk back to the oldest of the newest `n` (counting, not formatting), then
-                // read forward from it. The end is the watermark the request was planned at, so
-                // no later event can join.
-                let mut oldest = None;
-                for e in reader.events(&asked) {
-                    match e {
-                        Ok(e) => oldest = Some(e.id),
-                        Err(err) => {
-                            let _ = tx.blocking_send(Err(std::io::Error::other(err.to_string())));
-                            return;
-                        }
-                    }
-                }
-                let Some(oldest) = oldest else { return };
-                Query {
-                    start: Bound::Included(oldest),
-                    end: asked.end,
-                    direction: Direction::Forward,
-                    limit: Some(n),
-                }
-            }
+        let Some(next) = self.next.take() else {
+            return;
         };
-        let mut chunk = Vec::with_capacity(CHUNK_BYTES + 4096);
-        for e in reader.events(&query) {
-            let e = match e {
-                Ok(e) => e,
-                Err(err) => {
-                    let _ = tx.blocking_send(Err(std::io::Error::other(err.to_string())));
-                    return;
-                }
+        let hub = Arc::clone(&self.hub);
+        let selector = self.selector.clone();
+        let asked = self.asked;
+        self.reading = Some(tokio::task::spawn_blocking(move || {
+            read_chunk(&hub, &selector, &asked, next)
+        }));
+    }
+}
+
+impl hyper::body::Body for LogBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = self.get_mut();
+        this.read_ahead();
+        if let Some(first) = this.first.take().filter(|f| !f.is_empty()) {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        loop {
+            let Some(reading) = this.reading.as_mut() else {
+                return Poll::Ready(None);
             };
-            line::format_event(&mut chunk, e.id, e.path, e.data);
-            if chunk.len() >= CHUNK_BYTES
-                && tx
-                    .blocking_send(Ok(Bytes::from(std::mem::take(&mut chunk))))
-                    .is_err()
-            {
-                return;
+            let read = std::task::ready!(Pin::new(reading).poll(cx));
+            this.reading = None;
+            let (chunk, next) = match read {
+                Ok(Ok(read)) => read,
+                Ok(Err(e)) => return Poll::Ready(Some(Err(std::io::Error::other(e.to_string())))),
+                Err(e) => return Poll::Ready(Some(Err(std::io::Error::other(e.to_string())))),
+            };
+            this.next = next;
+            this.read_ahead();
+            if !chunk.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))));
             }
         }
-        if !chunk.is_empty() {
-            let _ = tx.blocking_send(Ok(Bytes::from(chunk)));
+    }
+}
+
+/// Reads one chunk of a streamed answer (about `CHUNK_BYTES`), and where the next one starts.
+fn read_chunk(
+    hub: &Hub,
+    selector: &Selector,
+    asked: &Query,
+    next: Next,
+) -> crate::storage::Result<Chunk> {
+    let reader = hub.store.reader(selector);
+    let query = match next {
+        Next::Forward(query) => query,
+        Next::LastN(n) => {
+            // Walk back to the oldest of the newest `n`, counting, not formatting.
+            let mut oldest = None;
+            for e in reader.events(asked) {
+                oldest = Some(e?.id);
+            }
+            let Some(oldest) = oldest else {
+                return Ok((Vec::new(), None));
+            };
+            Query {
+                start: Bound::Included(oldest),
+                end: asked.end,
+                direction: Direction::Forward,
+                limit: Some(n),
+            }
         }
-    });
-    ChannelBody(rx).boxed()
+    };
+    let mut chunk = Vec::with_capacity(CHUNK_BYTES + 4096);
+    for (count, e) in reader.events(&query).enumerate() {
+        let e = e?;
+        line::format_event(&mut chunk, e.id, e.path, e.data);
+        if chunk.len() >= CHUNK_BYTES {
+            let limit = query.limit.map(|l| l.saturating_sub(count + 1));
+            let next = (limit != Some(0)).then_some(Next::Forward(Query {
+                start: Bound::Excluded(e.id),
+                limit,
+                ..query
+            }));
+            return Ok((chunk, next));
+        }
+    }
+    Ok((chunk, None))
 }
 
 /// Answers a `Range`: 206 with the part, 416 when the range lies past the end, and the whole

@@ -368,3 +368,44 @@ async fn a_peer_that_stops_reading_is_let_go() {
     // Nothing stored was touched, and the server serves on.
     assert_eq!(ids(&server, "/stuck").await.len(), 200);
 }
+
+/// Clients that ask for large answers and read nothing hold no thread: a normal reader's large
+/// answer (streamed by blocking tasks too) is served meanwhile. Run with 4 blocking threads, so
+/// that 8 such clients would take them all if each answer kept one while its client stalled (as
+/// it did before: a normal reader then waited for the stalled ones' write timeout).
+#[test]
+fn readers_that_stall_hold_no_thread() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let opts = ServerOptions {
+            write_timeout: Duration::from_secs(60),
+            ..ServerOptions::default()
+        };
+        let server = start_with(opts, StoreOptions::default()).await;
+        let data = vec![b'x'; 60_000];
+        for _ in 0..100 {
+            post(&server, "/large", &data).await;
+        }
+        let mut stalled = Vec::new();
+        for _ in 0..8 {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            let mut tcp = socket.connect(server.addr).await.unwrap();
+            tcp.write_all(b"GET /events/large HTTP/1.1\r\nHost: a\r\n\r\n")
+                .await
+                .unwrap();
+            stalled.push(tcp);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let answer = tokio::time::timeout(Duration::from_secs(10), get(&server, "/events/large"))
+            .await
+            .expect("a large answer while 8 readers stall");
+        assert_eq!(answer.text().lines().count(), 100);
+        drop(stalled);
+    });
+}
