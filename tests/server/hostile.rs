@@ -314,3 +314,124 @@ async fn attacks_leave_other_clients_served_memory_bounded_and_data_intact() {
     child.terminate();
     harness::verify_clean(&data);
 }
+
+/// Clients that stop reading (issue "server": memory bounded whatever the readers' speed): 300
+/// WebSocket subscribers and 300 HTTP readers of a 6 MB answer, all with a 4 KiB receive window
+/// and none reading, while a publisher sends 6 MB to the subscribers' channel. A well-behaved
+/// subscriber gets every event in order, a well-behaved reader gets the large answer every time,
+/// the server's memory stays bounded (the queues share `--queue-bytes-total-max`, answers are read
+/// a chunk at a time), and every stalled connection is closed once its write has waited for
+/// `--write-timeout-secs`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_that_stop_reading_cost_bounded_memory_and_are_cut_off() {
+    const STALLED: usize = 300;
+    const EVENTS: usize = 3_000;
+    let _heavy = HEAVY.lock().await;
+    raise_fd_limit();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let (mut child, server) = harness::spawn_serve(
+        &data,
+        &[
+            "--log",
+            "error",
+            "--write-timeout-secs",
+            "3",
+            "--queue-bytes-total-max",
+            &(32 * MIB).to_string(),
+        ],
+        "ulimit -n $(ulimit -Hn)",
+    );
+    let big = vec![b'b'; 60_000];
+    for _ in 0..100 {
+        harness::post(&server, "/big", &big).await;
+    }
+    let mut good = harness::ws(&server).await;
+    good.request("s", "+/stall").await;
+    let rss_before = child.rss_bytes();
+    let mut stalled_ws = Vec::new();
+    for _ in 0..STALLED {
+        let mut ws = harness::ws_with_receive_buffer(&server, 4096).await;
+        ws.request("s", "+/stall").await;
+        stalled_ws.push(ws);
+    }
+    let mut stalled_http = Vec::new();
+    for _ in 0..STALLED {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut tcp = socket.connect(server.addr).await.unwrap();
+        tcp.write_all(b"GET /events/big HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        stalled_http.push(tcp);
+    }
+    let publisher = {
+        let server = server.addr;
+        tokio::spawn(async move {
+            let mut p = harness::ws_at(server).await;
+            let pad = "p".repeat(2000);
+            for i in 0..EVENTS {
+                p.send(&format!("#{i}#:/stall:{i}:{pad}")).await;
+            }
+            for _ in 0..EVENTS {
+                assert!(p.recv().await.contains("#@"));
+            }
+            p
+        })
+    };
+    // The well-behaved, again and again until every stalled connection is let go: the large
+    // answer, and every event in order for the subscriber that reads.
+    let mut rss_peak = 0;
+    let mut answers = 0;
+    let mut got = 0;
+    let mut last = String::new();
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            harness::get(&server, "/events/big"),
+        )
+        .await
+        .expect("the large answer in time");
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.body.len(), 100 * (big.len() + 28));
+        answers += 1;
+        rss_peak = rss_peak.max(child.rss_bytes());
+        while got < EVENTS {
+            let Some(m) = good.quiet_for(Duration::from_millis(10)).await else {
+                break;
+            };
+            if m.starts_with("Ping") {
+                continue;
+            }
+            assert!(
+                m.contains(&format!(":/stall:{got}:")),
+                "event {got}: {m:.60}"
+            );
+            assert!(harness::id_of(&m) > last);
+            last = harness::id_of(&m);
+            got += 1;
+        }
+        // Only the well-behaved subscriber and the publisher are left.
+        let websockets = harness::metric(&server, "ivy_websockets").await;
+        let connections = harness::metric(&server, "ivy_connections").await;
+        if publisher.is_finished() && got == EVENTS && websockets == 2 && connections == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "after 60 s: {got} events, {websockets} websockets, {connections} connections"
+        );
+    }
+    let _publisher = publisher.await.unwrap();
+    eprintln!(
+        "stalled: {STALLED} subscribers and {STALLED} readers that read nothing, all cut off; \
+         the large answer was served {answers} times; server RSS {:.1} MiB before, {:.1} MiB at the peak",
+        rss_before as f64 / MIB as f64,
+        rss_peak as f64 / MIB as f64,
+    );
+    assert!(rss_peak < 200 * MIB, "server RSS {} MiB", rss_peak / MIB);
+    drop((stalled_ws, stalled_http));
+    child.terminate();
+    harness::verify_clean(&data);
+}
