@@ -60,6 +60,7 @@ pub struct Metrics {
     pub lagging: Gauge,
     pub outbound_bytes: Gauge,
     pub lag_closes: Counter,
+    pub write_timeouts: Counter,
     pub catchup_reads: Counter,
     pub http_requests: Family<StatusLabel, Counter>,
 }
@@ -154,6 +155,11 @@ impl Metrics {
             "ivy_lag_closes",
             "Sessions closed with 1013 for lagging",
             m.lag_closes.clone(),
+        );
+        r.register(
+            "ivy_write_timeouts",
+            "Connections closed because the peer took no bytes within the write timeout",
+            m.write_timeouts.clone(),
         );
         r.register(
             "ivy_http_requests",

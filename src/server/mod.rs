@@ -224,6 +224,7 @@ async fn serve_connection(
     let io = TokioIo::new(stall::WriteStall::new(
         linger::LingeringTcp::new(tcp),
         shared.opts.write_timeout,
+        shared.hub.metrics.write_timeouts.clone(),
     ));
     let service_shared = Arc::clone(&shared);
     let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {

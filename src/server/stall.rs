@@ -11,6 +11,7 @@
 //! slow one that takes some bytes now and then, is never cut; and it costs nothing on the fast
 //! path (no timer exists until a write is refused).
 
+use prometheus_client::metrics::counter::Counter;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -21,15 +22,18 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub struct WriteStall<T> {
     inner: T,
     write_timeout: Duration,
+    /// Counts the connections cut (`ivy_write_timeouts`).
+    timeouts: Counter,
     /// Armed at the first pending write and dropped at the next progress.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> WriteStall<T> {
-    pub fn new(inner: T, write_timeout: Duration) -> WriteStall<T> {
+    pub fn new(inner: T, write_timeout: Duration, timeouts: Counter) -> WriteStall<T> {
         WriteStall {
             inner,
             write_timeout,
+            timeouts,
             deadline: None,
         }
     }
@@ -55,6 +59,7 @@ impl<T> WriteStall<T> {
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
         match deadline.as_mut().poll(cx) {
             Poll::Ready(()) => {
+                self.timeouts.inc();
                 tracing::info!(
                     seconds = timeout.as_secs_f64(),
                     "closing a connection whose peer took no bytes"
@@ -128,17 +133,18 @@ mod tests {
     async fn a_write_the_peer_never_takes_fails_after_the_timeout() {
         // A pipe that holds 64 bytes, and a far end that is kept open but never read.
         let (near, _far) = tokio::io::duplex(64);
-        let mut w = WriteStall::new(near, TIMEOUT);
+        let mut w = WriteStall::new(near, TIMEOUT, Counter::default());
         let started = tokio::time::Instant::now();
         let e = w.write_all(&[1u8; 1000]).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::TimedOut);
         assert_eq!(started.elapsed(), TIMEOUT);
+        assert_eq!(w.timeouts.get(), 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_slow_peer_that_takes_bytes_within_each_timeout_is_not_cut() {
         let (near, mut far) = tokio::io::duplex(64);
-        let mut w = WriteStall::new(near, TIMEOUT);
+        let mut w = WriteStall::new(near, TIMEOUT, Counter::default());
         // 64 bytes every 4 s: the whole write takes far longer than the timeout, but no wait
         // for the peer lasts a whole one.
         let reader = tokio::spawn(async move {
@@ -159,7 +165,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_idle_connection_has_no_clock() {
         let (near, _far) = tokio::io::duplex(64);
-        let mut w = WriteStall::new(near, TIMEOUT);
+        let mut w = WriteStall::new(near, TIMEOUT, Counter::default());
         tokio::time::sleep(TIMEOUT * 12).await;
         w.write_all(b"still here").await.unwrap();
         assert!(w.deadline.is_none());

@@ -631,7 +631,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     // A subscriber that stops reading is let go, not written to forever.
-    let mut write = WriteStall::new(write, opts.write_timeout);
+    let mut write = WriteStall::new(
+        write,
+        opts.write_timeout,
+        hub.metrics.write_timeouts.clone(),
+    );
     let mut bufs = WriteBuffers::default();
     let mut acks_deadline = None;
     let mut ping = tokio::time::interval_at(

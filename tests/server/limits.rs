@@ -344,6 +344,7 @@ async fn a_peer_that_stops_reading_is_let_go() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(metric(&server, "ivy_write_timeouts_total").await, 2);
     // What each can still read ends well short of the whole: the server cut it off.
     for (name, mut tcp) in [("subscriber", sub), ("reader", reader)] {
         let mut got = Vec::new();
