@@ -43,7 +43,7 @@ use event_listener::Listener;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::ops::Bound;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -113,6 +113,9 @@ pub struct Hub {
     lag_events_max: u64,
     subscriptions_total_max: usize,
     is_stopping: AtomicBool,
+    /// `HubState::dispatched`, stored once every event up to it has been pushed to its sessions:
+    /// read without the hub lock when a publisher forgets its passed own ids (`note_own`).
+    dispatched_mirror: AtomicU64,
 }
 
 /// Why a `+` was refused: the reason for `#KEY#!`, and the close code for an unkeyed one.
@@ -158,6 +161,7 @@ impl Hub {
             lag_events_max: opts.lag_events_max,
             subscriptions_total_max: opts.subscriptions_total_max,
             is_stopping: AtomicBool::new(false),
+            dispatched_mirror: AtomicU64::new(start.0),
         }
     }
 
@@ -213,8 +217,9 @@ impl Hub {
         on_id: &mut dyn FnMut(&mut SessionState, EventId),
     ) -> crate::storage::Result<Option<EventId>> {
         self.store.append_batch_nowait_with(events, &mut |id| {
+            let passed = EventId(self.dispatched_mirror.load(Ordering::Acquire));
             let mut st = origin.state.lock();
-            st.note_own(id);
+            st.note_own(id, passed);
             on_id(&mut st, id);
         })
     }
@@ -372,6 +377,8 @@ impl Hub {
             return false;
         }
         hub.dispatched = hub.dispatched.max(watermark);
+        self.dispatched_mirror
+            .store(hub.dispatched.0, Ordering::Release);
         true
     }
 
@@ -429,6 +436,9 @@ impl Hub {
             // the position moves to it.
             hub.dispatched = hub.dispatched.max(to);
         }
+        // After every push of this batch (they are above, under this same lock).
+        self.dispatched_mirror
+            .store(hub.dispatched.0, Ordering::Release);
         drop(hub);
         // Counted once per step, not once per delivery: one atomic add instead of a thousand.
         self.metrics.deliveries.inc_by(queued);
@@ -486,6 +496,11 @@ impl Hub {
                 break;
             }
             if st.is_own(*id) {
+                if st.mode == Mode::Live {
+                    // Handled: a lag from here on reads the log after it, so the id need not
+                    // be remembered once fan-out has passed it (`SessionState::note_own`).
+                    st.last_queued = *id;
+                }
                 continue;
             }
             let mode = st.mode;
@@ -592,6 +607,7 @@ fn remove_from_index(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::server::session::OWN_PASSED_KEPT;
 
     fn sessions(ids: std::ops::Range<u64>) -> Vec<Arc<Session>> {
         let budget = Arc::new(super::super::outbound::Budget::new(usize::MAX));
@@ -624,6 +640,75 @@ mod tests {
         assert_eq!(dirty.pop().map(|s| s.id), Some(0));
         assert!(dirty.is_empty());
         assert_eq!(dirty.budget(), DISPATCH_BATCH_EVENTS);
+    }
+
+    /// A live session skips its own events as fan-out meets them, and forgets all but the newest
+    /// few of their ids once fan-out has passed them. If it then lags, its catch-up starts after
+    /// those events, so it never reads them back from the log.
+    #[test]
+    fn a_session_that_lags_right_after_its_own_events_does_not_read_them_back() {
+        use crate::storage::{Durability, StoreOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let store_opts = StoreOptions {
+            durability: Durability::Never,
+            ..StoreOptions::default()
+        };
+        let store = Store::open(dir.path(), store_opts).unwrap();
+        // Room for one queued event of another's.
+        let opts = crate::config::ServerOptions {
+            queue_bytes_max: 250,
+            ..crate::config::ServerOptions::default()
+        };
+        let hub = Hub::new(store, Arc::new(Metrics::new()), &opts);
+        let everything = Selector::Subtree(ChannelPath::root());
+        let dispatch = |hub: &Hub| {
+            let to = hub.store.committed();
+            while hub.dispatched() < to {
+                let mut dirty = Dirty::default();
+                hub.dispatch_some(&everything, to, DISPATCH_BATCH_EVENTS, &mut dirty)
+                    .unwrap();
+            }
+        };
+        let path = ChannelPath::parse("/mix").unwrap();
+        let publish = |hub: &Hub, data: &[u8], origin: Option<&Arc<Session>>| {
+            let id = hub.publish(&path, data, origin).unwrap();
+            hub.store.wait_committed(id).unwrap();
+            id
+        };
+        let a = Arc::new(Session::new(1, "a".into(), Arc::clone(&hub.outbound)));
+        hub.subscribe(&a, path.clone(), None, 10).unwrap();
+        // Another's event, queued for `a` (nobody flushes it): the queue is full.
+        publish(&hub, &[b'o'; 100], None);
+        dispatch(&hub);
+        // Its own, with fan-out running in between, as it does.
+        let own: Vec<EventId> = (0..3000)
+            .map(|_| {
+                let id = publish(&hub, b"mine", Some(&a));
+                dispatch(&hub);
+                id
+            })
+            .collect();
+        assert_eq!(a.state.lock().own.len(), OWN_PASSED_KEPT);
+        // The next of another's does not fit: `a` lags, with its cursor past its own events.
+        publish(&hub, &[b'o'; 100], None);
+        dispatch(&hub);
+        let st = a.state.lock();
+        let Mode::Lagging { cursor, .. } = st.mode else {
+            panic!("not lagging");
+        };
+        let subscriptions = [(path.clone(), EventId(0))];
+        let batch = super::super::catchup::read_after(
+            &hub,
+            &subscriptions,
+            &st.own,
+            cursor,
+            hub.dispatched(),
+            1024,
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!(batch.frames.len(), 1);
+        assert!(batch.frames.iter().all(|(id, _)| !own.contains(id)));
     }
 
     #[test]

@@ -32,6 +32,12 @@ pub type SessionId = u64;
 /// this, so a resume from far back may return a session's own events from long ago.
 const OWN_IDS_MAX: usize = 16_384;
 
+/// Own publishes that fan-out has passed, kept by a live session: only a resume (`+/path@TS`)
+/// on this connection can still meet them. Without this bound a connection that publishes and
+/// never receives kept `OWN_IDS_MAX` ids, 128-256 KiB (measured under `ivy-bench publish
+/// --connections 1000 --window 16`: 169 MB of anonymous memory, most of it these ids).
+pub(crate) const OWN_PASSED_KEPT: usize = 1024;
+
 pub struct Session {
     pub id: SessionId,
     /// The text session id of the intro line (`~/sid`), used by HTTP publish's `sid`.
@@ -78,7 +84,8 @@ pub struct SessionState {
     /// inline up to 24 bytes: an allocation per publish was measurable).
     pub pending_acks: VecDeque<(EventId, compact_str::CompactString)>,
     pub mode: Mode,
-    /// The last event id queued while live.
+    /// The last event id fan-out handled for this session while live: queued, or skipped as its
+    /// own. A session that turns lagging reads the log after it.
     pub last_queued: EventId,
     /// The last event id the writer took for sending: ids on the connection stay above it.
     pub last_taken: EventId,
@@ -199,15 +206,28 @@ impl SessionState {
     /// back without a search (a publisher that subscribes to nothing keeps `OWN_IDS_MAX` ids,
     /// and searching them was 5% of the server's CPU under `ivy-bench publish`). An HTTP
     /// publish with this session's `sid` on another stream can interleave; that one is placed.
-    pub fn note_own(&mut self, id: EventId) {
+    ///
+    /// `passed` is how far fan-out has dispatched. While the session is live, own ids at or
+    /// below it are needed only by a resume on this connection, so only the newest
+    /// `OWN_PASSED_KEPT` of them are kept: fan-out has handled them, and a session that turns
+    /// lagging reads the log after `last_queued`, which own events it skipped have moved past.
+    /// (A lagging session's catch-up still needs those above its cursor: it keeps them.)
+    pub fn note_own(&mut self, id: EventId, passed: EventId) {
+        if self.own.len() >= OWN_IDS_MAX {
+            self.own.pop_front();
+        }
+        if self.mode == Mode::Live {
+            while self.own.len() >= OWN_PASSED_KEPT
+                && self.own.front().is_some_and(|o| *o <= passed)
+            {
+                self.own.pop_front();
+            }
+        }
         if self.own.back().is_none_or(|last| *last < id) {
             self.own.push_back(id);
         } else {
             let at = self.own.partition_point(|x| *x < id);
             self.own.insert(at, id);
-        }
-        if self.own.len() > OWN_IDS_MAX {
-            self.own.pop_front();
         }
     }
 
@@ -321,7 +341,7 @@ mod tests {
     fn own_ids_stay_sorted_and_are_pruned() {
         let mut st = Session::new(1, "s".into(), unbounded()).state.into_inner();
         for id in [5, 9, 7, 11, 3, 12] {
-            st.note_own(EventId(id));
+            st.note_own(EventId(id), EventId(0));
         }
         assert!(st.is_own(EventId(7)) && !st.is_own(EventId(8)));
         st.prune_own(EventId(7));
@@ -332,18 +352,39 @@ mod tests {
     }
 
     #[test]
+    fn a_live_session_keeps_few_own_ids_that_fan_out_passed_and_a_lagging_one_keeps_them_all() {
+        let mut st = Session::new(1, "s".into(), unbounded()).state.into_inner();
+        let n = 3 * OWN_PASSED_KEPT as u64;
+        // Fan-out is always 100 behind: those 100 are in flight and all kept.
+        for id in 1..=n {
+            st.note_own(EventId(id), EventId(id.saturating_sub(100)));
+        }
+        assert_eq!(st.own.len(), OWN_PASSED_KEPT);
+        assert!(st.is_own(EventId(n - 100 + 1)) && st.is_own(EventId(n)));
+        // Lagging after `n`: every own id above the cursor may be met by the catch-up.
+        st.mode = Mode::Lagging {
+            cursor: EventId(n),
+            missed: 0,
+        };
+        for id in n + 1..=2 * n {
+            st.note_own(EventId(id), EventId(id - 1));
+        }
+        assert!((n + 1..=2 * n).all(|id| st.is_own(EventId(id))));
+    }
+
+    #[test]
     fn own_ids_keep_the_newest_when_full() {
         let mut st = Session::new(1, "s".into(), unbounded()).state.into_inner();
         let n = OWN_IDS_MAX as u64 + 10;
         for id in 1..=n {
-            st.note_own(EventId(id));
+            st.note_own(EventId(id), EventId(0));
         }
         assert_eq!(st.own.len(), OWN_IDS_MAX);
         assert!(!st.is_own(EventId(10)) && st.is_own(EventId(11)) && st.is_own(EventId(n)));
         // One out of order, after the oldest was forgotten, still lands in its place.
-        st.note_own(EventId(n - 1));
-        st.note_own(EventId(n + 5));
-        st.note_own(EventId(n + 2));
+        st.note_own(EventId(n - 1), EventId(0));
+        st.note_own(EventId(n + 5), EventId(0));
+        st.note_own(EventId(n + 2), EventId(0));
         let tail: Vec<u64> = st.own.iter().rev().take(3).map(|id| id.0).collect();
         assert_eq!(tail, [n + 5, n + 2, n]);
     }
