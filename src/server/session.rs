@@ -3,8 +3,8 @@
 //!
 //! **Modes.** `Live`: fan-out pushes each event's shared frame into `queue`. When the queue
 //! would pass `queue_bytes_max`, or the server's budget for all queues (`outbound.rs`) has no
-//! room for the frame, the session turns `Lagging` with `cursor` = the last event it
-//! queued: fan-out stops queueing for it (it only counts `missed`), and the connection's writer,
+//! room for the frame, the session turns `Lagging` with `cursor` = the last event fan-out
+//! handled for it (queued, or skipped as its own): fan-out stops queueing for it (it only counts `missed`), and the connection's writer,
 //! once the queue is drained, reads the log after `cursor` itself (`catchup.rs`) and rejoins live
 //! when it has caught up with the fan-out. The log is the buffer, so memory stays bounded
 //! whatever the subscriber's speed; past `lag_events_max` missed events it is closed with 1013.
