@@ -140,12 +140,17 @@ pub async fn ws_at(addr: std::net::SocketAddr) -> Ws {
         .expect("upgrade accepted")
 }
 
-/// `ws`, over a socket whose receive buffer is `bytes`, so that a client that does not read
-/// soon leaves the server with writes it cannot make (the kernel's buffers hold little).
-pub async fn ws_with_receive_buffer(server: &TestServer, bytes: u32) -> Ws {
+/// A connection whose receive buffer is `bytes`, so that a client that does not read soon
+/// leaves the server with writes it cannot make (the kernel's buffers hold little).
+pub async fn tcp_with_receive_buffer(addr: SocketAddr, bytes: u32) -> TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(bytes).unwrap();
-    let tcp = socket.connect(server.addr).await.unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// `ws`, over `tcp_with_receive_buffer`.
+pub async fn ws_with_receive_buffer(server: &TestServer, bytes: u32) -> Ws {
+    let tcp = tcp_with_receive_buffer(server.addr, bytes).await;
     let mut req = format!("ws://{}/ws", server.addr)
         .into_client_request()
         .unwrap();

@@ -357,9 +357,7 @@ async fn readers_that_stop_reading_cost_bounded_memory_and_are_cut_off() {
     }
     let mut stalled_http = Vec::new();
     for _ in 0..STALLED {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let mut tcp = socket.connect(server.addr).await.unwrap();
+        let mut tcp = harness::tcp_with_receive_buffer(server.addr, 4096).await;
         tcp.write_all(b"GET /events/big HTTP/1.1\r\nHost: a\r\n\r\n")
             .await
             .unwrap();

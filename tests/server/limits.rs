@@ -298,11 +298,7 @@ async fn a_peer_that_stops_reading_is_let_go() {
     };
     let server = start_with(opts, StoreOptions::default()).await;
     // Clients with a 4 KiB receive window, so that the kernel buffers little on their side.
-    let connect = || async {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        socket.connect(server.addr).await.unwrap()
-    };
+    let connect = || tcp_with_receive_buffer(server.addr, 4096);
     // A subscriber that sends its `+` right behind the upgrade and never reads anything.
     let mut sub = connect().await;
     let upgrade = format!(
@@ -394,9 +390,7 @@ fn readers_that_stall_hold_no_thread() {
         }
         let mut stalled = Vec::new();
         for _ in 0..8 {
-            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            socket.set_recv_buffer_size(4096).unwrap();
-            let mut tcp = socket.connect(server.addr).await.unwrap();
+            let mut tcp = tcp_with_receive_buffer(server.addr, 4096).await;
             tcp.write_all(b"GET /events/large HTTP/1.1\r\nHost: a\r\n\r\n")
                 .await
                 .unwrap();
