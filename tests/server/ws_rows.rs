@@ -230,10 +230,15 @@ async fn publishers_that_lag_never_get_their_own_events_back() {
     let server = start_with(opts, StoreOptions::default()).await;
     let each = 3000;
     let pad = "p".repeat(500);
-    let mut tasks = Vec::new();
-    for (me, other) in [("a", "b"), ("b", "a")] {
+    // Both subscribed before either publishes: each is owed every event of the other.
+    let mut clients = Vec::new();
+    for names in [("a", "b"), ("b", "a")] {
         let mut ws = ws_with_receive_buffer(&server, 4096).await;
         ws.request("s", "+/mix").await;
+        clients.push((names, ws));
+    }
+    let mut tasks = Vec::new();
+    for ((me, other), mut ws) in clients {
         let pad = pad.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..each {
