@@ -339,8 +339,7 @@ async fn handle(
     };
     let key = message.key;
     if let command::Command::Publish { path, data } = message.command {
-        publishes.room_for(hub, &path, data).await;
-        publishes.push(key, path, data);
+        publishes.push_when_room(hub, key, path, data).await;
         if publishes.is_full() {
             publishes.append(hub, session);
         }
@@ -407,13 +406,24 @@ impl Publishes {
         self.items.len() >= PUBLISH_BATCH_EVENTS || self.data.len() >= PUBLISH_BATCH_BYTES
     }
 
-    /// Waits until the writer's budget has room for the batch and, if given, one more publish
-    /// (about to join it, and perhaps fill it). Appends never block, so that a disk far behind
+    /// Adds a publish to the batch once the writer's budget has room for the batch with it
+    /// (which may then be full and appended). Appends never block, so that a disk far behind
     /// holds up this connection's reads, not a runtime thread: the peer then meets TCP
     /// backpressure, and other connections are served meanwhile.
-    async fn room_for(&self, hub: &Hub, path: &ChannelPath, data: &[u8]) {
-        let next = crate::storage::encoded_len(path.as_str(), data) as u64;
-        hub.store.room(self.encoded + next).await;
+    async fn push_when_room(
+        &mut self,
+        hub: &Hub,
+        key: Option<&str>,
+        path: ChannelPath,
+        data: &[u8],
+    ) {
+        let encoded = crate::storage::encoded_len(path.as_str(), data) as u64;
+        hub.store.room(self.encoded + encoded).await;
+        self.encoded += encoded;
+        let start = self.data.len();
+        self.data.extend_from_slice(data);
+        let key = key.map(compact_str::CompactString::new);
+        self.items.push((key, path, start..self.data.len()));
     }
 
     /// Appends the batch once the writer has room for it.
@@ -422,14 +432,6 @@ impl Publishes {
             hub.store.room(self.encoded).await;
             self.append(hub, session);
         }
-    }
-
-    fn push(&mut self, key: Option<&str>, path: ChannelPath, data: &[u8]) {
-        self.encoded += crate::storage::encoded_len(path.as_str(), data) as u64;
-        let start = self.data.len();
-        self.data.extend_from_slice(data);
-        let key = key.map(compact_str::CompactString::new);
-        self.items.push((key, path, start..self.data.len()));
     }
 
     /// Appends the batch and queues the acks of keyed publishes for the writer, which sends
