@@ -374,20 +374,11 @@ fn etag_for(req: &Request<Incoming>, plan: &Plan) -> String {
     format!("\"{:016x}\"", h.finish())
 }
 
-/// What a streamed answer holds after its inline part.
-#[derive(Clone, Copy)]
-enum Rest {
-    /// The events after this id, at most this many.
-    After(EventId, Option<usize>),
-    /// All of a last-N answer (too large to build inline): the newest N, oldest first.
-    LastN(usize),
-}
-
 struct Inline {
     body: Vec<u8>,
     last_id: Option<EventId>,
-    /// Set when the answer continues past the inline part, which a blocking task streams.
-    rest: Option<Rest>,
+    /// Set when the answer continues past the inline part (`LogBody`): where its rest starts.
+    rest: Option<Next>,
     /// Set when `limit` cut the answer: the continuation's `after`.
     next_after: Option<EventId>,
 }
@@ -410,7 +401,7 @@ fn read_inline(hub: &Hub, plan: &Plan) -> crate::storage::Result<Inline> {
                 return Ok(Inline {
                     body,
                     last_id: events.first().map(|e| e.id),
-                    rest: Some(Rest::LastN(plan.query.limit.unwrap_or(usize::MAX))),
+                    rest: Some(Next::LastN(plan.query.limit.unwrap_or(usize::MAX))),
                     next_after: None,
                 });
             }
@@ -451,7 +442,11 @@ fn read_inline(hub: &Hub, plan: &Plan) -> crate::storage::Result<Inline> {
             return Ok(Inline {
                 body,
                 last_id,
-                rest: Some(Rest::After(e.id, remaining)),
+                rest: Some(Next::Forward(Query {
+                    start: Bound::Excluded(e.id),
+                    limit: remaining,
+                    ..plan.query
+                })),
                 next_after,
             });
         }
@@ -490,16 +485,8 @@ fn continuation_after(
     Ok(None)
 }
 
-/// Streams the rest of a large answer after its inline part `first`.
-fn stream_rest(hub: &Arc<Hub>, plan: &Plan, first: Vec<u8>, rest: Rest) -> Body {
-    let next = match rest {
-        Rest::After(after, remaining) => Next::Forward(Query {
-            start: Bound::Excluded(after),
-            limit: remaining,
-            ..plan.query
-        }),
-        Rest::LastN(n) => Next::LastN(n),
-    };
+/// Streams the rest of a large answer, from `next`, after its inline part `first`.
+fn stream_rest(hub: &Arc<Hub>, plan: &Plan, first: Vec<u8>, next: Next) -> Body {
     LogBody {
         first: Some(Bytes::from(first)),
         hub: Arc::clone(hub),
@@ -539,7 +526,8 @@ type Chunk = (Vec<u8>, Option<Next>);
 enum Next {
     /// The events of this query, oldest first.
     Forward(Query),
-    /// The newest N of the asked query, oldest first: found by walking back first.
+    /// All of a last-N answer too large to build inline: the newest N of the asked query,
+    /// oldest first, found by walking back first.
     LastN(usize),
 }
 
