@@ -30,7 +30,7 @@ pub struct ServerOptions {
     /// plus a queue entry's 40 bytes each).
     pub queue_bytes_max: usize,
     /// Event bytes held for all WebSocket subscribers together: queued, being written, or read
-    /// from the log to catch up (`server/outbound.rs`).
+    /// from the log to catch up (`server/budget.rs`).
     pub queue_bytes_total_max: usize,
     pub header_bytes_max: usize,
     pub header_timeout: Duration,

@@ -92,7 +92,7 @@
 //! ### `server/` — ivy1 over WebSocket and HTTP
 //! - `mod.rs`: `Server`: `listen` (a deep accept queue for connection bursts), accept loop,
 //!   connection limit (a semaphore; past it, 503 and close), the budget of POST bodies being
-//!   received (another semaphore, in bytes),
+//!   received (`budget.rs`),
 //!   WebSocket upgrade (Origin policy, `ivy1` subprotocol), graceful shutdown.
 //! - `http.rs`: the hyper service: log reads (inline, or streamed when large, last-N
 //!   included: a chunk at a time from blocking tasks, read when the one before is taken, so a
@@ -101,9 +101,10 @@
 //! - `ws.rs`: one connection: a reader task (frames, reassembly with the size limit, commands)
 //!   and a writer task (drains the session, sends acks once committed, pings, closes).
 //! - `session.rs`: per-connection state: subscriptions, bounded queue, `Live`/`Lagging` mode.
-//! - `outbound.rs`: the server-wide budget of event bytes held for subscribers (queued, taken
-//!   by a writer and not yet written, or read from the log to catch up): past it, queues count
-//!   as full and catch-up reads wait for their share.
+//! - `budget.rs`: byte budgets shared by all connections: POST bodies being received, and
+//!   event bytes held for subscribers (queued, taken by a writer and not yet written, or read
+//!   from the log to catch up): past that one, queues count as full and catch-up reads wait for
+//!   their share.
 //! - `fanout.rs`: `Hub`: the subscription index (with the server-wide subscription cap),
 //!   publish with sender exclusion, and the
 //!   dispatcher thread that delivers committed events in id order, writing them to an idle
@@ -171,7 +172,7 @@
 //!    the line once, walks `/rooms/a`, `/rooms`, `/` in the index and pushes the shared frame to
 //!    each subscribed session once, except the publisher (consecutive events of one channel go
 //!    as a run, under one lock of each session). A full queue (its own bound, or the
-//!    server's outbound budget, `outbound.rs`) turns the session `Lagging`: its writer reads
+//!    server's outbound budget, `budget.rs`) turns the session `Lagging`: its writer reads
 //!    the log itself (`catchup.rs`) and rejoins live under the hub
 //!    lock, with no gap and no duplicate; past `lag_events_max` it is closed with 1013.
 //! 5. Between deliveries, the dispatcher flushes the sessions whose queue turned non-empty,

@@ -2,14 +2,14 @@
 //! fell behind the fan-out. The same reader as HTTP range reads (`storage::Reader`).
 //!
 //! One call reads at most `max` events, and about `bytes_max` bytes of frames (at least one;
-//! each frame counted with its entry, `outbound::ENTRY_BYTES`, as in a session's queue),
+//! each frame counted with its entry, `budget::ENTRY_BYTES`, as in a session's queue),
 //! after `cursor` and up to `upto` (never past the fan-out's
 //! position, which is at or below the commit watermark), for the union of the session's
 //! subscriptions, each only after its own start, without the session's own publishes, merged by
 //! id with duplicates (overlapping subtrees) removed.
 
+use super::budget::ENTRY_BYTES;
 use super::fanout::Hub;
-use super::outbound::ENTRY_BYTES;
 use crate::channel::{ChannelPath, Selector};
 use crate::event_id::EventId;
 use crate::storage::{Query, Result};

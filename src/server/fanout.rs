@@ -31,7 +31,7 @@
 //! dispatcher holds while it delivers a batch, so `dispatched` is exact at that moment: events
 //! above it are delivered under the new state, none at or below it are.
 
-use super::outbound::Budget;
+use super::budget::Budget;
 use super::session::{Mode, Session, SessionId, SessionState};
 use crate::channel::{ChannelPath, Selector};
 use crate::event_id::EventId;
@@ -108,7 +108,7 @@ pub struct Hub {
     sessions_by_sid: Mutex<HashMap<Box<str>, Arc<Session>>>,
     large_event_bytes: usize,
     queue_bytes_max: usize,
-    /// Event bytes held for all subscribers together (`outbound.rs`).
+    /// Event bytes held for all subscribers together (`budget.rs`).
     pub outbound: Arc<Budget>,
     lag_events_max: u64,
     subscriptions_total_max: usize,
@@ -610,7 +610,7 @@ mod tests {
     use crate::server::session::OWN_PASSED_KEPT;
 
     fn sessions(ids: std::ops::Range<u64>) -> Vec<Arc<Session>> {
-        let budget = Arc::new(super::super::outbound::Budget::new(usize::MAX));
+        let budget = Arc::new(super::super::budget::Budget::new(usize::MAX));
         ids.map(|id| {
             Arc::new(Session::new(
                 id,

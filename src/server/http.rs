@@ -761,12 +761,10 @@ async fn publish(shared: &Arc<Shared>, req: Request<Incoming>, rest: &str) -> Re
         .size_hint()
         .exact()
         .and_then(|n| usize::try_from(n).ok())
-        .unwrap_or(shared.opts.body_bytes_max)
-        .clamp(1, shared.opts.body_bytes_in_flight_max.max(1));
-    let share = u32::try_from(share).unwrap_or(u32::MAX);
-    let _share = match tokio::time::timeout_at(deadline, shared.bodies.acquire_many(share)).await {
-        Ok(Ok(permit)) => permit,
-        _ => {
+        .unwrap_or(shared.opts.body_bytes_max);
+    let _share = match tokio::time::timeout_at(deadline, shared.bodies.take(share)).await {
+        Ok(charge) => charge,
+        Err(_) => {
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many request bodies being received; retry",

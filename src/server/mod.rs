@@ -9,13 +9,13 @@
 //! finished gracefully (at most `SHUTDOWN_GRACE`); then everything acknowledged is synced and the
 //! store is closed.
 
+mod budget;
 mod catchup;
 pub mod descriptors;
 mod error;
 mod fanout;
 pub mod http;
 mod linger;
-mod outbound;
 mod session;
 mod stall;
 mod tcp;
@@ -49,7 +49,7 @@ pub struct Shared {
     shutdown: watch::Sender<bool>,
     connections: Arc<Semaphore>,
     /// Bytes of POST bodies being received (`ServerOptions::body_bytes_in_flight_max`).
-    bodies: Semaphore,
+    bodies: Arc<budget::Budget>,
     next_session: AtomicU64,
     sid_seed: std::collections::hash_map::RandomState,
 }
@@ -73,10 +73,7 @@ impl Server {
             .spawn(move || for_thread.run_dispatcher())?;
         let (shutdown, _) = watch::channel(false);
         let connections = Arc::new(Semaphore::new(opts.connections_max));
-        let bodies = Semaphore::new(
-            opts.body_bytes_in_flight_max
-                .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize)),
-        );
+        let bodies = Arc::new(budget::Budget::new(opts.body_bytes_in_flight_max));
         Ok(Server {
             shared: Arc::new(Shared {
                 hub,

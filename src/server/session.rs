@@ -2,7 +2,7 @@
 //! bounded queue of event frames, the control lines (acks, replies) and the delivery mode.
 //!
 //! **Modes.** `Live`: fan-out pushes each event's shared frame into `queue`. When the queue
-//! would pass `queue_bytes_max`, or the server's budget for all queues (`outbound.rs`) has no
+//! would pass `queue_bytes_max`, or the server's budget for all queues (`budget.rs`) has no
 //! room for the frame, the session turns `Lagging` with `cursor` = the last event fan-out
 //! handled for it (queued, or skipped as its own): fan-out stops queueing for it (it only counts `missed`), and the connection's writer,
 //! once the queue is drained, reads the log after `cursor` itself (`catchup.rs`) and rejoins live
@@ -17,7 +17,7 @@
 //! **Lock order:** the hub's state (`fanout.rs`), then a session's state. Nothing awaits while
 //! holding either; fan-out's direct write under a session's lock never blocks (`try_write`).
 
-use super::outbound::{self, Budget, Charge};
+use super::budget::{self, Budget, Charge};
 use crate::channel::ChannelPath;
 use crate::event_id::EventId;
 use bytes::Bytes;
@@ -74,8 +74,8 @@ pub enum Mode {
 pub struct SessionState {
     /// Event frames, in id order.
     pub queue: VecDeque<(EventId, Bytes)>,
-    /// What `queue` and `partial` are charged to the server's outbound budget (`outbound.rs`):
-    /// their bytes, plus `outbound::ENTRY_BYTES` per queued frame. Bounded by `queue_bytes_max`;
+    /// What `queue` and `partial` are charged to the server's outbound budget (`budget.rs`):
+    /// their bytes, plus `budget::ENTRY_BYTES` per queued frame. Bounded by `queue_bytes_max`;
     /// given back as they are written or dropped, and when the session ends.
     pub queued_bytes: usize,
     /// Non-event messages (acks, time, refusals, pongs), in the order they were made.
@@ -164,7 +164,7 @@ impl SessionState {
         };
         while self.queue.back().is_some_and(|(id, _)| *id > cursor) {
             if let Some((_, frame)) = self.queue.pop_back() {
-                let cost = frame.len() + outbound::ENTRY_BYTES;
+                let cost = frame.len() + budget::ENTRY_BYTES;
                 self.queued_bytes -= cost;
                 self.budget.give_back(cost);
             }
@@ -179,7 +179,7 @@ impl SessionState {
     /// Charges a frame to the queue's bound and the server's budget, and queues it; or, when
     /// either has no room, leaves everything as it was and returns `false`.
     pub fn try_queue(&mut self, id: EventId, frame: &Bytes, queue_bytes_max: usize) -> bool {
-        let cost = frame.len() + outbound::ENTRY_BYTES;
+        let cost = frame.len() + budget::ENTRY_BYTES;
         if self.queued_bytes + cost > queue_bytes_max || !self.budget.try_take(cost) {
             return false;
         }
@@ -265,7 +265,7 @@ mod tests {
         }
     }
 
-    const FRAME: usize = 3 + outbound::ENTRY_BYTES;
+    const FRAME: usize = 3 + budget::ENTRY_BYTES;
 
     #[test]
     fn queued_frames_are_charged_to_the_queue_and_the_server_and_given_back() {

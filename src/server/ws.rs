@@ -11,10 +11,10 @@
 //! the reader, the writer and fan-out share the socket (`tcp.rs`); on a stream an embedding
 //! program gave hyper, the two tasks split it and only the writer writes.
 
+use super::budget::Charge;
 use super::catchup;
 use super::fanout::Hub;
 use super::linger::LingeringTcp;
-use super::outbound::Charge;
 use super::session::{Control, Mode, Session};
 use super::stall::WriteStall;
 use super::tcp::{self, SharedTcp};
@@ -48,7 +48,7 @@ const ACKS_BEFORE_CLOSE: std::time::Duration = std::time::Duration::from_secs(2)
 /// Events per catch-up read, at most.
 const CATCHUP_BATCH_EVENTS: usize = 1024;
 /// Frame bytes per catch-up read, about (one frame more at most), counting each frame's entry
-/// (`outbound::ENTRY_BYTES`): a lagging session holds no more than this of the log in memory
+/// (`budget::ENTRY_BYTES`): a lagging session holds no more than this of the log in memory
 /// (and its copy in the write buffer), however large its events or many its subscriptions.
 const CATCHUP_BATCH_BYTES: usize = 256 * 1024;
 

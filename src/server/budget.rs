@@ -1,7 +1,10 @@
-//! The server-wide bound on event bytes held for WebSocket subscribers
-//! (`ServerOptions::queue_bytes_total_max`).
+//! Byte budgets shared by all connections: a semaphore whose permits are bytes (`Budget`), and
+//! the bytes one holder has taken (`Charge`, given back when dropped). The server has two:
+//! - POST bodies being received (`ServerOptions::body_bytes_in_flight_max`): a body waits, unread,
+//!   for its share, in arrival order (`http.rs`);
+//! - event bytes held for WebSocket subscribers (`ServerOptions::queue_bytes_total_max`), below.
 //!
-//! Each connection's queue is bounded (`queue_bytes_max`), but that bounds one connection, not
+//! **Subscribers.** Each connection's queue is bounded (`queue_bytes_max`), but that bounds one connection, not
 //! the server: a thousand subscribers that read slowly hold a thousand full queues, plus what
 //! each writer took and is still writing, plus each catch-up batch. (Measured before this bound,
 //! `ivy-bench fanout --slow-fraction 1.0`, 1,000 subscribers of 100 B events: 653 MB of anonymous
