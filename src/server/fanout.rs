@@ -113,8 +113,8 @@ pub struct Hub {
     lag_events_max: u64,
     subscriptions_total_max: usize,
     is_stopping: AtomicBool,
-    /// `HubState::dispatched`, stored once every event up to it has been pushed to its sessions:
-    /// read without the hub lock when a publisher forgets its passed own ids (`note_own`).
+    /// `HubState::dispatched`, stored once every event up to it has been pushed to its sessions
+    /// (`Hub::dispatched`).
     dispatched_mirror: AtomicU64,
 }
 
@@ -217,7 +217,7 @@ impl Hub {
         on_id: &mut dyn FnMut(&mut SessionState, EventId),
     ) -> crate::storage::Result<Option<EventId>> {
         self.store.append_batch_nowait_with(events, &mut |id| {
-            let passed = EventId(self.dispatched_mirror.load(Ordering::Acquire));
+            let passed = self.dispatched();
             let mut st = origin.state.lock();
             st.note_own(id, passed);
             on_id(&mut st, id);
@@ -291,9 +291,10 @@ impl Hub {
         hub.dispatched
     }
 
-    /// The dispatcher's position.
+    /// The dispatcher's position, once every event up to it has been pushed to its sessions
+    /// (without the hub lock: the publish path and catch-up reads ask often).
     pub fn dispatched(&self) -> EventId {
-        self.state.lock().dispatched
+        EventId(self.dispatched_mirror.load(Ordering::Acquire))
     }
 
     /// A lagging session that has read the log up to `cursor` rejoins live if the dispatcher is
