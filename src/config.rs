@@ -38,6 +38,11 @@ pub struct ServerOptions {
     pub body_bytes_max: usize,
     /// POST bodies being received, all together: past it a body waits (unread) for its share.
     pub body_bytes_in_flight_max: usize,
+    /// HTTP answers built and not yet written, all together (`server/budget.rs`): past it a read
+    /// waits for its share before it reads anything.
+    pub answer_bytes_total_max: usize,
+    /// How long a read waits for its share of `answer_bytes_total_max` before it is answered 503.
+    pub answer_wait: Duration,
     pub connections_max: usize,
     pub origins: OriginPolicy,
     pub ping_interval: Duration,
@@ -63,6 +68,8 @@ impl Default for ServerOptions {
             body_timeout: Duration::from_secs(30),
             body_bytes_max: 16 * 1024 * 1024,
             body_bytes_in_flight_max: 256 * 1024 * 1024,
+            answer_bytes_total_max: 256 * 1024 * 1024,
+            answer_wait: Duration::from_secs(10),
             connections_max: 100_000,
             origins: OriginPolicy::SameOriginAnd(Vec::new()),
             ping_interval: Duration::from_secs(50),

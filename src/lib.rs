@@ -91,17 +91,19 @@
 //!
 //! ### `server/` — ivy1 over WebSocket and HTTP
 //! - `mod.rs`: `Server`: `listen` (a deep accept queue for connection bursts), accept loop,
-//!   connection limit (a semaphore; past it, 503 and close), the budget of POST bodies being
-//!   received (`budget.rs`),
+//!   connection limit (a semaphore; past it, 503 and close), the budgets of POST bodies being
+//!   received and of HTTP answers not yet written (`budget.rs`),
 //!   WebSocket upgrade (Origin policy, `ivy1` subprotocol), graceful shutdown.
 //! - `http.rs`: the hyper service: log reads (inline, or streamed when large, last-N
 //!   included: a chunk at a time from blocking tasks, read when the one before is taken, so a
-//!   client that stops reading holds no thread), caching headers, Range, CORS, HTTP publish (forms, multipart,
-//!   raw), `/metrics`.
+//!   client that stops reading holds no thread; each part of an answer carries its charge of
+//!   the answer budget until hyper has written it), caching headers, Range, CORS, HTTP publish
+//!   (forms, multipart, raw), `/metrics`.
 //! - `ws.rs`: one connection: a reader task (frames, reassembly with the size limit, commands)
 //!   and a writer task (drains the session, sends acks once committed, pings, closes).
 //! - `session.rs`: per-connection state: subscriptions, bounded queue, `Live`/`Lagging` mode.
-//! - `budget.rs`: byte budgets shared by all connections: POST bodies being received, and
+//! - `budget.rs`: byte budgets shared by all connections: POST bodies being received, HTTP
+//!   answers built and not yet written (a read waits for its share, 503 past `answer_wait`), and
 //!   event bytes held for subscribers (queued, taken by a writer and not yet written, or read
 //!   from the log to catch up): past that one, queues count as full and catch-up reads wait for
 //!   their share.

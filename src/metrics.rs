@@ -59,6 +59,7 @@ pub struct Metrics {
     pub direct_writes: Counter,
     pub lagging: Gauge,
     pub outbound_bytes: Gauge,
+    pub answer_bytes: Gauge,
     pub lag_closes: Counter,
     pub write_timeouts: Counter,
     pub catchup_reads: Counter,
@@ -140,6 +141,11 @@ impl Metrics {
             "ivy_outbound_bytes",
             "Event bytes held for WebSocket subscribers (queued, being written, or read to catch up)",
             m.outbound_bytes.clone(),
+        );
+        r.register(
+            "ivy_answer_bytes",
+            "Bytes of HTTP answers built and not yet written",
+            m.answer_bytes.clone(),
         );
         r.register(
             "ivy_catchup_reads",

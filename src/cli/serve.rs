@@ -73,6 +73,13 @@ pub struct Args {
     /// share, and gets 503 if the body timeout ends first.
     #[arg(long, env = "IVY_BODY_BYTES_IN_FLIGHT_MAX", default_value_t = 256 * 1024 * 1024)]
     body_bytes_in_flight_max: usize,
+    /// HTTP answers built and not yet taken by their clients, all together (bytes): past it a
+    /// read waits for its share before it reads anything.
+    #[arg(long, env = "IVY_ANSWER_BYTES_TOTAL_MAX", default_value_t = 256 * 1024 * 1024)]
+    answer_bytes_total_max: usize,
+    /// Seconds a read waits for its share of --answer-bytes-total-max; then 503.
+    #[arg(long, env = "IVY_ANSWER_WAIT_SECS", default_value_t = 10)]
+    answer_wait_secs: u64,
     /// Streams (top-level channels, at stream depth 1) the store may hold; publishing to a channel
     /// that would start another is refused with a reason. Each stream keeps a file open and
     /// mapped. Default: what the descriptor limit leaves (see the README).
@@ -135,6 +142,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         body_timeout: Duration::from_secs(args.body_timeout_secs),
         body_bytes_max: args.body_bytes_max,
         body_bytes_in_flight_max: args.body_bytes_in_flight_max,
+        answer_bytes_total_max: args.answer_bytes_total_max,
+        answer_wait: Duration::from_secs(args.answer_wait_secs),
         connections_max: descriptors::connections_within(fd_limit, args.connections_max.max(1)),
         origins: OriginPolicy::from_list(&args.allow_origin),
         ping_interval: Duration::from_secs(args.ping_interval_secs.max(1)),

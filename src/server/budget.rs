@@ -1,7 +1,10 @@
 //! Byte budgets shared by all connections: a semaphore whose permits are bytes (`Budget`), and
-//! the bytes one holder has taken (`Charge`, given back when dropped). The server has two:
+//! the bytes one holder has taken (`Charge`, given back when dropped). The server has three:
 //! - POST bodies being received (`ServerOptions::body_bytes_in_flight_max`): a body waits, unread,
 //!   for its share, in arrival order (`http.rs`);
+//! - HTTP answers built and not yet written (`ServerOptions::answer_bytes_total_max`): a read
+//!   waits for its share before it builds anything, and each piece of its answer carries its
+//!   charge (`Charge::attach`) until hyper has written it and drops it (`http.rs`);
 //! - event bytes held for WebSocket subscribers (`ServerOptions::queue_bytes_total_max`), below.
 //!
 //! **Subscribers.** Each connection's queue is bounded (`queue_bytes_max`), but that bounds one connection, not
@@ -79,6 +82,11 @@ impl Budget {
         }
     }
 
+    /// The whole budget.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     /// Bytes charged now (for `/metrics`).
     pub fn held(&self) -> usize {
         self.max.saturating_sub(self.bytes.available_permits())
@@ -103,6 +111,41 @@ impl Charge {
 
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Gives back what this charge holds beyond `n` bytes.
+    pub fn keep(&mut self, n: usize) {
+        if n < self.bytes {
+            self.budget.give_back(self.bytes - n);
+            self.bytes = n;
+        }
+    }
+
+    /// Adds `other`, taken from the same budget, to this charge.
+    pub fn absorb(&mut self, mut other: Charge) {
+        debug_assert!(Arc::ptr_eq(&self.budget, &other.budget));
+        self.bytes += std::mem::take(&mut other.bytes);
+    }
+
+    /// `bytes` as a `Bytes` that carries this charge, given back when the last clone of it (or
+    /// of a slice of it) is dropped: for an HTTP answer, once hyper has written it.
+    pub fn attach(self, bytes: Vec<u8>) -> bytes::Bytes {
+        bytes::Bytes::from_owner(Charged {
+            bytes,
+            _charge: self,
+        })
+    }
+}
+
+/// The owner behind `Charge::attach`.
+struct Charged {
+    bytes: Vec<u8>,
+    _charge: Charge,
+}
+
+impl AsRef<[u8]> for Charged {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
     }
 }
 
@@ -142,6 +185,23 @@ mod tests {
         let all = budget.take(5000).await;
         assert_eq!(budget.held(), 1000);
         drop(all);
+        assert_eq!(budget.held(), 0);
+    }
+
+    #[tokio::test]
+    async fn attached_bytes_hold_their_charge_until_the_last_slice_is_dropped() {
+        let budget = Arc::new(Budget::new(1000));
+        let mut charge = budget.take(600).await;
+        charge.keep(100);
+        assert_eq!((charge.bytes(), budget.held()), (100, 100));
+        charge.absorb(budget.take(50).await);
+        assert_eq!((charge.bytes(), budget.held()), (150, 150));
+        let bytes = charge.attach(b"hello world".to_vec());
+        let part = bytes.slice(6..);
+        drop(bytes);
+        assert_eq!(budget.held(), 150, "a slice keeps the whole charge");
+        assert_eq!(&part[..], b"world");
+        drop(part);
         assert_eq!(budget.held(), 0);
     }
 }

@@ -6,11 +6,14 @@
 //!
 //! Reads: small answers are built inline; an answer past `INLINE_BYTES_MAX` continues in chunks
 //! read from the mapped segments by blocking tasks, each chunk when the one before is taken
-//! (`LogBody`). An answer that can never change
+//! (`LogBody`). Every byte built is charged to the server's answer budget until hyper has written
+//! it (`budget.rs`): a read first waits for its share, and is answered 503 if none comes within
+//! `answer_wait`. An answer that can never change
 //! (its range ends at or before the commit watermark) is `Cache-Control: public, max-age=31536000,
 //! immutable`; the open tail is `no-cache`. The `ETag` is a hash of the request and the end of the
 //! range it was answered up to, so it changes exactly when the answer can.
 
+use super::budget::Budget;
 use super::fanout::Hub;
 use super::Shared;
 use crate::channel::{ChannelPath, Selector};
@@ -31,8 +34,14 @@ use std::task::{Context, Poll};
 
 /// Bytes of answer built inline before the rest is streamed from a blocking task.
 const INLINE_BYTES_MAX: usize = 256 * 1024;
+/// The share of `answer_bytes_total_max` a read takes before it builds its inline part: what
+/// that part's buffer can grow to (it doubles as it grows, and stops once past
+/// `INLINE_BYTES_MAX`). After the read it is cut to what was built.
+const INLINE_SHARE: usize = 2 * INLINE_BYTES_MAX;
 /// Chunk size of a streamed answer.
 const CHUNK_BYTES: usize = 64 * 1024;
+/// A chunk's buffer: the chunk, and the event that takes it past `CHUNK_BYTES`.
+const CHUNK_CAPACITY: usize = CHUNK_BYTES + 4096;
 
 pub type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 
@@ -58,6 +67,14 @@ pub(crate) fn text(status: StatusCode, reason: impl Into<String>) -> Response<Bo
 }
 
 /// A 405 naming the methods the resource allows, as RFC 9110 requires of every 405.
+/// 503 for a request that waited too long for a shared budget, with a reason.
+fn busy(reason: &str) -> Response<Body> {
+    let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, reason);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
 pub(crate) fn method_not_allowed(allow: &'static str) -> Response<Body> {
     let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
     resp.headers_mut()
@@ -102,6 +119,8 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         shared.hub.metrics.observe_store(&shared.hub.store.totals());
         let outbound = i64::try_from(shared.hub.outbound.held()).unwrap_or(i64::MAX);
         shared.hub.metrics.outbound_bytes.set(outbound);
+        let answers = i64::try_from(shared.answers.held()).unwrap_or(i64::MAX);
+        shared.hub.metrics.answer_bytes.set(answers);
         let mut resp = Response::new(full(shared.hub.metrics.render()));
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -272,6 +291,13 @@ async fn read(shared: &Arc<Shared>, req: &Request<Incoming>, rest: &str) -> Resp
     if if_none_match.is_some_and(|v| matches_any_tag(v, &etag)) {
         return not_modified(&etag, &plan);
     }
+    // Its share of the answers not yet written, taken before anything is built, then cut to
+    // (or topped up to) what was built; from then on the answer's bytes carry it.
+    let deadline = tokio::time::Instant::now() + shared.opts.answer_wait;
+    let answers = &shared.answers;
+    let Ok(mut charge) = tokio::time::timeout_at(deadline, answers.take(INLINE_SHARE)).await else {
+        return busy("too many answers waiting to be read; retry");
+    };
     let inline = match read_inline(hub, &plan) {
         Ok(i) => i,
         Err(e) => {
@@ -282,6 +308,18 @@ async fn read(shared: &Arc<Shared>, req: &Request<Incoming>, rest: &str) -> Resp
             );
         }
     };
+    let built = inline.body.capacity();
+    // Only an event larger than the share gets here. What it built waits for the rest of its
+    // share; an answer larger than the whole budget is charged the whole budget.
+    let wanted = built.min(answers.max());
+    if wanted > charge.bytes() {
+        match tokio::time::timeout_at(deadline, answers.take(wanted - charge.bytes())).await {
+            Ok(more) => charge.absorb(more),
+            Err(_) => return busy("too many answers waiting to be read; retry"),
+        }
+    }
+    charge.keep(built);
+    let body = charge.attach(inline.body);
     let last_modified = inline.last_id.map(event_time);
     // RFC 9110 13.1.3: If-Modified-Since is ignored when If-None-Match is present or the date
     // does not parse; otherwise unchanged means the last event is not after it (to the second).
@@ -300,13 +338,13 @@ async fn read(shared: &Arc<Shared>, req: &Request<Incoming>, rest: &str) -> Resp
         .get(header::RANGE)
         .filter(|_| if_range_holds(req.headers(), &etag, last_modified, plan.is_immutable));
     let mut resp = match (inline.rest, range) {
-        (None, Some(range)) => ranged(inline.body, range),
-        (None, None) => Response::new(full(inline.body)),
+        (None, Some(range)) => ranged(body, range),
+        (None, None) => Response::new(full(body)),
         (Some(rest), _) => {
             let body = if req.method() == Method::HEAD {
                 empty()
             } else {
-                stream_rest(hub, &plan, inline.body, rest)
+                stream_rest(shared, &plan, body, rest)
             };
             Response::new(body)
         }
@@ -486,10 +524,11 @@ fn continuation_after(
 }
 
 /// Streams the rest of a large answer, from `next`, after its inline part `first`.
-fn stream_rest(hub: &Arc<Hub>, plan: &Plan, first: Vec<u8>, next: Next) -> Body {
+fn stream_rest(shared: &Shared, plan: &Plan, first: Bytes, next: Next) -> Body {
     LogBody {
-        first: Some(Bytes::from(first)),
-        hub: Arc::clone(hub),
+        first: Some(first),
+        hub: Arc::clone(&shared.hub),
+        answers: Arc::clone(&shared.answers),
         selector: plan.selector.clone(),
         asked: plan.query,
         next: Some(next),
@@ -503,23 +542,26 @@ fn stream_rest(hub: &Arc<Hub>, plan: &Plan, first: Vec<u8>, next: Next) -> Body 
 /// most two chunks. (Before, a blocking task per answer waited for its client to take each
 /// chunk: 600 readers that read nothing took all of tokio's blocking threads, and a normal
 /// reader's answer, and every catch-up read, waited for them to be cut off by the write timeout,
-/// 30 s in that run.)
+/// 30 s in that run.) Each chunk first waits for its share of the answer budget, and carries it
+/// until written.
 struct LogBody {
     /// The inline part, sent first.
     first: Option<Bytes>,
     hub: Arc<Hub>,
+    answers: Arc<Budget>,
     selector: Selector,
     /// The request's query; its end is the watermark the request was planned at, so no later
     /// event joins the answer however long it takes.
     asked: Query,
     /// What the next chunk reads; `None` once the answer is complete.
     next: Option<Next>,
-    /// The read of the next chunk, under way.
-    reading: Option<tokio::task::JoinHandle<crate::storage::Result<Chunk>>>,
+    /// The next chunk: its share of the budget, then its read, under way.
+    reading: Option<Pin<Box<ChunkRead>>>,
 }
 
-/// One chunk of a streamed answer, and where the next one starts (`None`: it was the last).
-type Chunk = (Vec<u8>, Option<Next>);
+/// One chunk of a streamed answer (carrying its charge), and where the next one starts (`None`:
+/// it was the last).
+type ChunkRead = dyn Future<Output = std::io::Result<(Bytes, Option<Next>)>> + Send + Sync;
 
 /// Where the next chunk of a streamed answer starts.
 #[derive(Clone, Copy)]
@@ -532,7 +574,7 @@ enum Next {
 }
 
 impl LogBody {
-    /// Starts reading the next chunk, if any and none is under way.
+    /// Starts the next chunk, if any and none is under way.
     fn read_ahead(&mut self) {
         if self.reading.is_some() {
             return;
@@ -541,10 +583,22 @@ impl LogBody {
             return;
         };
         let hub = Arc::clone(&self.hub);
+        let answers = Arc::clone(&self.answers);
         let selector = self.selector.clone();
         let asked = self.asked;
-        self.reading = Some(tokio::task::spawn_blocking(move || {
-            read_chunk(&hub, &selector, &asked, next)
+        self.reading = Some(Box::pin(async move {
+            let mut charge = answers.take(CHUNK_CAPACITY).await;
+            let (chunk, next) =
+                tokio::task::spawn_blocking(move || read_chunk(&hub, &selector, &asked, next))
+                    .await
+                    .map_err(std::io::Error::other)?
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let wanted = chunk.capacity().min(answers.max());
+            if wanted > charge.bytes() {
+                charge.absorb(answers.take(wanted - charge.bytes()).await);
+            }
+            charge.keep(chunk.capacity());
+            Ok((charge.attach(chunk), next))
         }));
     }
 }
@@ -566,17 +620,16 @@ impl hyper::body::Body for LogBody {
             let Some(reading) = this.reading.as_mut() else {
                 return Poll::Ready(None);
             };
-            let read = std::task::ready!(Pin::new(reading).poll(cx));
+            let read = std::task::ready!(reading.as_mut().poll(cx));
             this.reading = None;
             let (chunk, next) = match read {
-                Ok(Ok(read)) => read,
-                Ok(Err(e)) => return Poll::Ready(Some(Err(std::io::Error::other(e.to_string())))),
-                Err(e) => return Poll::Ready(Some(Err(std::io::Error::other(e.to_string())))),
+                Ok(read) => read,
+                Err(e) => return Poll::Ready(Some(Err(e))),
             };
             this.next = next;
             this.read_ahead();
             if !chunk.is_empty() {
-                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))));
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
             }
         }
     }
@@ -588,7 +641,7 @@ fn read_chunk(
     selector: &Selector,
     asked: &Query,
     next: Next,
-) -> crate::storage::Result<Chunk> {
+) -> crate::storage::Result<(Vec<u8>, Option<Next>)> {
     let reader = hub.store.reader(selector);
     let query = match next {
         Next::Forward(query) => query,
@@ -609,7 +662,7 @@ fn read_chunk(
             }
         }
     };
-    let mut chunk = Vec::with_capacity(CHUNK_BYTES + 4096);
+    let mut chunk = Vec::with_capacity(CHUNK_CAPACITY);
     for (count, e) in reader.events(&query).enumerate() {
         let e = e?;
         line::format_event(&mut chunk, e.id, e.path, e.data);
@@ -629,7 +682,7 @@ fn read_chunk(
 /// Answers a `Range`: 206 with the part, 416 when the range lies past the end, and the whole
 /// answer when the header asks for something this server does not offer (another unit, several
 /// ranges) or does not parse, which RFC 9110 14.2 lets a server ignore.
-fn ranged(body: Vec<u8>, range: &HeaderValue) -> Response<Body> {
+fn ranged(body: Bytes, range: &HeaderValue) -> Response<Body> {
     let len = body.len();
     let asked = range
         .to_str()
@@ -644,7 +697,7 @@ fn ranged(body: Vec<u8>, range: &HeaderValue) -> Response<Body> {
             resp
         }
         RangeAsk::Part(start, end) => {
-            let part = Bytes::from(body).slice(start..=end);
+            let part = body.slice(start..=end);
             let mut resp = Response::new(full(part));
             *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
             if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
@@ -764,12 +817,7 @@ async fn publish(shared: &Arc<Shared>, req: Request<Incoming>, rest: &str) -> Re
         .unwrap_or(shared.opts.body_bytes_max);
     let _share = match tokio::time::timeout_at(deadline, shared.bodies.take(share)).await {
         Ok(charge) => charge,
-        Err(_) => {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many request bodies being received; retry",
-            )
-        }
+        Err(_) => return busy("too many request bodies being received; retry"),
     };
     let collected = tokio::time::timeout_at(
         deadline,

@@ -50,6 +50,8 @@ pub struct Shared {
     connections: Arc<Semaphore>,
     /// Bytes of POST bodies being received (`ServerOptions::body_bytes_in_flight_max`).
     bodies: Arc<budget::Budget>,
+    /// Bytes of HTTP answers built and not yet written (`ServerOptions::answer_bytes_total_max`).
+    answers: Arc<budget::Budget>,
     next_session: AtomicU64,
     sid_seed: std::collections::hash_map::RandomState,
 }
@@ -74,6 +76,7 @@ impl Server {
         let (shutdown, _) = watch::channel(false);
         let connections = Arc::new(Semaphore::new(opts.connections_max));
         let bodies = Arc::new(budget::Budget::new(opts.body_bytes_in_flight_max));
+        let answers = Arc::new(budget::Budget::new(opts.answer_bytes_total_max));
         Ok(Server {
             shared: Arc::new(Shared {
                 hub,
@@ -81,6 +84,7 @@ impl Server {
                 shutdown,
                 connections,
                 bodies,
+                answers,
                 next_session: AtomicU64::new(1),
                 sid_seed: std::collections::hash_map::RandomState::new(),
             }),

@@ -366,6 +366,81 @@ async fn a_peer_that_stops_reading_is_let_go() {
     assert_eq!(ids(&server, "/stuck").await.len(), 200);
 }
 
+/// HTTP answers built and not yet written share one budget: readers of large answers that read
+/// nothing hold at most all of it, and a read that finds no room waits for its share and, past
+/// `answer_wait`, gets 503 with a reason. Once the stalled readers are let go, their charges come
+/// back and reads are answered again. (Before this budget, each stalled reader held its answer's
+/// inline part and a chunk, however many there were: 2,000 readers of a 6 MB answer held 337 MB.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_waiting_to_be_read_share_a_server_wide_budget() {
+    const BUDGET: u64 = 1024 * 1024;
+    let opts = ServerOptions {
+        answer_bytes_total_max: BUDGET as usize,
+        answer_wait: Duration::from_secs(1),
+        write_timeout: Duration::from_secs(4),
+        ..ServerOptions::default()
+    };
+    let server = start_with(opts, StoreOptions::default()).await;
+    let data = vec![b'x'; 60_000];
+    for _ in 0..100 {
+        post(&server, "/large", &data).await;
+    }
+    // Over loopback the kernel takes an answer's first few hundred KB; then each stalled answer
+    // holds two 68 KiB chunks (one given to hyper, one read ahead). Eight fill the budget.
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let mut tcp = tcp_with_receive_buffer(server.addr, 4096).await;
+        tcp.write_all(b"GET /events/large HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        stalled.push(tcp);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut most = 0;
+    for _ in 0..10 {
+        let held = metric(&server, "ivy_answer_bytes").await;
+        assert!(
+            held <= BUDGET,
+            "{held} bytes of answers held, past the budget"
+        );
+        most = most.max(held);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        most >= BUDGET / 2,
+        "the stalled answers were not charged: {most}"
+    );
+    // A small read finds no room, waits, and is told why.
+    let refused = get(&server, "/events/large?n=1").await;
+    assert_eq!(refused.status, 503, "{}", refused.text());
+    assert!(refused.text().contains("retry"), "{}", refused.text());
+    assert_eq!(refused.header("retry-after"), Some("1"));
+    // The stalled readers are let go, and reads are served again.
+    let until = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = get(&server, "/events/large?n=1").await;
+        if r.status == 200 {
+            assert_eq!(r.text().lines().count(), 1);
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert!(tokio::time::Instant::now() < until, "reads stayed refused");
+    }
+    let until = tokio::time::Instant::now() + WAIT;
+    while metric(&server, "ivy_answer_bytes").await > 0 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "charges were not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        get(&server, "/events/large").await.text().lines().count(),
+        100
+    );
+    drop(stalled);
+}
+
 /// Clients that ask for large answers and read nothing hold no thread: a normal reader's large
 /// answer (streamed by blocking tasks too) is served meanwhile. Run with 4 blocking threads, so
 /// that 8 such clients would take them all if each answer kept one while its client stalled (as
