@@ -533,6 +533,7 @@ fn stream_rest(shared: &Shared, plan: &Plan, first: Bytes, next: Next) -> Body {
         asked: plan.query,
         next: Some(next),
         reading: None,
+        ready: None,
     }
     .boxed()
 }
@@ -557,10 +558,12 @@ struct LogBody {
     next: Option<Next>,
     /// The next chunk: its share of the budget, then its read, under way.
     reading: Option<Pin<Box<ChunkRead>>>,
+    /// The next chunk, when it was done at the first poll of its read.
+    ready: Option<std::io::Result<(Bytes, Option<Next>)>>,
 }
 
-/// One chunk of a streamed answer (carrying its charge), and where the next one starts (`None`:
-/// it was the last).
+/// Gets the next chunk of a streamed answer (carrying its charge), and where the one after
+/// starts (`None`: it was the last).
 type ChunkRead = dyn Future<Output = std::io::Result<(Bytes, Option<Next>)>> + Send + Sync;
 
 /// Where the next chunk of a streamed answer starts.
@@ -574,9 +577,12 @@ enum Next {
 }
 
 impl LogBody {
-    /// Starts the next chunk, if any and none is under way.
-    fn read_ahead(&mut self) {
-        if self.reading.is_some() {
+    /// Starts the next chunk, if any and none is under way. Its read is polled once at once, so
+    /// that (when its share is there) the blocking read starts now and runs while hyper writes
+    /// the chunk before; waiting for hyper's next poll to start it made a 120 MB answer about
+    /// 25% slower.
+    fn read_ahead(&mut self, cx: &mut Context<'_>) {
+        if self.reading.is_some() || self.ready.is_some() {
             return;
         }
         let Some(next) = self.next.take() else {
@@ -586,7 +592,7 @@ impl LogBody {
         let answers = Arc::clone(&self.answers);
         let selector = self.selector.clone();
         let asked = self.asked;
-        self.reading = Some(Box::pin(async move {
+        let mut reading: Pin<Box<ChunkRead>> = Box::pin(async move {
             let mut charge = answers.take(CHUNK_CAPACITY).await;
             let (chunk, next) =
                 tokio::task::spawn_blocking(move || read_chunk(&hub, &selector, &asked, next))
@@ -599,7 +605,11 @@ impl LogBody {
             }
             charge.keep(chunk.capacity());
             Ok((charge.attach(chunk), next))
-        }));
+        });
+        match reading.as_mut().poll(cx) {
+            Poll::Ready(read) => self.ready = Some(read),
+            Poll::Pending => self.reading = Some(reading),
+        }
     }
 }
 
@@ -612,22 +622,23 @@ impl hyper::body::Body for LogBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = self.get_mut();
-        this.read_ahead();
+        this.read_ahead(cx);
         if let Some(first) = this.first.take().filter(|f| !f.is_empty()) {
             return Poll::Ready(Some(Ok(Frame::data(first))));
         }
         loop {
-            let Some(reading) = this.reading.as_mut() else {
-                return Poll::Ready(None);
+            let read = match (this.ready.take(), this.reading.as_mut()) {
+                (Some(read), _) => read,
+                (None, Some(reading)) => std::task::ready!(reading.as_mut().poll(cx)),
+                (None, None) => return Poll::Ready(None),
             };
-            let read = std::task::ready!(reading.as_mut().poll(cx));
             this.reading = None;
-            let (chunk, next) = match read {
-                Ok(read) => read,
-                Err(e) => return Poll::Ready(Some(Err(e))),
-            };
+            let (chunk, next) = read.map_err(|e| {
+                tracing::error!(error = %e, "log read failed mid-answer");
+                e
+            })?;
             this.next = next;
-            this.read_ahead();
+            this.read_ahead(cx);
             if !chunk.is_empty() {
                 return Poll::Ready(Some(Ok(Frame::data(chunk))));
             }
