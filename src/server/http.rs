@@ -66,7 +66,6 @@ pub(crate) fn text(status: StatusCode, reason: impl Into<String>) -> Response<Bo
     resp
 }
 
-/// A 405 naming the methods the resource allows, as RFC 9110 requires of every 405.
 /// 503 for a request that waited too long for a shared budget, with a reason.
 fn busy(reason: &str) -> Response<Body> {
     let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, reason);
@@ -75,6 +74,7 @@ fn busy(reason: &str) -> Response<Body> {
     resp
 }
 
+/// A 405 naming the methods the resource allows, as RFC 9110 requires of every 405.
 pub(crate) fn method_not_allowed(allow: &'static str) -> Response<Body> {
     let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
     resp.headers_mut()
@@ -308,9 +308,9 @@ async fn read(shared: &Arc<Shared>, req: &Request<Incoming>, rest: &str) -> Resp
             );
         }
     };
+    // Only an event larger than the share builds more than it. What it built then waits for the
+    // rest of its share; an answer larger than the whole budget is charged the whole budget.
     let built = inline.body.capacity();
-    // Only an event larger than the share gets here. What it built waits for the rest of its
-    // share; an answer larger than the whole budget is charged the whole budget.
     let wanted = built.min(answers.max());
     if wanted > charge.bytes() {
         match tokio::time::timeout_at(deadline, answers.take(wanted - charge.bytes())).await {
