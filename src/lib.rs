@@ -98,7 +98,8 @@
 //!   included: a chunk at a time from blocking tasks, read when the one before is taken, so a
 //!   client that stops reading holds no thread; each part of an answer carries its charge of
 //!   the answer budget until hyper has written it), caching headers, Range, CORS, HTTP publish
-//!   (forms, multipart, raw), `/metrics`.
+//!   (forms, multipart, raw), `/healthz` (503 once the store takes no writes until restart),
+//!   `/metrics`.
 //! - `ws.rs`: one connection: a reader task (frames, reassembly with the size limit, commands)
 //!   and a writer task (drains the session, sends acks once committed, pings, closes).
 //! - `session.rs`: per-connection state: subscriptions, bounded queue, `Live`/`Lagging` mode.

@@ -74,6 +74,20 @@ fn busy(reason: &str) -> Response<Body> {
     resp
 }
 
+/// `/healthz`: 200 while the store takes appends, or refuses them only until its retry; 503 with
+/// the reason once it takes no writes until restart, so that a supervisor restarts the process
+/// (recovery at open then decides from the disk).
+fn health(store: &crate::storage::Store) -> Response<Body> {
+    match store.failure() {
+        None => text(StatusCode::OK, "ok"),
+        Some(f) if f.until_restart => text(StatusCode::SERVICE_UNAVAILABLE, f.to_string()),
+        Some(f) => text(
+            StatusCode::OK,
+            format!("ok; appends are refused for now: {f}"),
+        ),
+    }
+}
+
 /// A 405 naming the methods the resource allows, as RFC 9110 requires of every 405.
 pub(crate) fn method_not_allowed(allow: &'static str) -> Response<Body> {
     let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
@@ -108,7 +122,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     }
     if path == "/healthz" {
         return match *req.method() {
-            Method::GET | Method::HEAD => text(StatusCode::OK, "ok"),
+            Method::GET | Method::HEAD => health(&shared.hub.store),
             _ => method_not_allowed("GET, HEAD"),
         };
     }

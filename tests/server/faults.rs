@@ -251,22 +251,28 @@ async fn descriptors_are_shared_out_so_no_client_stops_the_writes() {
     harness::verify_clean(&data_dir);
 }
 
-/// The disk of `a_stalled_disk_holds_up_its_publishers_not_the_runtime`: the OS's files, except
-/// that `fdatasync` waits while the test holds it.
+/// A disk whose syncs the test controls: the OS's files, except that `fdatasync` waits while the
+/// test holds it, and fails with EIO while the test breaks it.
 #[derive(Default)]
-struct Stalling {
+struct SyncControl {
     held: parking_lot::Mutex<bool>,
     released: parking_lot::Condvar,
+    broken: std::sync::atomic::AtomicBool,
 }
 
-impl Stalling {
+impl SyncControl {
     fn hold(&self, held: bool) {
         *self.held.lock() = held;
         self.released.notify_all();
     }
+
+    fn break_syncs(&self, broken: bool) {
+        self.broken
+            .store(broken, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
-impl ivy::storage::io::FileIo for Stalling {
+impl ivy::storage::io::FileIo for SyncControl {
     fn create(&self, path: &Path) -> std::io::Result<std::fs::File> {
         ivy::storage::io::OsIo.create(path)
     }
@@ -285,6 +291,9 @@ impl ivy::storage::io::FileIo for Stalling {
             self.released.wait(&mut held);
         }
         drop(held);
+        if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(5));
+        }
         ivy::storage::io::OsIo.sync_data(path, file)
     }
     fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
@@ -306,7 +315,7 @@ impl ivy::storage::io::FileIo for Stalling {
 /// client is still answered. Once the disk goes on, every publish is acknowledged and stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_disk_holds_up_its_publishers_not_the_runtime() {
-    let disk = std::sync::Arc::new(Stalling::default());
+    let disk = std::sync::Arc::new(SyncControl::default());
     let server = harness::start_with(
         ServerOptions::default(),
         StoreOptions {
@@ -368,4 +377,75 @@ async fn a_stalled_disk_holds_up_its_publishers_not_the_runtime() {
             EACH
         );
     }
+}
+
+/// `/healthz` tells a supervisor what the store can do: 200 while it takes appends, and while it
+/// refuses them only until its retry (a failed write it undid); 503 with the reason once it takes
+/// no writes until restart (here: a failed sync under `interval`, whose events were already
+/// published), so that the process is restarted and recovery decides from the disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_says_when_only_a_restart_brings_writes_back() {
+    let disk = std::sync::Arc::new(SyncControl::default());
+    let store_opts = |durability| StoreOptions {
+        durability,
+        write_retry: Duration::from_secs(60),
+        preallocate: false,
+        io: disk.clone(),
+        ..StoreOptions::default()
+    };
+    // Under `always` a failed sync is undone: appends pause, the process is healthy.
+    let server = harness::start_with(
+        ServerOptions::default(),
+        store_opts(ivy::storage::Durability::Always),
+    )
+    .await;
+    let health = harness::get(&server, "/healthz").await;
+    assert_eq!((health.status, health.text()), (200, "ok\n".to_string()));
+    disk.break_syncs(true);
+    let (status, reason) = harness::try_post(&server, "/h", b"lost").await;
+    assert_eq!(status, 503, "{reason}");
+    let health = harness::get(&server, "/healthz").await;
+    assert_eq!(health.status, 200, "{}", health.text());
+    assert!(
+        health
+            .text()
+            .starts_with("ok; appends are refused for now: not written:")
+            && health.text().contains("resume by themselves"),
+        "{}",
+        health.text()
+    );
+    disk.break_syncs(false);
+    drop(server);
+
+    // Under `interval` it cannot be undone: 503, with the reason, until restart.
+    let server = harness::start_with(
+        ServerOptions::default(),
+        store_opts(ivy::storage::Durability::Interval(Duration::from_millis(
+            20,
+        ))),
+    )
+    .await;
+    harness::post(&server, "/h", b"kept").await;
+    assert_eq!(harness::get(&server, "/healthz").await.status, 200);
+    disk.break_syncs(true);
+    // Refused when the failed sync was the one of `kept`, else published and never synced.
+    let (status, reason) = harness::try_post(&server, "/h", b"never synced").await;
+    assert!(status == 200 || status == 503, "{status} {reason}");
+    let until = Instant::now() + Duration::from_secs(10);
+    let health = loop {
+        let health = harness::get(&server, "/healthz").await;
+        if health.status != 200 {
+            break health;
+        }
+        assert!(Instant::now() < until, "still healthy: {}", health.text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(health.status, 503, "{}", health.text());
+    assert!(
+        health.text().starts_with("not written:") && health.text().contains("until restart"),
+        "{}",
+        health.text()
+    );
+    // Reads go on.
+    assert_eq!(harness::get(&server, "/events/h").await.status, 200);
 }
