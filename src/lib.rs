@@ -94,7 +94,8 @@
 //!   connection limit (a semaphore; past it, 503 and close), the budgets of POST bodies being
 //!   received and of HTTP answers not yet written (`budget.rs`),
 //!   WebSocket upgrade (Origin policy, `ivy1` subprotocol), graceful shutdown.
-//! - `http.rs`: the hyper service: log reads (inline, or streamed when large, last-N
+//! - `http.rs`: the hyper service: log reads (inline, on the async thread while they stay in
+//!   live segments and on a blocking thread once they reach sealed ones, or streamed when large, last-N
 //!   included: a chunk at a time from blocking tasks, read when the one before is taken, so a
 //!   client that stops reading holds no thread; each part of an answer carries its charge of
 //!   the answer budget until hyper has written it), caching headers, Range, CORS, HTTP publish

@@ -839,3 +839,69 @@ fn a_spare_whose_header_never_reached_the_disk_is_removed() {
         check_clean(case.path());
     }
 }
+
+/// `events_in_live_segments` (what the server reads on its async threads) either gives exactly
+/// what `events` gives, or ends at a sealed segment and says so; it never opens one.
+#[test]
+fn reads_of_live_segments_only_are_whole_or_say_they_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), small(Durability::Always)).unwrap();
+    let paths = ["/a/x", "/a/y", "/b", "/a/x/deep"];
+    let mut ids = Vec::new();
+    for i in 0..400 {
+        ids.push(
+            store
+                .append(&path(paths[i % paths.len()]), b"0123456789")
+                .unwrap(),
+        );
+    }
+    let last = *ids.last().unwrap();
+    let after = |id: EventId| Query {
+        start: Bound::Excluded(id),
+        ..Query::all()
+    };
+    let (mut stopped, mut whole_reads) = (0, 0);
+    for selector in ["/a/x", "/a/x/deep", "/a/**", "/*/x", "/b", "/**"] {
+        for query in [
+            Query::all(),
+            Query::last(1),
+            Query::last(3),
+            Query::last(300),
+            after(ids[10]),
+            after(ids[395]),
+            Query {
+                direction: Direction::Backward,
+                ..after(ids[200])
+            },
+        ] {
+            let reader = store.reader(&sel(selector));
+            let mut events = reader.events_in_live_segments(&query);
+            let got: Vec<EventId> = events.by_ref().map(|e| e.unwrap().id).collect();
+            if events.stopped_at_sealed() {
+                stopped += 1;
+                continue;
+            }
+            let whole: Vec<EventId> = read(&store, selector, &query)
+                .into_iter()
+                .map(|e| e.0)
+                .collect();
+            assert_eq!(got, whole, "{selector} {query:?}");
+            whole_reads += 1;
+        }
+    }
+    // The newest event is always in a live segment; the oldest never is.
+    let reader = store.reader(&sel("/a/x/deep"));
+    let mut newest = reader.events_in_live_segments(&Query::last(1));
+    assert_eq!(newest.next().map(|e| e.unwrap().id), Some(last));
+    assert!(!newest.stopped_at_sealed());
+    let mut oldest = reader.events_in_live_segments(&Query::all());
+    assert!(oldest.next().is_none() && oldest.stopped_at_sealed());
+    assert!(
+        stopped >= 6,
+        "only {stopped} reads reached a sealed segment"
+    );
+    assert!(
+        whole_reads >= 6,
+        "only {whole_reads} reads stayed in live segments"
+    );
+}

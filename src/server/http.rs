@@ -4,7 +4,10 @@
 //! `OPTIONS` (CORS preflight), `GET /ws` (WebSocket upgrade, `ws.rs`), `GET /healthz`,
 //! `GET /metrics`. Every refusal is a 4xx with a one-line text reason.
 //!
-//! Reads: small answers are built inline; an answer past `INLINE_BYTES_MAX` continues in chunks
+//! Reads: small answers are built inline, on the async thread when they lie in live segments
+//! (written lately, so in memory), else on a blocking thread, since a sealed segment's pages may
+//! have to come from the disk and an async thread that waits for them holds up every connection
+//! it serves. An answer past `INLINE_BYTES_MAX` continues in chunks
 //! read from the mapped segments by blocking tasks, each chunk when the one before is taken
 //! (`LogBody`). Every byte built is charged to the server's answer budget until hyper has written
 //! it (`budget.rs`): a read first waits for its share, and is answered 503 if none comes within
@@ -218,6 +221,7 @@ fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
 }
 
 /// A read, planned: what to ask the store and how to present it.
+#[derive(Clone)]
 struct Plan {
     selector: Selector,
     query: Query,
@@ -312,8 +316,23 @@ async fn read(shared: &Arc<Shared>, req: &Request<Incoming>, rest: &str) -> Resp
     let Ok(mut charge) = tokio::time::timeout_at(deadline, answers.take(INLINE_SHARE)).await else {
         return busy("too many answers waiting to be read; retry");
     };
-    let inline = match read_inline(hub, &plan) {
-        Ok(i) => i,
+    let read = match read_inline(hub, &plan, Reach::Live) {
+        Ok(Some(inline)) => Ok(inline),
+        // Older events: read where waiting for the disk holds up no other connection.
+        Ok(None) => {
+            let (hub, plan) = (Arc::clone(hub), plan.clone());
+            match tokio::task::spawn_blocking(move || read_inline(&hub, &plan, Reach::All)).await {
+                Ok(Ok(inline)) => {
+                    Ok(inline.expect("a read of every segment never stops at a sealed one"))
+                }
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    let inline = match read {
+        Ok(inline) => inline,
         Err(e) => {
             tracing::error!(error = %e, "log read failed");
             return text(
@@ -435,8 +454,23 @@ struct Inline {
     next_after: Option<EventId>,
 }
 
-fn read_inline(hub: &Hub, plan: &Plan) -> crate::storage::Result<Inline> {
+/// Which segments `read_inline` may read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// The live segments only (recently written, so in memory): safe on an async thread.
+    Live,
+    /// Any segment (a sealed one's pages may have to come from the disk): a blocking thread.
+    All,
+}
+
+/// The inline part of an answer, or `None` when `Reach::Live` could not build it without a
+/// sealed segment.
+fn read_inline(hub: &Hub, plan: &Plan, reach: Reach) -> crate::storage::Result<Option<Inline>> {
     let reader = hub.store.reader(&plan.selector);
+    let mut read = match reach {
+        Reach::Live => reader.events_in_live_segments(&plan.query),
+        Reach::All => reader.events(&plan.query),
+    };
     let mut body = Vec::new();
     let mut last_id = None;
     if plan.is_reversed {
@@ -445,18 +479,21 @@ fn read_inline(hub: &Hub, plan: &Plan) -> crate::storage::Result<Inline> {
         // so that `n=1000000` of large events is never built in memory.
         let mut events = Vec::new();
         let mut bytes = 0;
-        for e in reader.events(&plan.query) {
+        for e in read.by_ref() {
             let e = e?;
             bytes += e.path.len() + e.data.len() + 32;
             events.push(e);
             if bytes > INLINE_BYTES_MAX {
-                return Ok(Inline {
+                return Ok(Some(Inline {
                     body,
                     last_id: events.first().map(|e| e.id),
                     rest: Some(Next::LastN(plan.query.limit.unwrap_or(usize::MAX))),
                     next_after: None,
-                });
+                }));
             }
+        }
+        if read.stopped_at_sealed() {
+            return Ok(None);
         }
         last_id = events.first().map(|e| e.id);
         body.reserve(
@@ -468,16 +505,18 @@ fn read_inline(hub: &Hub, plan: &Plan) -> crate::storage::Result<Inline> {
         for e in events.iter().rev() {
             line::format_event(&mut body, e.id, e.path, e.data);
         }
-        return Ok(Inline {
+        return Ok(Some(Inline {
             body,
             last_id,
             rest: None,
             next_after: None,
-        });
+        }));
     }
     let limit = plan.limit.and_then(|l| usize::try_from(l).ok());
     let mut next_after = None;
-    for (count, e) in reader.events(&plan.query).enumerate() {
+    // Forwards, what follows an event of a live segment is in live segments too: only the
+    // start can stop at a sealed one, so the continuation and the streamed rest need no check.
+    for (count, e) in read.by_ref().enumerate() {
         let e = e?;
         if limit.is_some_and(|l| count == l) {
             next_after = last_id;
@@ -491,7 +530,7 @@ fn read_inline(hub: &Hub, plan: &Plan) -> crate::storage::Result<Inline> {
                 Some(r) => continuation_after(hub, plan, e.id, r)?,
                 None => None,
             };
-            return Ok(Inline {
+            return Ok(Some(Inline {
                 body,
                 last_id,
                 rest: Some(Next::Forward(Query {
@@ -500,15 +539,18 @@ fn read_inline(hub: &Hub, plan: &Plan) -> crate::storage::Result<Inline> {
                     ..plan.query
                 })),
                 next_after,
-            });
+            }));
         }
     }
-    Ok(Inline {
+    if read.stopped_at_sealed() {
+        return Ok(None);
+    }
+    Ok(Some(Inline {
         body,
         last_id,
         rest: None,
         next_after,
-    })
+    }))
 }
 
 /// For a limited answer too large to build inline: the id after which the next page starts
@@ -593,9 +635,12 @@ enum Next {
 impl LogBody {
     /// Starts the next chunk, if any and none is under way. Its read is polled once at once, so
     /// that (when its share is there) the blocking read starts now and runs while hyper writes
-    /// the chunk before; waiting for hyper's next poll to start it made a 120 MB answer about
-    /// 25% slower.
-    fn read_ahead(&mut self, cx: &mut Context<'_>) {
+    /// the chunk before: waiting for hyper's next poll to start it made a 120 MB answer about
+    /// 25% slower. That first poll is with a waker that wakes nothing: the chunk's completion
+    /// must not wake the connection, or hyper takes one more chunk each time the kernel takes
+    /// some bytes, and a reader that stalls holds a chunk more (300 of them held 116 MB of
+    /// anonymous memory, against 90 MB). Hyper's next poll of the body waits for it properly.
+    fn read_ahead(&mut self) {
         if self.reading.is_some() || self.ready.is_some() {
             return;
         }
@@ -620,7 +665,10 @@ impl LogBody {
             charge.keep(chunk.capacity());
             Ok((charge.attach(chunk), next))
         });
-        match reading.as_mut().poll(cx) {
+        match reading
+            .as_mut()
+            .poll(&mut Context::from_waker(std::task::Waker::noop()))
+        {
             Poll::Ready(read) => self.ready = Some(read),
             Poll::Pending => self.reading = Some(reading),
         }
@@ -636,7 +684,7 @@ impl hyper::body::Body for LogBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
         let this = self.get_mut();
-        this.read_ahead(cx);
+        this.read_ahead();
         if let Some(first) = this.first.take().filter(|f| !f.is_empty()) {
             return Poll::Ready(Some(Ok(Frame::data(first))));
         }
@@ -652,7 +700,7 @@ impl hyper::body::Body for LogBody {
                 e
             })?;
             this.next = next;
-            this.read_ahead(cx);
+            this.read_ahead();
             if !chunk.is_empty() {
                 return Poll::Ready(Some(Ok(Frame::data(chunk))));
             }

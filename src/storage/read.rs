@@ -12,6 +12,9 @@
 //! - glob and subtree: a scan of the streams that can hold matches, filtered by path, started at
 //!   the index entry for the range's first id; backward scans go block by block (index entries
 //!   are block starts).
+//!
+//! `Reader::events_in_live_segments` reads only as far as the live segments go, and says when it
+//! stopped at a sealed one: for callers that must not wait for the disk.
 
 use super::error::{Corruption, Error, Result};
 use super::index;
@@ -110,6 +113,19 @@ impl Reader {
         &self.selector
     }
 
+    /// `events`, but only as far as the live segments go: a read that would open a sealed
+    /// segment (whose pages, and its index's, may have to come from the disk) ends there
+    /// instead, and `Events::stopped_at_sealed` says so. The server builds small answers this
+    /// way on its async threads, which must not wait for the disk, and reads again on a blocking
+    /// thread when it stopped.
+    pub fn events_in_live_segments(&self, query: &Query) -> Events<'_> {
+        let mut events = self.events(query);
+        for source in &mut events.sources {
+            source.is_live_only = true;
+        }
+        events
+    }
+
     /// The selected events of `query`, lazily, in id order of its direction.
     pub fn events(&self, query: &Query) -> Events<'_> {
         let mut sources = Vec::new();
@@ -149,6 +165,12 @@ pub struct Events<'r> {
 }
 
 impl<'r> Events<'r> {
+    /// Whether a read of `Reader::events_in_live_segments` ended at a sealed segment: what it
+    /// returned may then lack events, and the read must be made with `Reader::events`.
+    pub fn stopped_at_sealed(&self) -> bool {
+        self.sources.iter().any(|s| s.stopped_at_sealed)
+    }
+
     fn key(&self, id: EventId) -> Reverse<u64> {
         match self.direction {
             Direction::Forward => Reverse(id.0),
@@ -245,6 +267,9 @@ struct Source<'r> {
     pos: usize,
     cursor: Cursor<'r>,
     peeked: Option<Event<'r>>,
+    /// End at the first sealed segment instead of opening it (`events_in_live_segments`).
+    is_live_only: bool,
+    stopped_at_sealed: bool,
 }
 
 impl<'r> Source<'r> {
@@ -281,6 +306,8 @@ impl<'r> Source<'r> {
             pos,
             cursor,
             peeked: None,
+            is_live_only: false,
+            stopped_at_sealed: false,
         }
     }
 
@@ -318,6 +345,11 @@ impl<'r> Source<'r> {
         };
         let seg: &'r Segment = seg;
         let live = self.snap.live_view(seg);
+        if live.is_none() && self.is_live_only {
+            self.stopped_at_sealed = true;
+            self.cursor = Cursor::Done;
+            return Ok(());
+        }
         let bytes = seg.records(live.map(|l| l.committed_end))?;
         let end = bytes.len() as u64;
         if end <= record::SEGMENT_HEADER_LEN as u64 {
