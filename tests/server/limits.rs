@@ -366,6 +366,28 @@ async fn a_peer_that_stops_reading_is_let_go() {
     assert_eq!(ids(&server, "/stuck").await.len(), 200);
 }
 
+/// Publishes 100 events of 60 KB to `/large`, then opens `readers` connections with a 4 KiB
+/// receive window that ask for all of it and read nothing, and gives the server time to answer.
+async fn stalled_readers_of_a_large_answer(
+    server: &TestServer,
+    readers: usize,
+) -> Vec<tokio::net::TcpStream> {
+    let data = vec![b'x'; 60_000];
+    for _ in 0..100 {
+        post(server, "/large", &data).await;
+    }
+    let mut stalled = Vec::new();
+    for _ in 0..readers {
+        let mut tcp = tcp_with_receive_buffer(server.addr, 4096).await;
+        tcp.write_all(b"GET /events/large HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        stalled.push(tcp);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stalled
+}
+
 /// HTTP answers built and not yet written share one budget: readers of large answers that read
 /// nothing hold at most all of it, and a read that finds no room waits for its share and, past
 /// `answer_wait`, gets 503 with a reason. Once the stalled readers are let go, their charges come
@@ -381,21 +403,10 @@ async fn answers_waiting_to_be_read_share_a_server_wide_budget() {
         ..ServerOptions::default()
     };
     let server = start_with(opts, StoreOptions::default()).await;
-    let data = vec![b'x'; 60_000];
-    for _ in 0..100 {
-        post(&server, "/large", &data).await;
-    }
     // Over loopback the kernel takes an answer's first few hundred KB; then each stalled answer
-    // holds two 68 KiB chunks (one given to hyper, one read ahead). Eight fill the budget.
-    let mut stalled = Vec::new();
-    for _ in 0..8 {
-        let mut tcp = tcp_with_receive_buffer(server.addr, 4096).await;
-        tcp.write_all(b"GET /events/large HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-            .unwrap();
-        stalled.push(tcp);
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // holds a chunk of 136 KiB (two events) that hyper or the read ahead has. Eight fill the
+    // budget.
+    let stalled = stalled_readers_of_a_large_answer(&server, 8).await;
     let mut most = 0;
     for _ in 0..10 {
         let held = metric(&server, "ivy_answer_bytes").await;
@@ -459,19 +470,7 @@ fn readers_that_stall_hold_no_thread() {
             ..ServerOptions::default()
         };
         let server = start_with(opts, StoreOptions::default()).await;
-        let data = vec![b'x'; 60_000];
-        for _ in 0..100 {
-            post(&server, "/large", &data).await;
-        }
-        let mut stalled = Vec::new();
-        for _ in 0..8 {
-            let mut tcp = tcp_with_receive_buffer(server.addr, 4096).await;
-            tcp.write_all(b"GET /events/large HTTP/1.1\r\nHost: a\r\n\r\n")
-                .await
-                .unwrap();
-            stalled.push(tcp);
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stalled = stalled_readers_of_a_large_answer(&server, 8).await;
         let answer = tokio::time::timeout(Duration::from_secs(10), get(&server, "/events/large"))
             .await
             .expect("a large answer while 8 readers stall");
