@@ -316,22 +316,7 @@ async fn read(shared: &Arc<Shared>, req: &Request<Incoming>, rest: &str) -> Resp
     let Ok(mut charge) = tokio::time::timeout_at(deadline, answers.take(INLINE_SHARE)).await else {
         return busy("too many answers waiting to be read; retry");
     };
-    let read = match read_inline(hub, &plan, Reach::Live) {
-        Ok(Some(inline)) => Ok(inline),
-        // Older events: read where waiting for the disk holds up no other connection.
-        Ok(None) => {
-            let (hub, plan) = (Arc::clone(hub), plan.clone());
-            match tokio::task::spawn_blocking(move || read_inline(&hub, &plan, Reach::All)).await {
-                Ok(Ok(inline)) => {
-                    Ok(inline.expect("a read of every segment never stops at a sealed one"))
-                }
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(e) => Err(e.to_string()),
-            }
-        }
-        Err(e) => Err(e.to_string()),
-    };
-    let inline = match read {
+    let inline = match read_answer(hub, &plan).await {
         Ok(inline) => inline,
         Err(e) => {
             tracing::error!(error = %e, "log read failed");
@@ -452,6 +437,24 @@ struct Inline {
     rest: Option<Next>,
     /// Set when `limit` cut the answer: the continuation's `after`.
     next_after: Option<EventId>,
+}
+
+/// The inline part of an answer: on this thread while it lies in live segments, else on a
+/// blocking thread, where waiting for the disk holds up no other connection.
+async fn read_answer(hub: &Arc<Hub>, plan: &Plan) -> Result<Inline, String> {
+    match read_inline(hub, plan, Reach::Live) {
+        Ok(Some(inline)) => return Ok(inline),
+        Ok(None) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    let (hub, plan) = (Arc::clone(hub), plan.clone());
+    match tokio::task::spawn_blocking(move || read_inline(&hub, &plan, Reach::All)).await {
+        Ok(Ok(Some(inline))) => Ok(inline),
+        // Not to be: `Reach::All` opens sealed segments.
+        Ok(Ok(None)) => Err("the read stopped at a sealed segment".to_string()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Which segments `read_inline` may read.
