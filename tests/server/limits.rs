@@ -388,14 +388,18 @@ async fn stalled_readers_of_a_large_answer(
     stalled
 }
 
-/// HTTP answers built and not yet written share one budget: readers of large answers that read
-/// nothing hold at most all of it, and a read that finds no room waits for its share and, past
-/// `answer_wait`, gets 503 with a reason. Once the stalled readers are let go, their charges come
+/// HTTP answers built and not yet written share one budget: a reader of a large answer that
+/// reads nothing holds at most all of it, and a read that finds no room waits for its share and,
+/// past `answer_wait`, gets 503 with a reason. Once the stalled reader is let go, its charge comes
 /// back and reads are answered again. (Before this budget, each stalled reader held its answer's
 /// inline part and a chunk, however many there were: 2,000 readers of a 6 MB answer held 337 MB.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_waiting_to_be_read_share_a_server_wide_budget() {
-    const BUDGET: u64 = 1024 * 1024;
+    // Less than one chunk of this answer (two 60 KB events): whatever part of it the stalled
+    // reader's kernel buffers do not take, hyper holds, and that takes the whole budget. (With a
+    // budget of several chunks, how many a stalled reader holds depends on how much the kernel
+    // took, and on the order the shares were waited for.)
+    const BUDGET: u64 = 100_000;
     let opts = ServerOptions {
         answer_bytes_total_max: BUDGET as usize,
         answer_wait: Duration::from_secs(1),
@@ -403,10 +407,7 @@ async fn answers_waiting_to_be_read_share_a_server_wide_budget() {
         ..ServerOptions::default()
     };
     let server = start_with(opts, StoreOptions::default()).await;
-    // Over loopback the kernel takes an answer's first few hundred KB; then each stalled answer
-    // holds a chunk of 136 KiB (two events) that hyper or the read ahead has. Eight fill the
-    // budget.
-    let stalled = stalled_readers_of_a_large_answer(&server, 8).await;
+    let stalled = stalled_readers_of_a_large_answer(&server, 1).await;
     let mut most = 0;
     for _ in 0..10 {
         let held = metric(&server, "ivy_answer_bytes").await;
@@ -417,16 +418,13 @@ async fn answers_waiting_to_be_read_share_a_server_wide_budget() {
         most = most.max(held);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(
-        most >= BUDGET / 2,
-        "the stalled answers were not charged: {most}"
-    );
+    assert_eq!(most, BUDGET, "the stalled answer was not charged");
     // A small read finds no room, waits, and is told why.
     let refused = get(&server, "/events/large?n=1").await;
     assert_eq!(refused.status, 503, "{}", refused.text());
     assert!(refused.text().contains("retry"), "{}", refused.text());
     assert_eq!(refused.header("retry-after"), Some("1"));
-    // The stalled readers are let go, and reads are served again.
+    // The stalled reader is let go, and reads are served again.
     let until = tokio::time::Instant::now() + WAIT;
     loop {
         let r = get(&server, "/events/large?n=1").await;
