@@ -63,6 +63,7 @@ pub struct Metrics {
     pub lag_closes: Counter,
     pub write_timeouts: Counter,
     pub catchup_reads: Counter,
+    pub sealed_reads: Counter,
     pub http_requests: Family<StatusLabel, Counter>,
 }
 
@@ -146,6 +147,11 @@ impl Metrics {
             "ivy_answer_bytes",
             "Bytes of HTTP answers built and not yet written",
             m.answer_bytes.clone(),
+        );
+        r.register(
+            "ivy_sealed_reads",
+            "HTTP reads that reached sealed segments, made on a blocking thread",
+            m.sealed_reads.clone(),
         );
         r.register(
             "ivy_catchup_reads",

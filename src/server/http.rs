@@ -447,6 +447,7 @@ async fn read_answer(hub: &Arc<Hub>, plan: &Plan) -> Result<Inline, String> {
         Ok(None) => {}
         Err(e) => return Err(e.to_string()),
     }
+    hub.metrics.sealed_reads.inc();
     let (hub, plan) = (Arc::clone(hub), plan.clone());
     match tokio::task::spawn_blocking(move || read_inline(&hub, &plan, Reach::All)).await {
         Ok(Ok(Some(inline))) => Ok(inline),

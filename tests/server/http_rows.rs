@@ -569,7 +569,12 @@ async fn reads_that_reach_sealed_segments_are_whole() {
         }
     };
     let a = of("/old/a");
+    // The newest event is in the live segment: read where the request is.
+    let deep = of("/old/a/deep");
+    assert_eq!(read("/events/old/a/deep?n=1".into()).await, deep[79..]);
+    assert_eq!(metric(&server, "ivy_sealed_reads_total").await, 0);
     assert_eq!(read("/events/old/a".into()).await, a);
+    assert_eq!(metric(&server, "ivy_sealed_reads_total").await, 1);
     assert_eq!(read("/events/old/a?n=75".into()).await, a[5..]);
     assert_eq!(read("/events/old/a?n=2".into()).await, a[78..]);
     assert_eq!(read(format!("/events/old/a?at={}", a[3])).await, a[3..4]);
