@@ -82,11 +82,6 @@ impl Budget {
         }
     }
 
-    /// The whole budget.
-    pub fn max(&self) -> usize {
-        self.max
-    }
-
     /// Bytes charged now (for `/metrics`).
     pub fn held(&self) -> usize {
         self.max.saturating_sub(self.bytes.available_permits())
@@ -113,18 +108,18 @@ impl Charge {
         self.bytes
     }
 
-    /// Gives back what this charge holds beyond `n` bytes.
-    pub fn keep(&mut self, n: usize) {
-        if n < self.bytes {
+    /// Makes this charge `n` bytes, or the whole budget if `n` is more: gives back what it holds
+    /// beyond that at once, or waits (in arrival order) for the rest. For a buffer that was
+    /// charged before it was built, once its size is known.
+    pub async fn resize(&mut self, n: usize) {
+        let n = n.min(self.budget.max);
+        if n > self.bytes {
+            let mut more = self.budget.take(n - self.bytes).await;
+            self.bytes += std::mem::take(&mut more.bytes);
+        } else {
             self.budget.give_back(self.bytes - n);
             self.bytes = n;
         }
-    }
-
-    /// Adds `other`, taken from the same budget, to this charge.
-    pub fn absorb(&mut self, mut other: Charge) {
-        debug_assert!(Arc::ptr_eq(&self.budget, &other.budget));
-        self.bytes += std::mem::take(&mut other.bytes);
     }
 
     /// `bytes` as a `Bytes` that carries this charge, given back when the last clone of it (or
@@ -189,12 +184,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn attached_bytes_hold_their_charge_until_the_last_slice_is_dropped() {
+    async fn charges_resize_and_attached_bytes_hold_theirs_until_the_last_slice_is_dropped() {
         let budget = Arc::new(Budget::new(1000));
         let mut charge = budget.take(600).await;
-        charge.keep(100);
+        charge.resize(100).await;
         assert_eq!((charge.bytes(), budget.held()), (100, 100));
-        charge.absorb(budget.take(50).await);
+        charge.resize(150).await;
         assert_eq!((charge.bytes(), budget.held()), (150, 150));
         let bytes = charge.attach(b"hello world".to_vec());
         let part = bytes.slice(6..);

@@ -326,17 +326,15 @@ async fn read(shared: &Arc<Shared>, req: &Request<Incoming>, rest: &str) -> Resp
             );
         }
     };
-    // Only an event larger than the share builds more than it. What it built then waits for the
-    // rest of its share; an answer larger than the whole budget is charged the whole budget.
+    // Only an event larger than the share builds more than it; what it built then waits for
+    // the rest of its share.
     let built = inline.body.capacity();
-    let wanted = built.min(answers.max());
-    if wanted > charge.bytes() {
-        match tokio::time::timeout_at(deadline, answers.take(wanted - charge.bytes())).await {
-            Ok(more) => charge.absorb(more),
-            Err(_) => return busy("too many answers waiting to be read; retry"),
-        }
+    if tokio::time::timeout_at(deadline, charge.resize(built))
+        .await
+        .is_err()
+    {
+        return busy("too many answers waiting to be read; retry");
     }
-    charge.keep(built);
     let body = charge.attach(inline.body);
     let last_modified = inline.last_id.map(event_time);
     // RFC 9110 13.1.3: If-Modified-Since is ignored when If-None-Match is present or the date
@@ -662,11 +660,7 @@ impl LogBody {
                     .await
                     .map_err(std::io::Error::other)?
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
-            let wanted = chunk.capacity().min(answers.max());
-            if wanted > charge.bytes() {
-                charge.absorb(answers.take(wanted - charge.bytes()).await);
-            }
-            charge.keep(chunk.capacity());
+            charge.resize(chunk.capacity()).await;
             Ok((charge.attach(chunk), next))
         });
         match reading
