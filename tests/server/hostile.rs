@@ -16,26 +16,33 @@ use tokio::net::TcpStream;
 
 const MIB: u64 = 1024 * 1024;
 
-/// The two campaigns run one at a time: each loads both cores, and together they would measure
+/// The campaigns run one at a time: each loads both cores, and together they would measure
 /// each other (and push honest clients past the header timeout).
 static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The test process needs a descriptor per client connection.
-fn raise_fd_limit() {
+/// One campaign's child server on `data`, with `--log error` and `args`. It holds `HEAVY` for
+/// the campaign (the guard, first), and it and the test process may open as many descriptors as
+/// the hard limit allows: a connection takes one on each side.
+async fn campaign_server(
+    data: &std::path::Path,
+    args: &[&str],
+) -> (
+    tokio::sync::MutexGuard<'static, ()>,
+    harness::ChildServer,
+    TestServer,
+) {
+    let heavy = HEAVY.lock().await;
     let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let args: Vec<&str> = ["--log", "error"].iter().chain(args).copied().collect();
+    let (child, server) = harness::spawn_serve(data, &args, "ulimit -n $(ulimit -Hn)");
+    (heavy, child, server)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_websockets_at_once_stay_under_100_mib() {
     const N: usize = 10_000;
-    let _heavy = HEAVY.lock().await;
-    raise_fd_limit();
     let tmp = tempfile::tempdir().unwrap();
-    let (mut child, server) = harness::spawn_serve(
-        &tmp.path().join("data"),
-        &["--log", "error"],
-        "ulimit -n $(ulimit -Hn)",
-    );
+    let (_heavy, mut child, server) = campaign_server(&tmp.path().join("data"), &[]).await;
     let server = Arc::new(server);
     let rss_before = child.rss_bytes();
     let start = Instant::now();
@@ -171,15 +178,11 @@ async fn attacks_leave_other_clients_served_memory_bounded_and_data_intact() {
     const BIG_POSTERS: usize = 100;
     const SUBSCRIBES: usize = 5_000;
     const SUBSCRIPTIONS_MAX: usize = 1_000;
-    let _heavy = HEAVY.lock().await;
-    raise_fd_limit();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let (mut child, server) = harness::spawn_serve(
+    let (_heavy, mut child, server) = campaign_server(
         &data,
         &[
-            "--log",
-            "error",
             "--header-timeout-secs",
             "2",
             "--subscriptions-max",
@@ -187,8 +190,8 @@ async fn attacks_leave_other_clients_served_memory_bounded_and_data_intact() {
             "--body-bytes-max",
             "65536",
         ],
-        "ulimit -n $(ulimit -Hn)",
-    );
+    )
+    .await;
     let server = Arc::new(server);
     let mut stored = Vec::new();
     for n in 0..100 {
@@ -326,22 +329,18 @@ async fn attacks_leave_other_clients_served_memory_bounded_and_data_intact() {
 async fn readers_that_stop_reading_cost_bounded_memory_and_are_cut_off() {
     const STALLED: usize = 300;
     const EVENTS: usize = 3_000;
-    let _heavy = HEAVY.lock().await;
-    raise_fd_limit();
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let (mut child, server) = harness::spawn_serve(
+    let (_heavy, mut child, server) = campaign_server(
         &data,
         &[
-            "--log",
-            "error",
             "--write-timeout-secs",
             "3",
             "--queue-bytes-total-max",
             &(32 * MIB).to_string(),
         ],
-        "ulimit -n $(ulimit -Hn)",
-    );
+    )
+    .await;
     let big = vec![b'b'; 60_000];
     for _ in 0..100 {
         harness::post(&server, "/big", &big).await;
