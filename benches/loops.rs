@@ -5,9 +5,12 @@
 //! - `-- reopen`: builds stores of `IVY_REOPEN_GB` (default `1,8`) GB, then opens each in a fresh
 //!   child process and reports open time and resident memory;
 //! - `-- channels`: resident memory per channel of a live segment (1,000,000 channels).
+//! - `-- history`: the storage and wire work of one `ivy-bench history` request (the last 100 of
+//!   a channel of 100,000 100-byte events, read and printed as log lines), reads/s.
 
-use ivy::channel::ChannelPath;
-use ivy::storage::{verify, Durability, Store, StoreOptions};
+use ivy::channel::{ChannelPath, Selector};
+use ivy::storage::{verify, Durability, Query, Store, StoreOptions};
+use ivy::wire::line;
 use std::time::Instant;
 
 fn never() -> StoreOptions {
@@ -159,6 +162,43 @@ fn channels_loop() {
     );
 }
 
+/// Last-100 reads of a channel of 100,000 events, each printed into one answer buffer as the
+/// server's HTTP read does (`server/http.rs`, `read_inline`).
+fn history_loop() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = Store::open(dir.path(), never()).expect("open");
+    let path = ChannelPath::parse("/hist/c").expect("path");
+    let data = [b'h'; 100];
+    for _ in 0..100 {
+        let batch: Vec<(&ChannelPath, &[u8])> = (0..1_000).map(|_| (&path, &data[..])).collect();
+        store.append_batch(&batch).expect("append");
+    }
+    store.flush().expect("flush");
+    let selector = Selector::parse("/hist/c").expect("selector");
+    let reads = 200_000;
+    let mut body = Vec::new();
+    let started = Instant::now();
+    for _ in 0..reads {
+        let reader = store.reader(&selector);
+        let events: Vec<_> = reader
+            .events(&Query::last(100))
+            .collect::<Result<_, _>>()
+            .expect("read");
+        body.clear();
+        for e in events.iter().rev() {
+            line::format_event(&mut body, e.id, e.path, e.data);
+        }
+        assert_eq!(events.len(), 100);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "history: {:.0} last-100 reads/s, {:.2} us each ({} B answers)",
+        reads as f64 / secs,
+        secs * 1e6 / reads as f64,
+        body.len()
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("reopen-child") {
@@ -182,5 +222,8 @@ fn main() {
     }
     if which.iter().any(|w| w == "channels") {
         channels_loop();
+    }
+    if which.iter().any(|w| w == "history") {
+        history_loop();
     }
 }
