@@ -175,7 +175,11 @@ fn history_loop() {
     }
     store.flush().expect("flush");
     let selector = Selector::parse("/hist/c").expect("selector");
-    let reads = 200_000;
+    // Fewer under callgrind: `IVY_HISTORY_READS=2000 valgrind --tool=callgrind ...`.
+    let reads: u32 = std::env::var("IVY_HISTORY_READS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
     let mut body = Vec::new();
     let started = Instant::now();
     for _ in 0..reads {
@@ -193,8 +197,8 @@ fn history_loop() {
     let secs = started.elapsed().as_secs_f64();
     println!(
         "history: {:.0} last-100 reads/s, {:.2} us each ({} B answers)",
-        reads as f64 / secs,
-        secs * 1e6 / reads as f64,
+        f64::from(reads) / secs,
+        secs * 1e6 / f64::from(reads),
         body.len()
     );
 }

@@ -479,7 +479,8 @@ fn read_inline(hub: &Hub, plan: &Plan, reach: Reach) -> crate::storage::Result<O
         // Last-N: gathered newest first as borrowed slices of the maps, then printed oldest
         // first into one buffer; past `INLINE_BYTES_MAX` the whole answer is streamed instead,
         // so that `n=1000000` of large events is never built in memory.
-        let mut events = Vec::new();
+        // Room for the usual `n` at once, not grown by doubling event by event.
+        let mut events = Vec::with_capacity(plan.query.limit.unwrap_or(0).min(256));
         let mut bytes = 0;
         for e in read.by_ref() {
             let e = e?;

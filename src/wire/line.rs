@@ -16,9 +16,12 @@ fn push_pct(out: &mut Vec<u8>, b: u8) {
 /// Appends DATA escaped for a line.
 pub fn escape_data(out: &mut Vec<u8>, data: &[u8]) {
     out.reserve(data.len());
-    // Nearly all data is valid UTF-8, and `from_utf8` checks it several times faster than
-    // walking `utf8_chunks` (which was 9% of a log read's CPU in `ivy-bench history`).
-    if std::str::from_utf8(data).is_ok() {
+    if is_plain(data) {
+        // Most data is ASCII text with nothing to escape: one pass tells so.
+        out.extend_from_slice(data);
+    } else if std::str::from_utf8(data).is_ok() {
+        // `from_utf8` checks UTF-8 several times faster than walking `utf8_chunks` (which was
+        // 9% of a log read's CPU in `ivy-bench history`).
         escape_valid(out, data);
     } else {
         for chunk in data.utf8_chunks() {
@@ -33,6 +36,17 @@ pub fn escape_data(out: &mut Vec<u8>, data: &[u8]) {
         out.pop();
         push_pct(out, b'.');
     }
+}
+
+/// Whether `data` is ASCII without `%`, newline or carriage return, so copied as it is (but for
+/// a final `.`). Every byte is looked at, with no early exit: that loop compiles to straight-line
+/// code of about two instructions a byte, fewer than a UTF-8 check and a `memchr3` search take
+/// together (callgrind, `cargo bench --bench loops -- history`: 117,600 -> 103,300 instructions
+/// per last-100 read).
+fn is_plain(data: &[u8]) -> bool {
+    !data.iter().fold(false, |odd, &b| {
+        odd | (b >= 0x80) | (b == b'%') | (b == b'\n') | (b == b'\r')
+    })
 }
 
 /// Escapes valid UTF-8: runs between the bytes that need escaping are copied whole.
@@ -229,5 +243,45 @@ mod tests {
         assert_eq!(parse_line("nocolon"), Err(LineError::Shape));
         assert_eq!(parse_line("/a:%4"), Err(LineError::Escape(0)));
         assert!(matches!(parse_line("@x:/a:b"), Err(LineError::Id(_))));
+    }
+
+    /// The module docs' definition, a byte (or an invalid UTF-8 run) at a time.
+    fn escape_by_definition(data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for chunk in data.utf8_chunks() {
+            for c in chunk.valid().chars() {
+                match c {
+                    '%' | '\n' | '\r' => push_pct(&mut out, c as u8),
+                    c => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                }
+            }
+            for &b in chunk.invalid() {
+                push_pct(&mut out, b);
+            }
+        }
+        if out.last() == Some(&b'.') {
+            out.pop();
+            push_pct(&mut out, b'.');
+        }
+        out
+    }
+
+    proptest::proptest! {
+        /// Plain data (copied whole) and the rest (searched and checked) escape alike.
+        #[test]
+        fn escaping_follows_its_definition(
+            data in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::sample::select(b"ab.%\n\r:@".to_vec()),
+                    proptest::num::u8::ANY,
+                ],
+                0..200,
+            )
+        ) {
+            let mut out = Vec::new();
+            escape_data(&mut out, &data);
+            proptest::prop_assert_eq!(&out, &escape_by_definition(&data));
+            proptest::prop_assert_eq!(decode_data(&out).ok(), Some(data));
+        }
     }
 }
