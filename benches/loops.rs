@@ -163,7 +163,7 @@ fn channels_loop() {
 }
 
 /// Last-100 reads of a channel of 100,000 events, each printed into one answer buffer as the
-/// server's HTTP read does (`server/http.rs`, `read_inline`).
+/// server's HTTP read does (`server/http/read.rs`, `read_inline`).
 fn history_loop() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Store::open(dir.path(), never()).expect("open");

@@ -94,13 +94,14 @@
 //!   connection limit (a semaphore; past it, 503 and close), the budgets of POST bodies being
 //!   received and of HTTP answers not yet written (`budget.rs`),
 //!   WebSocket upgrade (Origin policy, `ivy1` subprotocol), graceful shutdown.
-//! - `http.rs`: the hyper service: log reads (inline, on the async thread while they stay in
-//!   live segments and on a blocking thread once they reach sealed ones, or streamed when large, last-N
-//!   included: a chunk at a time from blocking tasks, read when the one before is taken, so a
-//!   client that stops reading holds no thread; each part of an answer carries its charge of
-//!   the answer budget until hyper has written it), caching headers, Range, CORS, HTTP publish
-//!   (forms, multipart, raw), `/healthz` (503 once the store takes no writes until restart),
-//!   `/metrics`.
+//! - `http/`: the hyper service. `mod.rs` routes, answers `/healthz` (503 once the store takes
+//!   no writes until restart) and `/metrics`, and adds CORS. `read.rs` plans a log read and
+//!   builds its inline part: on the async thread while it stays in live segments, on a blocking
+//!   thread once it reaches sealed ones. `streamed.rs` sends a large answer (last-N included) a
+//!   chunk at a time from blocking tasks, each read when the one before is taken, so a client
+//!   that stops reading holds no thread; each part of an answer carries its charge of the answer
+//!   budget until hyper has written it. `conditional.rs`: ETag, Cache-Control, 304, Range.
+//!   `publish.rs`: HTTP publish (forms, multipart, raw).
 //! - `ws.rs`: one connection: a reader task (frames, reassembly with the size limit, commands)
 //!   and a writer task (drains the session, sends acks once committed, pings, closes).
 //! - `session.rs`: per-connection state: subscriptions, bounded queue, `Live`/`Lagging` mode.

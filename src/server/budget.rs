@@ -1,10 +1,10 @@
 //! Byte budgets shared by all connections: a semaphore whose permits are bytes (`Budget`), and
 //! the bytes one holder has taken (`Charge`, given back when dropped). The server has three:
 //! - POST bodies being received (`ServerOptions::body_bytes_in_flight_max`): a body waits, unread,
-//!   for its share, in arrival order (`http.rs`);
+//!   for its share, in arrival order (`http/publish.rs`);
 //! - HTTP answers built and not yet written (`ServerOptions::answer_bytes_total_max`): a read
 //!   waits for its share before it builds anything, and each piece of its answer carries its
-//!   charge (`Charge::attach`) until hyper has written it and drops it (`http.rs`);
+//!   charge (`Charge::attach`) until hyper has written it and drops it (`http/read.rs`, `http/streamed.rs`);
 //! - event bytes held for WebSocket subscribers (`ServerOptions::queue_bytes_total_max`), below.
 //!
 //! **Subscribers.** Each connection's queue is bounded (`queue_bytes_max`), but that bounds one connection, not

@@ -1,5 +1,5 @@
 //! The server: listener, connection limit, WebSocket upgrades and graceful shutdown; it wires
-//! the hub (`fanout.rs`), the HTTP service (`http.rs`) and WebSocket sessions (`ws.rs`).
+//! the hub (`fanout.rs`), the HTTP service (`http/`) and WebSocket sessions (`ws.rs`).
 //!
 //! Embedding: `Server::new(store, options)` gives a value whose `handle` answers any hyper
 //! request (mount it under a larger hyper program, as the original Ivy offered its ServeMux), and
