@@ -1,0 +1,126 @@
+//! `floor`: `fanout`'s subscribers served by no server at all, for the machine's floor.
+
+use crate::client::server_text_frame;
+use crate::cpu::CpuMeter;
+use crate::fanout::{pace, report_fanout, start_subscribers, FanoutCounters};
+use crate::now_nanos;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// The machine's floor for `fanout`: the same subscribers, served not by `ivy serve` but by a
+/// thread that only frames each event once and writes it to every socket in turn, as fan-out
+/// does, with no log, no commit and no dispatcher. Its latency, measured side by side with
+/// `fanout`, is what the kernel's loopback and the client cost on this machine; what `fanout`
+/// adds to it is the server's. (Sockets are blocking: the floor has no slow subscribers.)
+/// `rate` is at least 1 (the command line's range).
+pub(crate) async fn floor(
+    seconds: u64,
+    subscribers: usize,
+    size: usize,
+    rate: u64,
+) -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let accepting = std::thread::spawn(move || -> anyhow::Result<Vec<std::net::TcpStream>> {
+        (0..subscribers).map(|_| floor_accept(&listener)).collect()
+    });
+    let c = FanoutCounters::new();
+    let subs = start_subscribers(addr, subscribers, 0, &c).await?;
+    let mut sockets = accepting
+        .join()
+        .map_err(|_| anyhow::anyhow!("the floor's accept thread panicked"))??;
+    let writer = {
+        let c = c.clone();
+        std::thread::spawn(move || -> anyhow::Result<f64> {
+            let pad = "p".repeat(size.saturating_sub(40));
+            let started = Instant::now();
+            let started_nanos = now_nanos();
+            // Every event framed once, back to back; `ends[k]` is where event k's frame ends.
+            let mut frames = Vec::new();
+            let mut ends: Vec<usize> = vec![0];
+            // Per socket, the events written so far.
+            let mut written = vec![0usize; sockets.len()];
+            // Sockets that have not had every framed event.
+            let mut behind = 0;
+            let mut next = 0;
+            while started.elapsed() < Duration::from_secs(seconds) {
+                // Frame what is due by now. Each carries the moment it was due, so time spent
+                // behind schedule counts as latency, as with a publisher.
+                let due = (started.elapsed().as_secs_f64() * rate as f64) as usize + 1;
+                if due > ends.len() - 1 {
+                    behind = sockets.len();
+                }
+                for s in ends.len() - 1..due {
+                    let sent = started_nanos + s as u64 * 1_000_000_000 / rate;
+                    let line = format!("@0000000001.000000000:/fan:{s}:{sent}:{pad}");
+                    server_text_frame(&mut frames, line.as_bytes());
+                    ends.push(frames.len());
+                }
+                c.published.store(ends.len() as u64 - 1, Ordering::Relaxed);
+                let framed = ends.len() - 1;
+                if behind == 0 {
+                    if let Some(wait) = pace(started, rate, framed as u64) {
+                        std::thread::sleep(wait);
+                    }
+                } else if written[next] < framed {
+                    // One write per socket of all it has not had, walking the sockets in turn:
+                    // an event framed during a walk reaches the rest of that walk, as fan-out's.
+                    let from = ends[written[next]];
+                    std::io::Write::write_all(&mut sockets[next], &frames[from..])?;
+                    written[next] = framed;
+                    behind -= 1;
+                }
+                next = (next + 1) % sockets.len();
+            }
+            // The last events reach every socket.
+            for (tcp, w) in sockets.iter_mut().zip(&written) {
+                std::io::Write::write_all(tcp, &frames[ends[*w]..])?;
+            }
+            Ok(started.elapsed().as_secs_f64())
+        })
+    };
+    let cpu = CpuMeter::start();
+    let publish_secs = tokio::task::spawn_blocking(move || writer.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the floor's writer panicked"))??;
+    let cpu = cpu.stop();
+    c.done_publishing.store(true, Ordering::Relaxed);
+    let label = format!("floor, {size} B, paced at {rate}/s");
+    report_fanout(&label, subs, 0, &c, publish_secs, cpu).await
+}
+
+/// The floor's side of one subscriber's handshake: the upgrade, the intro, the ack of its `+`.
+fn floor_accept(listener: &std::net::TcpListener) -> anyhow::Result<std::net::TcpStream> {
+    use std::io::{Read, Write};
+    let (mut tcp, _) = listener.accept()?;
+    tcp.set_nodelay(true)?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tcp.read_exact(&mut byte)?;
+        head.push(byte[0]);
+        anyhow::ensure!(head.len() < 8192, "request head too long");
+    }
+    // The tool's client checks only the status line.
+    tcp.write_all(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+    )?;
+    let mut out = Vec::new();
+    server_text_frame(&mut out, b"@0000000000.000000000:~/sid:floor");
+    tcp.write_all(&out)?;
+    // The subscribe command: one short masked text frame.
+    let mut header = [0u8; 6];
+    tcp.read_exact(&mut header)?;
+    let len = usize::from(header[1] & 0x7f);
+    anyhow::ensure!(len < 126, "unexpected subscribe frame");
+    let mut payload = vec![0u8; len];
+    tcp.read_exact(&mut payload)?;
+    for (i, b) in payload.iter_mut().enumerate() {
+        *b ^= header[2 + i % 4];
+    }
+    anyhow::ensure!(payload == b"#s#+/fan", "unexpected command");
+    out.clear();
+    server_text_frame(&mut out, b"#s#@0000000000.000000000");
+    tcp.write_all(&out)?;
+    Ok(tcp)
+}

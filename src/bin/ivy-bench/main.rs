@@ -1,0 +1,251 @@
+//! `ivy-bench`: the load tool. It starts `ivy serve` as a child process on a temporary data
+//! directory (or uses `--addr` of a running server) and measures, over loopback:
+//! - `publish`: acknowledged publishes/s from C connections, each keeping a window of
+//!   unacknowledged keyed publishes, and the ack latency percentiles;
+//! - `fanout`: 1 publisher to S subscribers of one channel: deliveries/s, publish-to-delivery
+//!   latency percentiles, and counts of lost, duplicated and reordered events (every event
+//!   carries a sequence number); optionally paced and with a share of deliberately slow readers;
+//! - `history`: last-N reads over keep-alive connections: requests/s and latency percentiles;
+//! - `idle`: N idle WebSocket connections, and the server's resident memory with them open;
+//! - `floor`: `fanout`'s subscribers against no server, for the machine's floor.
+//!
+//! Each mode has its file; `client.rs` is the WebSocket client they share and `cpu.rs` the CPU
+//! report every run ends with. This file holds the command line, the spawned server and the
+//! report's common pieces.
+//!
+//! The client side uses one tokio runtime, and does no per-message allocation beyond what parsing
+//! needs, so that it is not the bottleneck: each run reports the CPU the server and the tool
+//! used (`CpuMeter`). WebSocket clients write frames with fastwebsockets and parse what they read
+//! in place from large reads (`FrameReader`); history readers speak plain HTTP/1.1.
+
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Prints a line of the report. When the reader of standard output has gone (`| head`), the
+/// rest is dropped rather than panicking, so the run still ends normally and stops its server.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                eprintln!("ivy-bench: cannot write the report: {e}");
+            }
+        }
+    }};
+}
+
+mod client;
+mod cpu;
+mod fanout;
+mod floor;
+mod history;
+mod idle;
+mod publish;
+
+#[derive(Parser)]
+#[command(name = "ivy-bench", about = "Load tool for ivy serve")]
+struct Cli {
+    /// A running server; without it, `ivy serve` is started on a temporary directory.
+    #[arg(long, global = true)]
+    addr: Option<SocketAddr>,
+    /// Durability of the spawned server.
+    #[arg(long, global = true, default_value = "always")]
+    durability: String,
+    /// Seconds to measure.
+    #[arg(long, global = true, default_value_t = 10)]
+    seconds: u64,
+    /// The process id of the `--addr` server, so that its CPU is reported beside the tool's
+    /// (a spawned server's is known).
+    #[arg(long, global = true)]
+    server_pid: Option<u32>,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    Publish {
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        #[arg(long, default_value_t = 256)]
+        window: usize,
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// Distinct channels, spread over the connections.
+        #[arg(long, default_value_t = 4)]
+        paths: usize,
+    },
+    Fanout {
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// Events per second from the publisher; 0 publishes as fast as acks allow.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Unacknowledged publishes in flight when unpaced.
+        #[arg(long, default_value_t = 256)]
+        window: usize,
+        /// Share of subscribers that read slowly (they must catch up from the log).
+        #[arg(long, default_value_t = 0.0)]
+        slow_fraction: f64,
+    },
+    /// The machine's floor for `fanout` (no server; see `floor`).
+    Floor {
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// Events per second (the floor is for paced runs).
+        #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u64).range(1..))]
+        rate: u64,
+    },
+    History {
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        #[arg(long, default_value_t = 100)]
+        n: usize,
+        /// Events written to the channel first.
+        #[arg(long, default_value_t = 100_000)]
+        events: usize,
+    },
+    Idle {
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+    },
+}
+
+struct Spawned {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_server(durability: &str) -> anyhow::Result<(SocketAddr, Spawned)> {
+    let exe = std::env::current_exe()?.with_file_name("ivy");
+    let dir = tempfile::tempdir()?;
+    let mut child = Command::new(&exe)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--durability",
+            durability,
+            "--log",
+            "warn",
+        ])
+        .arg("--data")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", exe.display()))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+    let addr = ivy::server::listening_addr(&line)
+        .ok_or_else(|| anyhow::anyhow!("unexpected first line: {line}"))?;
+    Ok((addr, Spawned { child, _dir: dir }))
+}
+
+pub(crate) fn server_rss_kib(pid: u32) -> Option<u64> {
+    ivy::metrics::resident_bytes(pid).map(|b| b / 1024)
+}
+
+pub(crate) fn percentiles(label: &str, mut micros: Vec<u64>) {
+    if micros.is_empty() {
+        say!("{label}: no samples");
+        return;
+    }
+    micros.sort_unstable();
+    let at = |p: f64| micros[((micros.len() as f64 - 1.0) * p) as usize];
+    say!(
+        "{label}: p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({} samples)",
+        at(0.50) as f64 / 1000.0,
+        at(0.90) as f64 / 1000.0,
+        at(0.99) as f64 / 1000.0,
+        at(1.0) as f64 / 1000.0,
+        micros.len()
+    );
+}
+
+pub(crate) fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    if let Mode::Floor {
+        subscribers,
+        size,
+        rate,
+    } = cli.mode
+    {
+        return runtime.block_on(floor::floor(cli.seconds, subscribers, size, rate));
+    }
+    let spawned = match cli.addr {
+        Some(_) => None,
+        None => Some(spawn_server(&cli.durability)?),
+    };
+    let (addr, pid) = match (&spawned, cli.addr) {
+        (Some((a, s)), _) => (*a, Some(s.child.id())),
+        (None, Some(a)) => (a, None),
+        (None, None) => anyhow::bail!("no server"),
+    };
+    let pid = pid.or(cli.server_pid);
+    if let Some(pid) = pid {
+        let _ = cpu::SERVER_PID.set(pid);
+    }
+    runtime.block_on(async move {
+        match cli.mode {
+            Mode::Publish {
+                connections,
+                window,
+                size,
+                paths,
+            } => publish::publish(addr, cli.seconds, connections, window, size, paths).await,
+            Mode::Fanout {
+                subscribers,
+                size,
+                rate,
+                window,
+                slow_fraction,
+            } => {
+                fanout::fanout(
+                    addr,
+                    cli.seconds,
+                    subscribers,
+                    size,
+                    rate,
+                    window,
+                    slow_fraction,
+                )
+                .await
+            }
+            Mode::Floor { .. } => unreachable!("run above, without a server"),
+            Mode::History {
+                connections,
+                n,
+                events,
+            } => history::history(addr, cli.seconds, connections, n, events).await,
+            Mode::Idle { connections } => idle::idle(addr, connections, pid).await,
+        }
+    })?;
+    drop(spawned);
+    Ok(())
+}
