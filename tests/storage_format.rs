@@ -1,5 +1,7 @@
 //! Keeps `storage-format.md` honest: its worked example is decoded by the engine's decoder, and
-//! the fields the page names are checked against it.
+//! the fields the page names are checked against it. Keeps format-1 archives readable: a data
+//! directory written once and committed (`tests/data/format-1/`) must verify clean and read back
+//! exactly, and today's writer must still write it byte for byte.
 
 use ivy::storage::codec;
 
@@ -147,4 +149,220 @@ fn zeroes_to_the_end_are_free_space_and_anything_after_them_is_torn() {
     let scan = codec::scan_tail(path, example, 0).unwrap();
     assert_eq!(scan.valid_end, scan.file_len, "ends at the end of the file");
     assert!(!scan.is_torn());
+}
+
+// A format-1 archive, kept in `tests/data/format-1/`: a data directory written once and committed,
+// so that a change which would leave yesterday's archives unreadable, or misread, fails here,
+// whatever the page and the code say by then.
+
+/// Where the committed archive lives.
+fn archive_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/format-1")
+}
+
+/// The archive's options: small segments and a dense index, so that it holds sealed segments,
+/// index files with several entries and a live segment in each stream, in a few kilobytes.
+fn archive_options() -> ivy::storage::StoreOptions {
+    ivy::storage::StoreOptions {
+        durability: ivy::storage::Durability::Never,
+        stream_depth: 1,
+        segment_bytes_max: 1024,
+        index_interval_bytes: 128,
+        preallocate: false,
+        ..ivy::storage::StoreOptions::default()
+    }
+}
+
+/// The archive's events, with fixed ids so that its files are the same on every run: data that
+/// every escape and decode path must carry whole, then readings that fill several segments of
+/// three streams (`/rooms`, `/sensors`, `/`), interleaved, at uneven gaps.
+fn archive_events() -> Vec<(ivy::event_id::EventId, String, Vec<u8>)> {
+    let mut events = Vec::new();
+    let mut id = 1_800_000_000_000_000_000u64;
+    let mut push = |path: &str, data: Vec<u8>, gap: u64| {
+        id += gap;
+        events.push((ivy::event_id::EventId(id), path.to_string(), data));
+    };
+    for data in [
+        b"hello".to_vec(),
+        b"50% done\r\nnext line".to_vec(),
+        b"ends in a dot.".to_vec(),
+        vec![0xff, 0xfe, b'o', b'k'],
+        Vec::new(),
+        "\u{e9} \u{2713}".as_bytes().to_vec(),
+        vec![b'L'; 600],
+    ] {
+        push("/rooms/a/chat", data, 1_000);
+    }
+    for i in 0..150u64 {
+        let path = ["/sensors/t1", "/sensors/t2", "/rooms/b", "/", "/rooms"][(i % 5) as usize];
+        push(
+            path,
+            format!("reading {i}").into_bytes(),
+            1 + i * 7_919_000_003 % 1_000_000_000,
+        );
+    }
+    events
+}
+
+/// Writes the archive's events into a new store at `dir`.
+fn write_archive(dir: &std::path::Path) {
+    let store = ivy::storage::Store::open(dir, archive_options()).unwrap();
+    for (id, path, data) in archive_events() {
+        let path = ivy::channel::ChannelPath::parse(&path).unwrap();
+        store.append_with_ids(&[(id, &path, &data)]).unwrap();
+    }
+    store.close().unwrap();
+}
+
+/// Every file under `dir` but the lock, by relative path, with its bytes.
+fn files_of(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if path.file_name().is_some_and(|n| n != "LOCK") {
+                let name = path
+                    .strip_prefix(dir)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                files.insert(name, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    files
+}
+
+/// A copy of the committed archive in a new temporary directory (opening it takes its lock).
+fn archive_copy() -> tempfile::TempDir {
+    let copy = tempfile::tempdir().unwrap();
+    for (name, bytes) in files_of(&archive_dir()) {
+        let to = copy.path().join(name);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::write(to, bytes).unwrap();
+    }
+    copy
+}
+
+/// Events as (id, path, data), read with `query` from the channels `selector` names.
+fn read_events(
+    store: &ivy::storage::Store,
+    selector: &str,
+    query: &ivy::storage::Query,
+) -> Vec<(ivy::event_id::EventId, String, Vec<u8>)> {
+    let selector = ivy::channel::Selector::parse(selector).unwrap();
+    store
+        .reader(&selector)
+        .events(query)
+        .map(|e| {
+            let e = e.unwrap();
+            (e.id, e.path.to_string(), e.data.to_vec())
+        })
+        .collect()
+}
+
+/// The committed archive verifies clean and reads back exactly as written: every event in id
+/// order, one channel's last few through its chain, a subtree, and a time range found through
+/// the sealed segments' indexes. This test is never to be "regenerated": a failure means that a
+/// change broke format-1 archives.
+#[test]
+fn a_format_1_archive_reads_back_as_written() {
+    use ivy::storage::{verify, Query, Store};
+    use std::ops::Bound;
+    let copy = archive_copy();
+    {
+        let _lock = ivy::storage::lock_directory(copy.path(), false).unwrap();
+        let report = verify::verify(copy.path(), verify::Mode::Check, &|_| {}).unwrap();
+        assert!(report.is_clean(), "{:?}", report.findings);
+        assert_eq!(report.events, archive_events().len() as u64);
+        // Sealed segments, with their indexes, and a live one in each of the three streams.
+        assert!(report.segments >= 9, "{} segments", report.segments);
+    }
+    let expected = archive_events();
+    let store = Store::open_read_only(copy.path(), archive_options()).unwrap();
+    assert_eq!(read_events(&store, "/**", &Query::all()), expected);
+    let of = |path: &str| -> Vec<_> { expected.iter().filter(|e| e.1 == path).cloned().collect() };
+    let chat = of("/rooms/a/chat");
+    assert_eq!(read_events(&store, "/rooms/a/chat", &Query::all()), chat);
+    let last_three: Vec<_> = of("/sensors/t2").into_iter().rev().take(3).collect();
+    assert_eq!(
+        read_events(&store, "/sensors/t2", &Query::last(3)),
+        last_three
+    );
+    let subtree: Vec<_> = expected
+        .iter()
+        .filter(|e| e.1.starts_with("/rooms"))
+        .cloned()
+        .collect();
+    assert_eq!(read_events(&store, "/rooms/**", &Query::all()), subtree);
+    let sensors: Vec<_> = expected
+        .iter()
+        .filter(|e| e.1.starts_with("/sensors/"))
+        .cloned()
+        .collect();
+    assert_eq!(read_events(&store, "/sensors/*", &Query::all()), sensors);
+    let middle = expected[80].0;
+    let range = Query {
+        start: Bound::Included(middle),
+        limit: Some(10),
+        ..Query::all()
+    };
+    assert_eq!(
+        read_events(&store, "/**", &range),
+        expected[80..90].to_vec()
+    );
+    drop(store);
+    // Opened for writing, it keeps every event and takes new ones after them.
+    let store = Store::open(copy.path(), archive_options()).unwrap();
+    let after = ivy::event_id::EventId(expected.last().unwrap().0 .0 + 1);
+    let path = ivy::channel::ChannelPath::parse("/rooms/a/chat").unwrap();
+    store.append_with_ids(&[(after, &path, b"later")]).unwrap();
+    store.close().unwrap();
+    drop(store);
+    let store = Store::open_read_only(copy.path(), archive_options()).unwrap();
+    let mut more = expected.clone();
+    more.push((after, "/rooms/a/chat".into(), b"later".to_vec()));
+    assert_eq!(read_events(&store, "/**", &Query::all()), more);
+}
+
+/// Today's writer, given the archive's events, writes the archive's bytes. When it does not, the
+/// on-disk format changed: if a format-1 reader could misread the new bytes, bump the version
+/// (`storage-format.md`, "Versioning") and keep reading version 1 (the test above must still
+/// pass). Then, and only then, rewrite the archive with
+/// `IVY_WRITE_FORMAT_1_ARCHIVE=1 cargo test --test storage_format` and commit it.
+#[test]
+fn the_writer_still_writes_the_format_1_archive_byte_for_byte() {
+    let fresh = tempfile::tempdir().unwrap();
+    write_archive(fresh.path());
+    let written = files_of(fresh.path());
+    if std::env::var_os("IVY_WRITE_FORMAT_1_ARCHIVE").is_some() {
+        let _ = std::fs::remove_dir_all(archive_dir());
+        for (name, bytes) in &written {
+            let to = archive_dir().join(name);
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::write(to, bytes).unwrap();
+        }
+    }
+    let committed = files_of(&archive_dir());
+    assert_eq!(
+        written.keys().collect::<Vec<_>>(),
+        committed.keys().collect::<Vec<_>>(),
+        "the archive's files"
+    );
+    for (name, bytes) in &written {
+        let at = bytes
+            .iter()
+            .zip(&committed[name])
+            .position(|(a, b)| a != b)
+            .or((bytes.len() != committed[name].len())
+                .then_some(bytes.len().min(committed[name].len())));
+        assert_eq!(
+            at, None,
+            "{name} differs from the committed archive at byte {at:?}"
+        );
+    }
 }
