@@ -80,44 +80,46 @@ redis_p99() { awk '/latency summary/ {getline; getline; print $5}'; }
 data=$(printf 'x%.0s' $(seq 100))
 results=$work/results
 : >"$results"
+
+# $1: publish or history; $2: the pattern of ivy-bench's rate. Appends "WHAT ivy RATE P99".
+run_ivy() {
+    start_ivy
+    out=$("$bench" --addr "127.0.0.1:$ivy_port" --server-pid "$ivy_pid" --seconds "$seconds" "$1")
+    stop_ivy
+    echo "$out" | sed "s/^/round $round ivy: /"
+    rate=$(echo "$out" | grep -oE "$2" | cut -d' ' -f1)
+    p99=$(echo "$out" | grep -oE 'p99 [0-9.]+ ms' | head -1 | cut -d' ' -f2)
+    echo "$1 ivy $rate $p99" >>"$results"
+}
+
+# $1: publish or history; $2: redis-server arguments; the rest: redis-benchmark's. The history
+# stream gets its 100,000 entries, in pipelined batches, before the clock starts.
+run_redis() {
+    local what=$1 server_args=$2
+    shift 2
+    start_redis "$server_args"
+    if [ "$what" = history ]; then
+        for _ in $(seq 100); do
+            for _ in $(seq 1000); do echo "XADD hist * d $data"; done |
+                redis-cli -p "$redis_port" --pipe >/dev/null
+        done
+    fi
+    out=$(redis-benchmark -p "$redis_port" "$@" 2>/dev/null | tr '\r' '\n')
+    stop_redis
+    rate=$(echo "$out" | redis_rps)
+    p99=$(echo "$out" | redis_p99)
+    echo "round $round redis: $what $rate requests/s, p99 $p99 ms"
+    echo "$what redis $rate $p99" >>"$results"
+}
+
 for round in $(seq "$rounds"); do
-    start_ivy
-    out=$("$bench" --addr "127.0.0.1:$ivy_port" --server-pid "$ivy_pid" --seconds "$seconds" publish)
-    stop_ivy
-    echo "$out" | sed "s/^/round $round ivy: /"
-    rate=$(echo "$out" | grep -oE '[0-9]+ acknowledged events/s' | cut -d' ' -f1)
-    p99=$(echo "$out" | grep -oE 'p99 [0-9.]+ ms' | head -1 | cut -d' ' -f2)
-    echo "publish ivy $rate $p99" >>"$results"
-
-    start_redis "--appendonly yes --appendfsync always"
-    n=$((seconds * 400000))
-    out=$(redis-benchmark -p "$redis_port" -c 4 -P 256 -n "$n" XADD s '*' d "$data" 2>/dev/null | tr '\r' '\n')
-    stop_redis
-    rate=$(echo "$out" | redis_rps)
-    p99=$(echo "$out" | redis_p99)
-    echo "round $round redis: publish $rate requests/s, p99 $p99 ms (per pipeline of 256)"
-    echo "publish redis $rate $p99" >>"$results"
-
-    start_ivy
-    out=$("$bench" --addr "127.0.0.1:$ivy_port" --server-pid "$ivy_pid" --seconds "$seconds" history)
-    stop_ivy
-    echo "$out" | sed "s/^/round $round ivy: /"
-    rate=$(echo "$out" | grep -oE '[0-9]+ requests/s' | cut -d' ' -f1)
-    p99=$(echo "$out" | grep -oE 'p99 [0-9.]+ ms' | head -1 | cut -d' ' -f2)
-    echo "history ivy $rate $p99" >>"$results"
-
-    start_redis "--appendonly no"
-    # 100,000 entries, written in pipelined batches before the clock starts.
-    for _ in $(seq 100); do
-        for _ in $(seq 1000); do echo "XADD hist * d $data"; done | redis-cli -p "$redis_port" --pipe >/dev/null
-    done
-    n=$((seconds * 15000))
-    out=$(redis-benchmark -p "$redis_port" -c 32 -n "$n" XREVRANGE hist + - COUNT 100 2>/dev/null | tr '\r' '\n')
-    stop_redis
-    rate=$(echo "$out" | redis_rps)
-    p99=$(echo "$out" | redis_p99)
-    echo "round $round redis: history $rate requests/s, p99 $p99 ms"
-    echo "history redis $rate $p99" >>"$results"
+    run_ivy publish '[0-9]+ acknowledged events/s'
+    # Latency is per pipeline of 256, sent and answered together.
+    run_redis publish "--appendonly yes --appendfsync always" \
+        -c 4 -P 256 -n $((seconds * 400000)) XADD s '*' d "$data"
+    run_ivy history '[0-9]+ requests/s'
+    run_redis history "--appendonly no" \
+        -c 32 -n $((seconds * 15000)) XREVRANGE hist + - COUNT 100
 done
 
 echo
