@@ -1,6 +1,6 @@
 //! What the server spends printing events: `line::format_event` over a last-100 answer, as
 //! `GET /events/PATH?n=100` builds its body (ids one nanosecond apart, 100 bytes of data), and
-//! the same with data that needs escaping.
+//! the same with data that needs escaping; and `line::escape_data` alone on short and large data.
 //!
 //! `cargo bench --bench wire`
 
@@ -32,5 +32,24 @@ fn lines(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, lines);
+/// `line::escape_data` alone, on plain data of a short event and of a large one (64 KiB, the
+/// default large-event threshold): its one-pass check must stay cheap for both.
+fn escapes(c: &mut Criterion) {
+    let mut group = c.benchmark_group("escape_data");
+    for size in [100usize, 64 * 1024] {
+        let data = vec![b'h'; size];
+        let mut out = Vec::with_capacity(size);
+        group.throughput(Throughput::Bytes(size as u64));
+        group.bench_function(format!("plain_{size}B"), |b| {
+            b.iter(|| {
+                out.clear();
+                line::escape_data(&mut out, black_box(&data));
+                black_box(out.len())
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, lines, escapes);
 criterion_main!(benches);
