@@ -285,25 +285,23 @@ fn a_format_1_archive_reads_back_as_written() {
     let expected = archive_events();
     let store = Store::open_read_only(copy.path(), archive_options()).unwrap();
     assert_eq!(read_events(&store, "/**", &Query::all()), expected);
-    let of = |path: &str| -> Vec<_> { expected.iter().filter(|e| e.1 == path).cloned().collect() };
-    let chat = of("/rooms/a/chat");
+    let matching = |keep: &dyn Fn(&str) -> bool| -> Vec<_> {
+        expected.iter().filter(|e| keep(&e.1)).cloned().collect()
+    };
+    let chat = matching(&|p| p == "/rooms/a/chat");
     assert_eq!(read_events(&store, "/rooms/a/chat", &Query::all()), chat);
-    let last_three: Vec<_> = of("/sensors/t2").into_iter().rev().take(3).collect();
+    let last_three: Vec<_> = matching(&|p| p == "/sensors/t2")
+        .into_iter()
+        .rev()
+        .take(3)
+        .collect();
     assert_eq!(
         read_events(&store, "/sensors/t2", &Query::last(3)),
         last_three
     );
-    let subtree: Vec<_> = expected
-        .iter()
-        .filter(|e| e.1.starts_with("/rooms"))
-        .cloned()
-        .collect();
+    let subtree = matching(&|p| p.starts_with("/rooms"));
     assert_eq!(read_events(&store, "/rooms/**", &Query::all()), subtree);
-    let sensors: Vec<_> = expected
-        .iter()
-        .filter(|e| e.1.starts_with("/sensors/"))
-        .cloned()
-        .collect();
+    let sensors = matching(&|p| p.starts_with("/sensors/"));
     assert_eq!(read_events(&store, "/sensors/*", &Query::all()), sensors);
     let middle = expected[80].0;
     let range = Query {
