@@ -22,15 +22,16 @@
 //! - [`storage::Store::open`]: opens a data directory for writing (recovering each stream's tail);
 //!   [`storage::Store::open_read_only`] for the offline tools.
 //! - `src/cli/verify.rs`, `dump.rs`, `import.rs`, `stats.rs`: the offline tools, which need no server.
-//! - `src/bin/ivy-bench.rs`: the load tool (publish, fan-out, history, idle connections, and
-//!   `floor`: fan-out's clients against a bare socket writer, the machine's own limit).
+//! - `src/bin/ivy-bench/`: the load tool, a file per mode (publish, fan-out, history, idle
+//!   connections, and `floor`: fan-out's clients against a bare socket writer, the machine's own
+//!   limit), beside the WebSocket client and the CPU report they share.
 //!
 //! ## Code map
 //!
 //! Layers, each using only the ones below it:
 //!
 //! ```text
-//! binary   main.rs, cli/, bin/ivy-bench.rs                clap, anyhow, indicatif
+//! binary   main.rs, cli/, bin/ivy-bench/                  clap, anyhow, indicatif
 //! serve    server/                                        hyper, fastwebsockets, tokio
 //! config   config.rs  metrics.rs                          prometheus-client
 //! core     storage/                wire/                  memmap2, crc32fast, parking_lot | pure
