@@ -3,6 +3,9 @@
 //! directory written once and committed (`tests/data/format-1/`) must verify clean and read back
 //! exactly, and today's writer must still write it byte for byte.
 
+mod common;
+
+use common::{copy_dir, files, path, read};
 use ivy::storage::codec;
 
 /// The hex blocks of the page's "Worked example", in order.
@@ -208,61 +211,29 @@ fn archive_events() -> Vec<(ivy::event_id::EventId, String, Vec<u8>)> {
 /// Writes the archive's events into a new store at `dir`.
 fn write_archive(dir: &std::path::Path) {
     let store = ivy::storage::Store::open(dir, archive_options()).unwrap();
-    for (id, path, data) in archive_events() {
-        let path = ivy::channel::ChannelPath::parse(&path).unwrap();
-        store.append_with_ids(&[(id, &path, &data)]).unwrap();
+    for (id, p, data) in archive_events() {
+        store.append_with_ids(&[(id, &path(&p), &data)]).unwrap();
     }
     store.close().unwrap();
 }
 
 /// Every file under `dir` but the lock, by relative path, with its bytes.
 fn files_of(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
-    let mut files = std::collections::BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                todo.push(path);
-            } else if path.file_name().is_some_and(|n| n != "LOCK") {
-                let name = path
-                    .strip_prefix(dir)
-                    .unwrap()
-                    .to_string_lossy()
-                    .into_owned();
-                files.insert(name, std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    files
+    files(dir)
+        .into_iter()
+        .filter(|p| p.file_name().is_some_and(|n| n != "LOCK"))
+        .map(|p| {
+            let name = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect()
 }
 
 /// A copy of the committed archive in a new temporary directory (opening it takes its lock).
 fn archive_copy() -> tempfile::TempDir {
     let copy = tempfile::tempdir().unwrap();
-    for (name, bytes) in files_of(&archive_dir()) {
-        let to = copy.path().join(name);
-        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::write(to, bytes).unwrap();
-    }
+    copy_dir(&archive_dir(), copy.path());
     copy
-}
-
-/// Events as (id, path, data), read with `query` from the channels `selector` names.
-fn read_events(
-    store: &ivy::storage::Store,
-    selector: &str,
-    query: &ivy::storage::Query,
-) -> Vec<(ivy::event_id::EventId, String, Vec<u8>)> {
-    let selector = ivy::channel::Selector::parse(selector).unwrap();
-    store
-        .reader(&selector)
-        .events(query)
-        .map(|e| {
-            let e = e.unwrap();
-            (e.id, e.path.to_string(), e.data.to_vec())
-        })
-        .collect()
 }
 
 /// The committed archive verifies clean and reads back exactly as written: every event in id
@@ -284,47 +255,42 @@ fn a_format_1_archive_reads_back_as_written() {
     }
     let expected = archive_events();
     let store = Store::open_read_only(copy.path(), archive_options()).unwrap();
-    assert_eq!(read_events(&store, "/**", &Query::all()), expected);
+    assert_eq!(read(&store, "/**", &Query::all()), expected);
     let matching = |keep: &dyn Fn(&str) -> bool| -> Vec<_> {
         expected.iter().filter(|e| keep(&e.1)).cloned().collect()
     };
     let chat = matching(&|p| p == "/rooms/a/chat");
-    assert_eq!(read_events(&store, "/rooms/a/chat", &Query::all()), chat);
+    assert_eq!(read(&store, "/rooms/a/chat", &Query::all()), chat);
     let last_three: Vec<_> = matching(&|p| p == "/sensors/t2")
         .into_iter()
         .rev()
         .take(3)
         .collect();
-    assert_eq!(
-        read_events(&store, "/sensors/t2", &Query::last(3)),
-        last_three
-    );
+    assert_eq!(read(&store, "/sensors/t2", &Query::last(3)), last_three);
     let subtree = matching(&|p| p.starts_with("/rooms"));
-    assert_eq!(read_events(&store, "/rooms/**", &Query::all()), subtree);
+    assert_eq!(read(&store, "/rooms/**", &Query::all()), subtree);
     let sensors = matching(&|p| p.starts_with("/sensors/"));
-    assert_eq!(read_events(&store, "/sensors/*", &Query::all()), sensors);
+    assert_eq!(read(&store, "/sensors/*", &Query::all()), sensors);
     let middle = expected[80].0;
     let range = Query {
         start: Bound::Included(middle),
         limit: Some(10),
         ..Query::all()
     };
-    assert_eq!(
-        read_events(&store, "/**", &range),
-        expected[80..90].to_vec()
-    );
+    assert_eq!(read(&store, "/**", &range), expected[80..90].to_vec());
     drop(store);
     // Opened for writing, it keeps every event and takes new ones after them.
     let store = Store::open(copy.path(), archive_options()).unwrap();
     let after = ivy::event_id::EventId(expected.last().unwrap().0 .0 + 1);
-    let path = ivy::channel::ChannelPath::parse("/rooms/a/chat").unwrap();
-    store.append_with_ids(&[(after, &path, b"later")]).unwrap();
+    store
+        .append_with_ids(&[(after, &path("/rooms/a/chat"), b"later")])
+        .unwrap();
     store.close().unwrap();
     drop(store);
     let store = Store::open_read_only(copy.path(), archive_options()).unwrap();
     let mut more = expected.clone();
     more.push((after, "/rooms/a/chat".into(), b"later".to_vec()));
-    assert_eq!(read_events(&store, "/**", &Query::all()), more);
+    assert_eq!(read(&store, "/**", &Query::all()), more);
 }
 
 /// Today's writer, given the archive's events, writes the archive's bytes. When it does not, the
