@@ -31,6 +31,8 @@ const INLINE_BYTES_MAX: usize = 256 * 1024;
 /// that part's buffer can grow to (it doubles as it grows, and stops once past
 /// `INLINE_BYTES_MAX`). After the read it is cut to what was built.
 const INLINE_SHARE: usize = 2 * INLINE_BYTES_MAX;
+/// The 503's reason when a read's share of the answer budget does not come in time.
+const ANSWERS_BUSY: &str = "too many answers waiting to be read; retry";
 
 /// A read, planned: what to ask the store and how to present it.
 #[derive(Clone)]
@@ -130,7 +132,7 @@ pub(super) async fn read(
     let deadline = tokio::time::Instant::now() + shared.opts.answer_wait;
     let answers = &shared.answers;
     let Ok(mut charge) = tokio::time::timeout_at(deadline, answers.take(INLINE_SHARE)).await else {
-        return busy("too many answers waiting to be read; retry");
+        return busy(ANSWERS_BUSY);
     };
     let inline = match read_answer(hub, &plan).await {
         Ok(inline) => inline,
@@ -149,7 +151,7 @@ pub(super) async fn read(
         .await
         .is_err()
     {
-        return busy("too many answers waiting to be read; retry");
+        return busy(ANSWERS_BUSY);
     }
     let body = charge.attach(inline.body);
     let last_modified = inline.last_id.map(event_time);
