@@ -66,7 +66,8 @@
 //! - `index.rs`: the sparse index: which records get an entry, the file codec, seek.
 //! - `read.rs`: `Reader` (a snapshot) and `Events` (lazy, merged by id, data borrowed from maps).
 //! - `recovery.rs`: opening a stream: cut a torn tail, keep a spare's zeroes as free space,
-//!   refuse corruption in the middle.
+//!   refuse corruption in the middle, and tell the writer's seal from event data that ends like
+//!   one (a rule `verify.rs` shares).
 //! - `verify.rs`: the offline full check and the safe repairs.
 //! - `io.rs`: `FileIo`, the writer's file operations (create, `pwrite`, `fdatasync`, directory
 //!   sync, rename, the rollback's truncate and remove, and the spare's paced writeback) behind a

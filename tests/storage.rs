@@ -349,6 +349,71 @@ fn corruption_in_a_sealed_segment_is_an_error_not_missing_data() {
     assert_eq!(read(&store, "/c/x", &Query::last(3)).len(), 3);
 }
 
+/// An event's data may end with anything, including a seal record with a valid CRC and a trailer
+/// pointing at it, and in a segment not made from a spare it ends the file. Before, reopening took
+/// such a segment for sealed: the store refused to open (the index it rebuilt ran into the
+/// event), so one published event could keep a server from starting after a restart; a
+/// read-only open failed its reads, and `verify` reported corruption. Data that merely ends in
+/// the trailer's magic made `verify` report corruption too.
+#[test]
+fn an_event_whose_data_looks_like_a_seal_does_not_seal_its_segment() {
+    use ivy::storage::codec;
+    let opts = StoreOptions {
+        durability: Durability::Never,
+        preallocate: false,
+        ..StoreOptions::default()
+    };
+    let (first, second) = ("/rooms/a", "/rooms/b");
+    // The second record starts after the header and the first; its data after its own header and
+    // path. A seal placed at the start of that data claims a last id near the end of time.
+    let data_at = 32 + ivy::storage::encoded_len(first, b"real") as u64 + 28 + second.len() as u64;
+    let forged_last_id = u64::MAX - 1;
+    let mut forged_seal = Vec::new();
+    let summary = codec::FooterSummary {
+        event_count: 1,
+        first_id: 1,
+        last_id: forged_last_id,
+        channel_count: 0,
+    };
+    codec::encode_seal(&mut forged_seal, data_at, summary, 32, &[]);
+    let mut magic_only = b"ends like a trailer".to_vec();
+    magic_only.extend_from_slice(&40u64.to_le_bytes());
+    magic_only.extend_from_slice(b"IVYSEAL\n");
+    for (what, data) in [
+        ("a forged seal", forged_seal),
+        ("the magic alone", magic_only),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), opts.clone()).unwrap();
+        let a = store.append(&path(first), b"real").unwrap();
+        let b = store.append(&path(second), &data).unwrap();
+        store.close().unwrap();
+        drop(store);
+        let expected = vec![
+            (a, first.to_string(), b"real".to_vec()),
+            (b, second.to_string(), data.clone()),
+        ];
+        check_clean(dir.path());
+        let reader = Store::open_read_only(dir.path(), opts.clone()).unwrap();
+        assert_eq!(read(&reader, "/**", &Query::all()), expected, "{what}");
+        drop(reader);
+
+        let store = Store::open(dir.path(), opts.clone())
+            .unwrap_or_else(|e| panic!("{what}: the store does not open: {e}"));
+        assert_eq!(read(&store, "/**", &Query::all()), expected, "{what}");
+        let c = store.append(&path(first), b"after").unwrap();
+        assert!(b < c && c.0 < forged_last_id, "{what}: {c:?}");
+        store.close().unwrap();
+        drop(store);
+        assert_eq!(
+            segments(dir.path()).len(),
+            1,
+            "{what}: still one live segment"
+        );
+        check_clean(dir.path());
+    }
+}
+
 #[test]
 fn an_unknown_format_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -11,6 +11,11 @@
 //! - **free space**: zeroes from there to the end of the file, the rest of a segment made from a
 //!   zero-filled spare (`spare.rs`). Kept: the writer goes on writing over it.
 //!
+//! A last segment that ends in a valid trailer is sealed only if its records, walked from the
+//! header, lead to that trailer's seal record (`is_written_seal`): an event's data may end with
+//! bytes that look like a seal and a trailer, and in a segment not made from a spare the last
+//! event's data is the end of the file.
+//!
 //! A last segment whose header does not decode is **torn at creation** when nothing but zeroes
 //! follows the header's place (a file shorter than a header, or a spare renamed into place whose
 //! header never reached the disk): it holds no event and is removed.
@@ -74,6 +79,25 @@ pub(crate) fn is_torn_at_creation(bytes: &[u8]) -> bool {
     bytes
         .get(record::SEGMENT_HEADER_LEN..)
         .is_none_or(is_zeroes)
+}
+
+/// Whether the trailer at the end of a stream's last segment is the writer's, not the end of an
+/// event's data. An event's bytes may end with anything, including a seal record with a valid
+/// CRC and a trailer pointing at it, and when the segment was not made from a spare they end the
+/// file. The writer's seal record starts where the records, walked from the header, end; an
+/// event's data lies inside its record, and the walk steps over it. A record before `seal_at`
+/// that does not decode is damage, not this rule's to judge: the segment is taken as sealed, and
+/// the checks of sealed segments report it (a live segment's scan could take it for a torn tail
+/// and cut sealed events). Recovery and verify share this rule.
+pub(crate) fn is_written_seal(bytes: &[u8], seal_at: usize) -> bool {
+    let mut at = record::SEGMENT_HEADER_LEN;
+    while at < seal_at {
+        match record::decode(bytes, at) {
+            Ok(rec) => at += rec.len,
+            Err(_) => return true,
+        }
+    }
+    at == seal_at
 }
 
 /// The segment files of a stream directory, oldest first.
@@ -200,7 +224,10 @@ pub fn open_stream(dir: &Path, opts: &StoreOptions, access: Access) -> Result<St
         state.segments = Arc::new(segments);
         return Ok(state);
     }
-    if let Ok(sealed) = super::segment::Sealed::open(&last_path, &file, last_first_id) {
+    let sealed = super::segment::Sealed::open(&last_path, &file, last_first_id)
+        .ok()
+        .filter(|sealed| is_written_seal(sealed.file_bytes(), sealed.seal_offset()));
+    if let Some(sealed) = sealed {
         state.last_id = EventId(sealed.summary.last_id);
         if access == Access::ReadWrite {
             // A crash between the seal's fsync and the index's rename leaves this segment, the

@@ -354,6 +354,16 @@ impl Sealed {
         self.map.bytes(self.records_end)
     }
 
+    /// The whole file, trailer included.
+    pub(crate) fn file_bytes(&self) -> &[u8] {
+        self.map.bytes(self.map.len())
+    }
+
+    /// Where the seal record starts: the end of the event records.
+    pub(crate) fn seal_offset(&self) -> usize {
+        self.records_end
+    }
+
     pub fn footer(&self) -> record::Footer<'_> {
         let body = &self.map.bytes(self.footer_end)[self.footer_start..];
         record::decode_footer(body).expect("checked when the segment was opened")

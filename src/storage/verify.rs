@@ -227,7 +227,8 @@ fn check_segment(job: &Job) -> SegmentCheck {
             return check;
         }
     }
-    let seal_at = record::decode_trailer(bytes);
+    let seal_at = record::decode_trailer(bytes)
+        .filter(|at| !job.is_last || recovery::is_written_seal(bytes, *at));
     let records_end = seal_at.filter(|s| *s < bytes.len()).unwrap_or(bytes.len());
     let chains = scan_records(job, bytes, records_end, &mut check);
     if let Some(at) = seal_at {
@@ -276,7 +277,7 @@ fn scan_records<'a>(
             }
             Err(kind) => {
                 let follows = recovery::next_valid_record(&bytes[..end], at);
-                if job.is_last && follows.is_none() && record::decode_trailer(bytes).is_none() {
+                if job.is_last && follows.is_none() && end == bytes.len() {
                     check.torn_tail = Some((at as u64, bytes.len() as u64));
                     check.findings.push(finding(
                         path,
