@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{copy_dir, path, read, segments, sel};
+use common::{copy_dir, path, read, segments, sel, wait_for_spare};
 use ivy::clock::ManualClock;
 use ivy::event_id::EventId;
 use ivy::storage::{verify, Direction, Durability, Error, Query, Store, StoreOptions};
@@ -739,27 +739,13 @@ fn append_until_segments(store: &Store, channel: &str, count: usize) -> Vec<Even
     ids
 }
 
-/// Waits (up to 10 s) for the spare-filling thread to leave a spare in `dir`.
-fn wait_for_spare(dir: &std::path::Path) {
-    let spare = dir.join("SPARE");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !spare.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no spare was made in 10 s"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert_eq!(std::fs::metadata(&spare).unwrap().len(), 2048);
-}
-
 #[test]
 fn a_full_segment_rolls_into_a_zero_filled_spare() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path(), small(Durability::Always)).unwrap();
     let mut ids = append_until_segments(&store, "/s/a", 2);
     // That roll found no spare and asked for one; the next full roll takes it.
-    wait_for_spare(dir.path());
+    wait_for_spare(dir.path(), 2048);
     ids.extend(append_until_segments(&store, "/s/a", 3));
     let live = segments(dir.path()).pop().unwrap();
     assert_eq!(
@@ -769,13 +755,13 @@ fn a_full_segment_rolls_into_a_zero_filled_spare() {
     );
     // Seal the spare-made segment early, with an event too large for what is left of it: the
     // seal must cut the zeroes after its trailer.
-    wait_for_spare(dir.path());
+    wait_for_spare(dir.path(), 2048);
     ids.push(store.append(&path("/s/a"), &[b'x'; 1990]).unwrap());
     let all = segments(dir.path());
     assert_eq!(all.len(), 4);
     let sealed_len = std::fs::metadata(&all[2]).unwrap().len();
     assert!(sealed_len < 1024, "the seal left {sealed_len} bytes");
-    wait_for_spare(dir.path());
+    wait_for_spare(dir.path(), 2048);
     ids.extend(append_until_segments(&store, "/s/a", 5));
     let all = segments(dir.path());
     assert_eq!(std::fs::metadata(&all[4]).unwrap().len(), 2048);

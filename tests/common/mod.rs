@@ -62,6 +62,20 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Waits (up to 10 s) for the spare-filling thread to leave a spare of `bytes` in `dir`.
+pub fn wait_for_spare(dir: &Path, bytes: u64) {
+    let spare = dir.join("SPARE");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !spare.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no spare was made in 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(std::fs::metadata(&spare).expect("spare").len(), bytes);
+}
+
 /// How many cycles a long test runs: the number in environment variable `name`, else `default`
 /// (CI runs the defaults; long runs set the variable).
 pub fn cycles(name: &str, default: u64) -> u64 {
