@@ -205,7 +205,9 @@
 //!   spoken to with a WebSocket client crate and raw HTTP: every row of the protocol page, the
 //!   original JS client's behaviour, limits); `tests/storage.rs` (engine through its API),
 //!   `tests/model.rs` (proptest against an in-memory model, with crash cuts), `tests/cli.rs` (the
-//!   binary as a user runs it), `tests/storage_format.rs` (the format page's example),
+//!   binary as a user runs it), `tests/storage_format.rs` (the format page's example and a
+//!   committed format-1 archive), `tests/independent_reader.rs` (a Python reader written from the
+//!   format page alone, `independent_reader.py`, against the engine),
 //!   `tests/crash.rs` (SIGKILL of a child server), `tests/power_loss.rs` (unsynced writes
 //!   dropped), `tests/faults.rs` and `tests/server/faults.rs` (full disk, read-only directory,
 //!   descriptors shared out between connections and streams), `tests/load_tool.rs` (`ivy-bench` against a child server, its
