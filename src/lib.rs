@@ -209,7 +209,7 @@
 //!   committed format-1 archive), `tests/independent_reader.rs` (a Python reader written from the
 //!   format page alone, `independent_reader.py`, against the engine),
 //!   `tests/crash.rs` (SIGKILL of a child server), `tests/power_loss.rs` (unsynced writes
-//!   dropped), `tests/faults.rs` and `tests/server/faults.rs` (full disk, read-only directory,
+//!   dropped), `tests/live_copy.rs` (a directory copied while written, then verified offline), `tests/faults.rs` and `tests/server/faults.rs` (full disk, read-only directory,
 //!   descriptors shared out between connections and streams), `tests/load_tool.rs` (`ivy-bench` against a child server, its
 //!   lost/duplicated/reordered checks and its resume after 1013); fuzz targets in `fuzz/` (bodies
 //!   in `fuzzing.rs`, replayed by `tests/fuzz_regressions.rs`); benchmarks in `benches/`.
