@@ -14,7 +14,7 @@ fn main() -> ExitCode {
                 // `ivy dump | head` is not a failure.
                 return ExitCode::SUCCESS;
             }
-            eprintln!("ivy: {e:#}");
+            eprintln!("ivy: {}", ivy_cli::error_line(&e));
             ExitCode::from(2)
         }
     }

@@ -225,3 +225,22 @@ fn offline_tools_refuse_a_directory_held_by_a_writer() {
     }
     drop(store);
 }
+
+/// A data directory that cannot be made is refused with exit 2 and one line that gives the
+/// operating system's reason once (it was printed twice: by the storage error and again as its
+/// cause).
+#[test]
+fn a_data_directory_that_is_a_file_is_refused_with_its_reason_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-directory");
+    std::fs::write(&file, b"x").unwrap();
+    let out = ivy(
+        &["serve", "--listen", "127.0.0.1:0", "--data", dir_arg(&file)],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.starts_with("ivy: cannot open data directory"), "{err}");
+    assert_eq!(last.matches("Not a directory").count(), 1, "{err}");
+}
