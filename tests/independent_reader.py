@@ -235,7 +235,13 @@ class Segment:
         with open(os.path.join(reader.dir, self.rel), "rb") as f:
             self.buf = f.read()
         self.is_last = is_last
-        decode_segment_header(self.buf, self.first_id)
+        try:
+            decode_segment_header(self.buf, self.first_id)
+        except Damage:
+            rest = self.buf[SEGMENT_HEADER_LEN:]
+            if is_last and rest.count(0) == len(rest):
+                raise Damage(0, "segment torn at creation: holds no event")
+            raise
         self.seal = seal_of(self.buf, is_last)
         self.footer = Footer(self.seal) if self.seal else None
         self.records_end = self.seal.offset if self.seal else len(self.buf)

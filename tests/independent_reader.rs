@@ -9,58 +9,11 @@
 
 mod common;
 
-use common::{copy_dir, path, read, segments, Rng};
+use common::{copy_dir, independent_read, lines, path, read, segments, verify_findings, Rng};
 use ivy::event_id::EventId;
-use ivy::storage::{codec, verify, Durability, Query, Store, StoreOptions};
+use ivy::storage::{codec, Durability, Query, Store, StoreOptions};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-
-const READER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/independent_reader.py");
-
-/// What one run of the independent reader printed.
-struct IndependentRead {
-    status: i32,
-    events: String,
-    /// Each problem it reported: file relative to the directory, byte offset, and whether it is
-    /// a torn tail (the rest is damage).
-    problems: Vec<(String, u64, bool)>,
-    stderr: String,
-}
-
-fn independent_read(dir: &Path, args: &[&str]) -> IndependentRead {
-    let out = std::process::Command::new("python3")
-        .arg(READER)
-        .arg(dir)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("python3 is needed to run {READER}: {e}"));
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let problems = stderr
-        .lines()
-        .filter_map(|line| {
-            let (file, rest) = line.split_once(": byte ")?;
-            let offset = rest.split(':').next()?.parse().ok()?;
-            Some((file.to_string(), offset, rest.contains("torn tail")))
-        })
-        .collect();
-    IndependentRead {
-        status: out.status.code().expect("the reader exited"),
-        events: String::from_utf8(out.stdout).expect("the reader prints UTF-8"),
-        problems,
-        stderr,
-    }
-}
-
-/// The reader's line for each event: `SECONDS.NANOS PATH DATA_HEX`.
-fn lines(events: &[(EventId, String, Vec<u8>)]) -> String {
-    events
-        .iter()
-        .map(|(id, p, data)| {
-            let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
-            format!("{id} {p} {hex}\n")
-        })
-        .collect()
-}
 
 /// The engine (a read-only store over `dir`) and the independent reader read the same events:
 /// every event, each channel in `channels`, and everything from each id in `starts` on; and the
@@ -99,21 +52,6 @@ fn check_same_reads(dir: &Path, channels: &[&str], starts: &[EventId]) {
             "reader {args:?} read otherwise"
         );
     }
-}
-
-/// Verify's findings as the reader's problems are kept: file relative to `dir`, offset, and
-/// whether it is a torn tail.
-fn verify_findings(dir: &Path) -> Vec<(String, u64, bool)> {
-    let report = verify::verify(dir, verify::Mode::Check, &|_| {}).unwrap();
-    report
-        .findings
-        .iter()
-        .map(|f| {
-            let rel = f.file.strip_prefix(dir).unwrap_or(&f.file);
-            let is_torn = f.problem.contains("torn tail");
-            (rel.to_string_lossy().into_owned(), f.offset, is_torn)
-        })
-        .collect()
 }
 
 #[test]

@@ -86,6 +86,7 @@ fn a_copy_taken_while_the_store_writes_reads_back_after_repair() {
         }
         store.close().unwrap();
 
+        common::independent_read_agrees(copy.path(), &format!("cycle {cycle}"));
         let report = verify::verify(copy.path(), verify::Mode::Check, &|_| {}).unwrap();
         for f in &report.findings {
             assert!(

@@ -159,3 +159,98 @@ pub fn serve_child(dir: &Path, args: &[&str]) -> (ChildServer, std::net::SocketA
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
     (server, addr)
 }
+
+/// `tests/independent_reader.py`: a reader of data directories written from `storage-format.md`
+/// alone (see `independent_reader.rs`).
+const READER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/independent_reader.py");
+
+/// What one run of the independent reader printed.
+pub struct IndependentRead {
+    pub status: i32,
+    pub events: String,
+    /// Each problem it reported: file relative to the directory, byte offset, and whether it is
+    /// torn (a torn tail, or a segment torn at creation; the rest is damage or a lost index).
+    pub problems: Vec<(String, u64, bool)>,
+    pub stderr: String,
+}
+
+pub fn independent_read(dir: &Path, args: &[&str]) -> IndependentRead {
+    let out = std::process::Command::new("python3")
+        .arg(READER)
+        .arg(dir)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("python3 is needed to run {READER}: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let problems = stderr
+        .lines()
+        .filter_map(|line| {
+            let (file, rest) = line.split_once(": byte ")?;
+            let offset = rest.split(':').next()?.parse().ok()?;
+            Some((file.to_string(), offset, rest.contains("torn")))
+        })
+        .collect();
+    IndependentRead {
+        status: out.status.code().expect("the reader exited"),
+        events: String::from_utf8(out.stdout).expect("the reader prints UTF-8"),
+        problems,
+        stderr,
+    }
+}
+
+/// The reader's line for each event: `SECONDS.NANOS PATH DATA_HEX`.
+pub fn lines(events: &[(EventId, String, Vec<u8>)]) -> String {
+    events
+        .iter()
+        .map(|(id, p, data)| {
+            let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
+            format!("{id} {p} {hex}\n")
+        })
+        .collect()
+}
+
+/// Verify's findings as the reader's problems are kept: file relative to `dir`, offset, and
+/// whether it is torn.
+pub fn verify_findings(dir: &Path) -> Vec<(String, u64, bool)> {
+    let report = ivy::storage::verify::verify(dir, ivy::storage::verify::Mode::Check, &|_| {})
+        .expect("verify runs");
+    report
+        .findings
+        .iter()
+        .map(|f| {
+            let rel = f.file.strip_prefix(dir).unwrap_or(&f.file);
+            let is_torn = f.problem.contains("torn");
+            (rel.to_string_lossy().into_owned(), f.offset, is_torn)
+        })
+        .collect()
+}
+
+/// Reads `dir` as a crash or a copy may leave it with the independent reader and with the
+/// engine (read-only, so torn tails are left alone and not read): both must read the same
+/// events, and each problem the reader reports must be one `verify` reports. Returns the
+/// reader's problems.
+pub fn independent_read_agrees(dir: &Path, context: &str) -> Vec<(String, u64, bool)> {
+    let got = independent_read(dir, &[]);
+    let store = Store::open_read_only(dir, ivy::storage::StoreOptions::default())
+        .unwrap_or_else(|e| panic!("{context}: the engine cannot read it: {e}"));
+    let expected = read(&store, "/**", &Query::all());
+    assert!(
+        got.events == lines(&expected),
+        "{context}: the independent reader read otherwise ({})",
+        got.stderr
+    );
+    let found = verify_findings(dir);
+    for problem in &got.problems {
+        assert!(
+            found.contains(problem),
+            "{context}: the independent reader found {problem:?}, verify {found:?}"
+        );
+    }
+    assert_eq!(
+        got.status,
+        i32::from(!got.problems.is_empty()),
+        "{context}: {}",
+        got.stderr
+    );
+    got.problems
+}
