@@ -17,6 +17,15 @@ pub(crate) async fn history(
     n: usize,
     events: usize,
 ) -> anyhow::Result<()> {
+    fill(addr, events).await?;
+    let label = format!(
+        "history: last {n} of a channel of {events} events, {connections} keep-alive connections"
+    );
+    measure(addr, seconds, connections, n, &label).await
+}
+
+/// Publishes `events` events of 100 bytes to `/hist/c` and waits until all are stored.
+async fn fill(addr: SocketAddr, events: usize) -> anyhow::Result<()> {
     let (mut frames, mut w) = connect(addr).await?;
     let data = "h".repeat(100);
     for i in 0..events {
@@ -30,6 +39,18 @@ pub(crate) async fn history(
     // The last one is keyed: once it is acknowledged, every one is stored. (With `--events 0`
     // the channel is read as it is, for runs against a server filled before.)
     while events > 0 && !frames.next_text(&mut w).await?.starts_with(b"#last#") {}
+    Ok(())
+}
+
+/// `connections` keep-alive readers of `GET /events/hist/c?n=N`, each sending its next request
+/// once it has read the answer to the last, for `seconds`; then the report, under `label`.
+pub(crate) async fn measure(
+    addr: SocketAddr,
+    seconds: u64,
+    connections: usize,
+    n: usize,
+    label: &str,
+) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -83,7 +104,7 @@ pub(crate) async fn history(
     for task in tasks {
         lat.extend(task.await?);
     }
-    say!("history: last {n} of a channel of {events} events, {connections} keep-alive connections: {:.0} requests/s", done as f64 / elapsed);
+    say!("{label}: {:.0} requests/s", done as f64 / elapsed);
     percentiles("request latency", lat);
     cpu.report(done, "request");
     Ok(())

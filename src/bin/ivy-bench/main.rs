@@ -7,7 +7,9 @@
 //!   carries a sequence number); optionally paced and with a share of deliberately slow readers;
 //! - `history`: last-N reads over keep-alive connections: requests/s and latency percentiles;
 //! - `idle`: N idle WebSocket connections, and the server's resident memory with them open;
-//! - `floor`: `fanout`'s subscribers against no server, for the machine's floor.
+//! - `floor`: `fanout`'s subscribers against no server, for the machine's floor;
+//! - `history-floor`: `history`'s readers against a server that gives one fixed answer, for the
+//!   machine's floor under hyper.
 //!
 //! Each mode has its file; `client.rs` is the WebSocket client they share and `cpu.rs` the CPU
 //! report every run ends with. This file holds the command line, the spawned server and the
@@ -41,6 +43,7 @@ mod cpu;
 mod fanout;
 mod floor;
 mod history;
+mod history_floor;
 mod idle;
 mod publish;
 
@@ -111,9 +114,24 @@ enum Mode {
         #[arg(long, default_value_t = 100_000)]
         events: usize,
     },
+    /// The machine's floor for `history` under hyper (a server with one fixed answer; see
+    /// `history_floor.rs`).
+    HistoryFloor {
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        #[arg(long, default_value_t = 100)]
+        n: usize,
+    },
     Idle {
         #[arg(long, default_value_t = 10_000)]
         connections: usize,
+    },
+    /// The server `history-floor` starts: prints its address, then answers every request with
+    /// one fixed answer of `n` lines.
+    #[command(hide = true)]
+    FixedAnswerServer {
+        #[arg(long)]
+        n: usize,
     },
 }
 
@@ -198,6 +216,15 @@ fn main() -> anyhow::Result<()> {
     {
         return runtime.block_on(floor::floor(cli.seconds, subscribers, size, rate));
     }
+    match cli.mode {
+        Mode::HistoryFloor { connections, n } => {
+            return runtime.block_on(history_floor::history_floor(cli.seconds, connections, n));
+        }
+        Mode::FixedAnswerServer { n } => {
+            return runtime.block_on(history_floor::serve_fixed_answer(n));
+        }
+        _ => {}
+    }
     let spawned = match cli.addr {
         Some(_) => None,
         None => Some(spawn_server(&cli.durability)?),
@@ -237,7 +264,9 @@ fn main() -> anyhow::Result<()> {
                 )
                 .await
             }
-            Mode::Floor { .. } => unreachable!("run above, without a server"),
+            Mode::Floor { .. } | Mode::HistoryFloor { .. } | Mode::FixedAnswerServer { .. } => {
+                unreachable!("run above, without `ivy serve`")
+            }
             Mode::History {
                 connections,
                 n,
