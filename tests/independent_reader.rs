@@ -207,6 +207,10 @@ fn it_finds_the_damage_verify_finds() {
     let forged_rel = relative(last_segment(written.path(), "~f~g"));
 
     type Damage = Box<dyn Fn(&mut Vec<u8>)>;
+    let cut_inside_last_record = |bytes: &mut Vec<u8>| {
+        let n = bytes.len();
+        bytes.truncate(n - 3);
+    };
     let cases: Vec<(&str, &Path, Damage)> = vec![
         (
             "a flipped byte in a sealed segment's first record",
@@ -229,18 +233,12 @@ fn it_finds_the_damage_verify_finds() {
         (
             "a live segment cut inside its last record",
             &live_rel,
-            Box::new(|bytes: &mut Vec<u8>| {
-                let n = bytes.len();
-                bytes.truncate(n - 3);
-            }),
+            Box::new(cut_inside_last_record),
         ),
         (
             "a live segment cut inside event data that ended like a seal",
             &forged_rel,
-            Box::new(|bytes: &mut Vec<u8>| {
-                let n = bytes.len();
-                bytes.truncate(n - 3);
-            }),
+            Box::new(cut_inside_last_record),
         ),
         (
             "a flipped byte before event data that ends like a seal (taken as a damaged seal)",

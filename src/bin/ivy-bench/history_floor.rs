@@ -47,12 +47,7 @@ pub(crate) async fn history_floor(
 }
 
 fn read_address(child: &mut std::process::Child) -> anyhow::Result<SocketAddr> {
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+    let line = crate::first_line(child)?;
     line.trim()
         .parse()
         .map_err(|e| anyhow::anyhow!("unexpected first line {line:?}: {e}"))

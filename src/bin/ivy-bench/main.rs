@@ -165,15 +165,21 @@ fn spawn_server(durability: &str) -> anyhow::Result<(SocketAddr, Spawned)> {
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", exe.display()))?;
+    let line = first_line(&mut child)?;
+    let addr = ivy::server::listening_addr(&line)
+        .ok_or_else(|| anyhow::anyhow!("unexpected first line: {line}"))?;
+    Ok((addr, Spawned { child, _dir: dir }))
+}
+
+/// The first line a spawned server prints (where it listens).
+pub(crate) fn first_line(child: &mut Child) -> anyhow::Result<String> {
     let stdout = child
         .stdout
         .take()
         .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
-    let addr = ivy::server::listening_addr(&line)
-        .ok_or_else(|| anyhow::anyhow!("unexpected first line: {line}"))?;
-    Ok((addr, Spawned { child, _dir: dir }))
+    Ok(line)
 }
 
 pub(crate) fn server_rss_kib(pid: u32) -> Option<u64> {
