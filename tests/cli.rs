@@ -244,3 +244,45 @@ fn a_data_directory_that_is_a_file_is_refused_with_its_reason_once() {
     assert!(last.starts_with("ivy: cannot open data directory"), "{err}");
     assert_eq!(last.matches("Not a directory").count(), 1, "{err}");
 }
+
+/// The stream depth is fixed when a data directory is created: its streams on disk are cut at
+/// that depth. `--stream-depth` may repeat it or be left out; another depth is refused with a
+/// reason and leaves the directory as it was (before, it was ignored without a word).
+#[test]
+fn serve_keeps_a_directory_s_stream_depth_and_refuses_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let depth_file = || std::fs::read_to_string(dir.path().join("IVY")).unwrap();
+    let (server, _) = common::serve_child(dir.path(), &["--stream-depth", "2"]);
+    drop(server);
+    assert!(depth_file().contains("stream_depth 2"));
+    // Left out, or repeated: the server starts on the directory's depth.
+    for args in [&[][..], &["--stream-depth", "2"][..]] {
+        let (server, _) = common::serve_child(dir.path(), args);
+        drop(server);
+    }
+    // Spawned, not waited for: a server that starts anyway must fail the test, not hang it.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ivy"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--stream-depth", "1"])
+        .arg("--data")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ivy serve");
+    let mut first = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut first,
+    )
+    .unwrap();
+    if !first.is_empty() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("it started with another depth: {first}");
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("created with stream depth 2"), "{err}");
+    assert!(depth_file().contains("stream_depth 2"));
+}

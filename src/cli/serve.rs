@@ -21,9 +21,10 @@ pub struct Args {
     #[arg(long, env = "IVY_DURABILITY", default_value = "always")]
     durability: Durability,
     /// Channel depth of a stream (1: each top-level channel's subtree has its own files). Fixed
-    /// when the data directory is created.
-    #[arg(long, env = "IVY_STREAM_DEPTH", default_value_t = 1)]
-    stream_depth: usize,
+    /// when the data directory is created [default: the directory's, or 1 for a new one]; a
+    /// different depth for an existing directory is refused.
+    #[arg(long, env = "IVY_STREAM_DEPTH")]
+    stream_depth: Option<usize>,
     /// A segment is sealed and a new one started before it would pass this size (bytes).
     #[arg(long, env = "IVY_SEGMENT_BYTES_MAX", default_value_t = 64 * 1024 * 1024)]
     segment_bytes_max: u64,
@@ -104,9 +105,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if args.stream_depth == 0 || args.stream_depth > ivy::channel::DEPTH_MAX {
-        anyhow::bail!("--stream-depth must be 1..={}", ivy::channel::DEPTH_MAX);
-    }
+    let stream_depth = stream_depth(&args)?;
     let fd_limit = match descriptors::raise_limit() {
         Ok(limit) => Some(limit),
         Err(e) => {
@@ -116,7 +115,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let store_opts = StoreOptions {
         durability: args.durability,
-        stream_depth: args.stream_depth,
+        stream_depth,
         event_bytes_max: args.body_bytes_max.max(args.frame_bytes_max),
         segment_bytes_max: args.segment_bytes_max.max(4096),
         segment_age_max: (args.segment_age_secs > 0)
@@ -184,6 +183,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         server.serve(listener, shutdown_signal()).await?;
         Ok(())
     })
+}
+
+/// The stream depth to open the data directory with: the one it was created with, which
+/// `--stream-depth` may repeat but not change (the streams on disk are cut at that depth), or
+/// the flag's for a new directory (default 1).
+fn stream_depth(args: &Args) -> anyhow::Result<usize> {
+    let stored = ivy::storage::stored_stream_depth(&args.data)
+        .with_context(|| format!("cannot open data directory {}", args.data.display()))?;
+    match (args.stream_depth, stored) {
+        (Some(asked), _) if asked == 0 || asked > ivy::channel::DEPTH_MAX => {
+            anyhow::bail!("--stream-depth must be 1..={}", ivy::channel::DEPTH_MAX)
+        }
+        (Some(asked), Some(stored)) if asked != stored => anyhow::bail!(
+            "--stream-depth {asked}: {} was created with stream depth {stored}, which cannot \
+             change; leave the flag out or give {stored}",
+            args.data.display()
+        ),
+        (asked, stored) => Ok(stored.or(asked).unwrap_or(1)),
+    }
 }
 
 /// Resolves at SIGINT or SIGTERM.

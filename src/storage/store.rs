@@ -647,6 +647,19 @@ fn take_lock(dir: &Path, access: Access) -> Result<File> {
 
 /// Reads `DIR/IVY`, or writes it for a new store. Returns the stream depth in force: the one the
 /// directory was created with (a different one would route channels to other streams).
+/// The stream depth a data directory was created with (its `IVY` file), or `None` when `dir` holds
+/// no `IVY` file yet. The depth is fixed at creation: a store opened with another keeps this one.
+pub fn stored_stream_depth(dir: &Path) -> Result<Option<usize>> {
+    let path = dir.join(layout::META_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => parse_meta(&text)
+            .map(Some)
+            .map_err(|why| Error::NotAStore { path, why }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(&path, "read", e)),
+    }
+}
+
 fn read_or_write_meta(dir: &Path, wanted_depth: usize, access: Access) -> Result<usize> {
     let path = dir.join(layout::META_FILE);
     match fs::read_to_string(&path) {
