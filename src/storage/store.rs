@@ -684,23 +684,37 @@ fn read_or_write_meta(dir: &Path, wanted_depth: usize, access: Access) -> Result
     }
 }
 
+/// The stream depth of an `IVY` file's text. The page (`storage-format.md`) gives its three
+/// lines; a missing or unknown `format`, or a depth outside 1..=32, is refused rather than guessed.
 fn parse_meta(text: &str) -> std::result::Result<usize, String> {
     let mut lines = text.lines();
     if lines.next() != Some("ivy data directory") {
         return Err("first line is not 'ivy data directory'".into());
     }
-    let mut depth = None;
+    let (mut format, mut depth) = (None, None);
     for line in lines {
         match line.split_once(' ') {
-            Some(("format", "1")) => {}
-            Some(("format", v)) => {
-                return Err(format!("unsupported format {v} (this build reads 1)"))
-            }
-            Some(("stream_depth", v)) => depth = v.parse().ok(),
+            Some(("format", v)) => format = Some(v),
+            Some(("stream_depth", v)) => depth = Some(v),
             _ => {}
         }
     }
-    depth.ok_or_else(|| "no stream_depth line".into())
+    match format {
+        Some("1") => {}
+        Some(v) => return Err(format!("unsupported format {v} (this build reads 1)")),
+        None => return Err("no format line".into()),
+    }
+    let depth = depth.ok_or("no stream_depth line")?;
+    depth
+        .parse()
+        .ok()
+        .filter(|d| (1..=crate::channel::DEPTH_MAX).contains(d))
+        .ok_or_else(|| {
+            format!(
+                "stream_depth {depth} is not 1..={}",
+                crate::channel::DEPTH_MAX
+            )
+        })
 }
 
 /// How an append takes its bytes of the writer's budget (`StoreOptions::pending_bytes_max`).
@@ -710,4 +724,32 @@ enum Budget {
     Wait,
     /// Take them now: the caller has awaited `Store::room`.
     Take,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_meta;
+
+    #[test]
+    fn meta_files_are_read_or_refused() {
+        let ok = |text: &str, depth| assert_eq!(parse_meta(text), Ok(depth), "{text:?}");
+        ok("ivy data directory\nformat 1\nstream_depth 1\n", 1);
+        ok("ivy data directory\nformat 1\nstream_depth 32", 32);
+        ok(
+            "ivy data directory\nstream_depth 2\nformat 1\nlater addition x\n",
+            2,
+        );
+        for bad in [
+            "",
+            "ivy data directory\nstream_depth 1\n",
+            "ivy data directory\nformat 2\nstream_depth 1\n",
+            "ivy data directory\nformat 1\n",
+            "ivy data directory\nformat 1\nstream_depth 0\n",
+            "ivy data directory\nformat 1\nstream_depth 33\n",
+            "ivy data directory\nformat 1\nstream_depth -1\n",
+            "something else\nformat 1\nstream_depth 1\n",
+        ] {
+            assert!(parse_meta(bad).is_err(), "{bad:?}");
+        }
+    }
 }
