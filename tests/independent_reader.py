@@ -425,12 +425,19 @@ class DataDirectory:
 
     def events(self, select):
         """The events `select(stream, segment)` returns, merged by id across streams."""
-        found = []
+        found, last_of_stream = [], {}
         for stream, seg in self.segments():
             try:
-                found.extend(select(stream, seg))
+                selected = select(stream, seg)
             except Damage as damage:
                 self.problem(seg.rel, damage.offset, damage.what)
+                continue
+            # Within a stream, file order is id order: a segment's events follow the last one's.
+            if selected and selected[0].id <= last_of_stream.get(stream, -1):
+                self.problem(seg.rel, selected[0].offset, "id not above the previous segment's")
+            if selected:
+                last_of_stream[stream] = selected[-1].id
+            found.extend(selected)
         found.sort(key=lambda rec: rec.id)
         for a, b in zip(found, found[1:]):
             if a.id == b.id:
