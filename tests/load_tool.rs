@@ -105,3 +105,31 @@ fn publish_and_history_report_a_rate_and_the_cpu_each_side_used() {
     assert!(report.contains("cpu: ivy-bench "), "{report}");
     assert!(!report.contains("server"), "{report}");
 }
+
+/// `history-floor` starts its own fixed-answer server, reports that server's CPU beside its own,
+/// and stops it when done.
+#[test]
+fn history_floor_reports_its_server_and_stops_it() {
+    // No stderr pipe: a server left behind would hold it open, and the test would hang instead
+    // of failing below.
+    let out = Command::new(env!("CARGO_BIN_EXE_ivy-bench"))
+        .args(["--seconds", "1", "history-floor", "--connections", "2"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .expect("run ivy-bench");
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{report}");
+    assert!(
+        figure_after(&report, "keep-alive connections:") > 0.0,
+        "{report}"
+    );
+    assert!(report.contains("request latency: p50"), "{report}");
+    assert!(figure_after(&report, "cpu: server") > 0.0, "{report}");
+    let left: Vec<_> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains("fixed-answer-server"))
+        .collect();
+    assert!(left.is_empty(), "a fixed-answer server is still running");
+}

@@ -9,6 +9,7 @@
 //! its CPU is reported apart from the tool's, as a real server's is.
 
 use crate::history::measure;
+use crate::Spawned;
 use bytes::Bytes;
 use http_body_util::Full;
 use std::convert::Infallible;
@@ -21,29 +22,18 @@ pub(crate) async fn history_floor(
     n: usize,
 ) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
-    let mut child = Command::new(&exe)
+    let child = Command::new(&exe)
         .args(["fixed-answer-server", "--n", &n.to_string()])
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", exe.display()))?;
-    let stopped = |child: &mut std::process::Child| {
-        let _ = child.kill();
-        let _ = child.wait();
-    };
-    let addr = match read_address(&mut child) {
-        Ok(addr) => addr,
-        Err(e) => {
-            stopped(&mut child);
-            return Err(e);
-        }
-    };
-    let _ = crate::cpu::SERVER_PID.set(child.id());
+    let mut server = Spawned { child, _dir: None };
+    let addr = read_address(&mut server.child)?;
+    let _ = crate::cpu::SERVER_PID.set(server.child.id());
     let label = format!(
         "history-floor: a fixed answer as long as last {n}'s, {connections} keep-alive connections"
     );
-    let measured = measure(addr, seconds, connections, n, &label).await;
-    stopped(&mut child);
-    measured
+    measure(addr, seconds, connections, n, &label).await
 }
 
 fn read_address(child: &mut std::process::Child) -> anyhow::Result<SocketAddr> {

@@ -135,9 +135,11 @@ enum Mode {
     },
 }
 
-struct Spawned {
-    child: Child,
-    _dir: tempfile::TempDir,
+/// A server the tool started, killed when dropped (also when a run fails or panics), with the
+/// temporary data directory it was given, if any.
+pub(crate) struct Spawned {
+    pub(crate) child: Child,
+    pub(crate) _dir: Option<tempfile::TempDir>,
 }
 
 impl Drop for Spawned {
@@ -150,7 +152,7 @@ impl Drop for Spawned {
 fn spawn_server(durability: &str) -> anyhow::Result<(SocketAddr, Spawned)> {
     let exe = std::env::current_exe()?.with_file_name("ivy");
     let dir = tempfile::tempdir()?;
-    let mut child = Command::new(&exe)
+    let child = Command::new(&exe)
         .args([
             "serve",
             "--listen",
@@ -165,10 +167,14 @@ fn spawn_server(durability: &str) -> anyhow::Result<(SocketAddr, Spawned)> {
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", exe.display()))?;
-    let line = first_line(&mut child)?;
+    let mut spawned = Spawned {
+        child,
+        _dir: Some(dir),
+    };
+    let line = first_line(&mut spawned.child)?;
     let addr = ivy::server::listening_addr(&line)
         .ok_or_else(|| anyhow::anyhow!("unexpected first line: {line}"))?;
-    Ok((addr, Spawned { child, _dir: dir }))
+    Ok((addr, spawned))
 }
 
 /// The first line a spawned server prints (where it listens).
