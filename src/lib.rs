@@ -206,8 +206,9 @@
 //!   original JS client's behaviour, limits); `tests/storage.rs` (engine through its API),
 //!   `tests/model.rs` (proptest against an in-memory model, with crash cuts), `tests/cli.rs` (the
 //!   binary as a user runs it), `tests/storage_format.rs` (the format page's example and a
-//!   committed format-1 archive), `tests/independent_reader.rs` (a Python reader written from the
-//!   format page alone, `independent_reader.py`, against the engine),
+//!   committed format-1 archive), `tests/independent_reader.rs` (a Python reader and writer
+//!   written from the format page alone, `independent_reader.py` and `independent_writer.py`,
+//!   against the engine),
 //!   `tests/crash.rs` (SIGKILL of a child server), `tests/power_loss.rs` (unsynced writes
 //!   dropped), `tests/live_copy.rs` (a directory copied while written, then verified offline), `tests/faults.rs` and `tests/server/faults.rs` (full disk, read-only directory,
 //!   descriptors shared out between connections and streams), `tests/load_tool.rs` (`ivy-bench` against a child server, its
