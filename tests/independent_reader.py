@@ -245,13 +245,15 @@ class Segment:
         self.seal = seal_of(self.buf, is_last)
         self.footer = Footer(self.seal) if self.seal else None
         self.records_end = self.seal.offset if self.seal else len(self.buf)
+        # The event records alone: in a sealed segment no record may run into the seal.
+        self.records = memoryview(self.buf)[: self.records_end]
 
     def scan(self, start=SEGMENT_HEADER_LEN):
         """Event records from `start` on, up to the end of valid data as the page defines it."""
         at, previous = start, None
         while at < self.records_end:
             try:
-                rec = decode_record(self.buf, at)
+                rec = decode_record(self.records, at)
             except Damage as damage:
                 self.classify_end(damage)
                 return
@@ -358,11 +360,9 @@ class Segment:
         _, first, at, count = entry
         chain = []
         while at != 0:
-            rec = decode_record(self.buf, at)
+            rec = decode_record(self.records, at)
             if rec.kind != KIND_EVENT or rec.path != path or (rec.prev and rec.prev >= at):
                 raise Damage(at, "chain link is not an earlier record of %s" % path)
-            if rec.offset >= self.records_end:
-                raise Damage(at, "chain link past the records")
             chain.append(rec)
             at = rec.prev
         if len(chain) != count or chain[-1].offset != first:
