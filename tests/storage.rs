@@ -956,3 +956,20 @@ fn reads_of_live_segments_only_are_whole_or_say_they_stopped() {
         "only {whole_reads} reads stayed in live segments"
     );
 }
+
+/// A store is not created with a stream depth its `IVY` file could not be opened with again.
+#[test]
+fn a_new_store_refuses_a_stream_depth_outside_1_to_32() {
+    for depth in [0, 33] {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            stream_depth: depth,
+            ..StoreOptions::default()
+        };
+        assert!(
+            matches!(Store::open(dir.path(), opts), Err(Error::BadStreamDepth(d)) if d == depth),
+            "depth {depth}"
+        );
+        assert!(!dir.path().join("IVY").exists());
+    }
+}

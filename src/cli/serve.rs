@@ -192,7 +192,7 @@ fn stream_depth(args: &Args) -> anyhow::Result<usize> {
     let stored = ivy::storage::stored_stream_depth(&args.data)
         .with_context(|| format!("cannot open data directory {}", args.data.display()))?;
     match (args.stream_depth, stored) {
-        (Some(asked), _) if asked == 0 || asked > ivy::channel::DEPTH_MAX => {
+        (Some(asked), _) if !ivy::storage::is_valid_stream_depth(asked) => {
             anyhow::bail!("--stream-depth must be 1..={}", ivy::channel::DEPTH_MAX)
         }
         (Some(asked), Some(stored)) if asked != stored => anyhow::bail!(

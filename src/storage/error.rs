@@ -81,6 +81,9 @@ pub enum Error {
     IdNotAbove { id: u64, last: u64 },
     #[error("event ids are exhausted")]
     IdsExhausted,
+    /// A new store was asked for a stream depth outside 1..=32; nothing was created.
+    #[error("stream depth {0} is not 1..=32")]
+    BadStreamDepth(usize),
     /// The append would start a stream past `StoreOptions::streams_max`; nothing was stored.
     #[error("the store holds {max} streams, its limit, and this channel would start another")]
     TooManyStreams { max: usize },

@@ -41,7 +41,9 @@ pub use error::{Corruption, Error, Result, WriteFailure};
 pub use read::{Direction, Event, Events, Query, Reader};
 /// The bytes an event takes in the log, as `Store::room` counts them.
 pub use record::event_len as encoded_len;
-pub use store::{lock_directory, stored_stream_depth, DirLock, Store, StreamStats};
+pub use store::{
+    is_valid_stream_depth, lock_directory, stored_stream_depth, DirLock, Store, StreamStats,
+};
 pub use tail::Tail;
 
 use crate::clock::{Clock, SystemClock};

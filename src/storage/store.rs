@@ -645,8 +645,6 @@ fn take_lock(dir: &Path, access: Access) -> Result<File> {
     }
 }
 
-/// Reads `DIR/IVY`, or writes it for a new store. Returns the stream depth in force: the one the
-/// directory was created with (a different one would route channels to other streams).
 /// The stream depth a data directory was created with (its `IVY` file), or `None` when `dir` holds
 /// no `IVY` file yet. The depth is fixed at creation: a store opened with another keeps this one.
 pub fn stored_stream_depth(dir: &Path) -> Result<Option<usize>> {
@@ -660,14 +658,16 @@ pub fn stored_stream_depth(dir: &Path) -> Result<Option<usize>> {
     }
 }
 
+/// Reads `DIR/IVY`, or writes it for a new store. Returns the stream depth in force: the one the
+/// directory was created with (a different one would route channels to other streams).
 fn read_or_write_meta(dir: &Path, wanted_depth: usize, access: Access) -> Result<usize> {
     let path = dir.join(layout::META_FILE);
-    match fs::read_to_string(&path) {
-        Ok(text) => parse_meta(&text).map_err(|why| Error::NotAStore {
-            path: path.clone(),
-            why,
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && access == Access::ReadWrite => {
+    match stored_stream_depth(dir)? {
+        Some(depth) => Ok(depth),
+        None if access == Access::ReadWrite => {
+            if !is_valid_stream_depth(wanted_depth) {
+                return Err(Error::BadStreamDepth(wanted_depth));
+            }
             let text = format!("ivy data directory\nformat 1\nstream_depth {wanted_depth}\n");
             let tmp = dir.join("IVY.tmp");
             fs::write(&tmp, text).map_err(|e| Error::io(&tmp, "write", e))?;
@@ -680,8 +680,18 @@ fn read_or_write_meta(dir: &Path, wanted_depth: usize, access: Access) -> Result
                 .map_err(|e| Error::io(dir, "sync directory", e))?;
             Ok(wanted_depth)
         }
-        Err(e) => Err(Error::io(&path, "read", e)),
+        None => Err(Error::io(
+            &path,
+            "read",
+            std::io::ErrorKind::NotFound.into(),
+        )),
     }
+}
+
+/// Whether a store may be created with this stream depth: 1 to `channel::DEPTH_MAX`, as paths
+/// are deep. The same rule refuses an `IVY` file with another.
+pub fn is_valid_stream_depth(depth: usize) -> bool {
+    (1..=crate::channel::DEPTH_MAX).contains(&depth)
 }
 
 /// The stream depth of an `IVY` file's text. The page (`storage-format.md`) gives its three
@@ -708,7 +718,7 @@ fn parse_meta(text: &str) -> std::result::Result<usize, String> {
     depth
         .parse()
         .ok()
-        .filter(|d| (1..=crate::channel::DEPTH_MAX).contains(d))
+        .filter(|d| is_valid_stream_depth(*d))
         .ok_or_else(|| {
             format!(
                 "stream_depth {depth} is not 1..={}",
