@@ -43,6 +43,10 @@ pub struct ServerOptions {
     pub answer_bytes_total_max: usize,
     /// How long a read waits for its share of `answer_bytes_total_max` before it is answered 503.
     pub answer_wait: Duration,
+    /// Answers kept to be sent again while the commit watermark stands still
+    /// (`server/http/cache.rs`), in bytes; 0 keeps none. At most a quarter of
+    /// `answer_bytes_total_max`, whose budget the kept answers stay charged to.
+    pub answer_cache_bytes: usize,
     pub connections_max: usize,
     pub origins: OriginPolicy,
     pub ping_interval: Duration,
@@ -70,6 +74,7 @@ impl Default for ServerOptions {
             body_bytes_in_flight_max: 256 * 1024 * 1024,
             answer_bytes_total_max: 256 * 1024 * 1024,
             answer_wait: Duration::from_secs(10),
+            answer_cache_bytes: 32 * 1024 * 1024,
             connections_max: 100_000,
             origins: OriginPolicy::SameOriginAnd(Vec::new()),
             ping_interval: Duration::from_secs(50),

@@ -64,6 +64,8 @@ pub struct Metrics {
     pub write_timeouts: Counter,
     pub catchup_reads: Counter,
     pub sealed_reads: Counter,
+    pub answer_cache_hits: Counter,
+    pub answer_cache_misses: Counter,
     pub http_requests: Family<StatusLabel, Counter>,
 }
 
@@ -152,6 +154,16 @@ impl Metrics {
             "ivy_sealed_reads",
             "HTTP reads that reached sealed segments, made on a blocking thread",
             m.sealed_reads.clone(),
+        );
+        r.register(
+            "ivy_answer_cache_hits",
+            "HTTP reads answered from the answer cache",
+            m.answer_cache_hits.clone(),
+        );
+        r.register(
+            "ivy_answer_cache_misses",
+            "HTTP reads whose whole answer was built (and offered to the answer cache)",
+            m.answer_cache_misses.clone(),
         );
         r.register(
             "ivy_catchup_reads",

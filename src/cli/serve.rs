@@ -81,6 +81,10 @@ pub struct Args {
     /// Seconds a read waits for its share of --answer-bytes-total-max; then 503.
     #[arg(long, env = "IVY_ANSWER_WAIT_SECS", default_value_t = 10)]
     answer_wait_secs: u64,
+    /// Bytes of answers kept to be sent again to the same request while no event is committed
+    /// (at most a quarter of --answer-bytes-total-max); 0 keeps none.
+    #[arg(long, env = "IVY_ANSWER_CACHE_BYTES", default_value_t = 32 * 1024 * 1024)]
+    answer_cache_bytes: usize,
     /// Streams (top-level channels, at stream depth 1) the store may hold; publishing to a channel
     /// that would start another is refused with a reason. Each stream keeps a file open and
     /// mapped. Default: what the descriptor limit leaves (see the README).
@@ -143,6 +147,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         body_bytes_in_flight_max: args.body_bytes_in_flight_max,
         answer_bytes_total_max: args.answer_bytes_total_max,
         answer_wait: Duration::from_secs(args.answer_wait_secs),
+        answer_cache_bytes: args.answer_cache_bytes,
         connections_max: descriptors::connections_within(fd_limit, args.connections_max.max(1)),
         origins: OriginPolicy::from_list(&args.allow_origin),
         ping_interval: Duration::from_secs(args.ping_interval_secs.max(1)),

@@ -52,6 +52,8 @@ pub struct Shared {
     bodies: Arc<budget::Budget>,
     /// Bytes of HTTP answers built and not yet written (`ServerOptions::answer_bytes_total_max`).
     answers: Arc<budget::Budget>,
+    /// Whole answers kept while the watermark they were read at holds (`http/cache.rs`).
+    answer_cache: http::AnswerCache,
     next_session: AtomicU64,
     sid_seed: std::collections::hash_map::RandomState,
 }
@@ -77,6 +79,8 @@ impl Server {
         let connections = Arc::new(Semaphore::new(opts.connections_max));
         let bodies = Arc::new(budget::Budget::new(opts.body_bytes_in_flight_max));
         let answers = Arc::new(budget::Budget::new(opts.answer_bytes_total_max));
+        let answer_cache =
+            http::AnswerCache::new(opts.answer_cache_bytes, opts.answer_bytes_total_max);
         Ok(Server {
             shared: Arc::new(Shared {
                 hub,
@@ -85,6 +89,7 @@ impl Server {
                 connections,
                 bodies,
                 answers,
+                answer_cache,
                 next_session: AtomicU64::new(1),
                 sid_seed: std::collections::hash_map::RandomState::new(),
             }),

@@ -14,22 +14,22 @@ use hyper::{Request, Response, StatusCode};
 use std::hash::{Hash, Hasher};
 use std::ops::Bound;
 
-pub(super) fn cache_control(plan: &Plan) -> HeaderValue {
-    if plan.is_immutable {
+pub(super) fn cache_control(is_immutable: bool) -> HeaderValue {
+    if is_immutable {
         HeaderValue::from_static("public, max-age=31536000, immutable")
     } else {
         HeaderValue::from_static("no-cache")
     }
 }
 
-pub(super) fn not_modified(etag: &str, plan: &Plan) -> Response<Body> {
+pub(super) fn not_modified(etag: &str, is_immutable: bool) -> Response<Body> {
     let mut resp = Response::new(empty());
     *resp.status_mut() = StatusCode::NOT_MODIFIED;
     if let Ok(v) = HeaderValue::from_str(etag) {
         resp.headers_mut().insert(header::ETAG, v);
     }
     resp.headers_mut()
-        .insert(header::CACHE_CONTROL, cache_control(plan));
+        .insert(header::CACHE_CONTROL, cache_control(is_immutable));
     resp
 }
 

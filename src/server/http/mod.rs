@@ -6,9 +6,11 @@
 //! - `read.rs`: a read planned from its query, its inline part built (on the async thread while
 //!   it lies in live segments, else on a blocking thread), and the answer's headers.
 //! - `streamed.rs`: the rest of an answer too large to build inline, read a chunk at a time.
+//! - `cache.rs`: whole answers kept while the commit watermark they were read at holds.
 //! - `conditional.rs`: what makes answers cacheable: `ETag`, `Cache-Control`, 304s and `Range`.
 //! - `publish.rs`: `POST /events/PATH`.
 
+mod cache;
 mod conditional;
 mod publish;
 mod read;
@@ -22,6 +24,8 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use std::sync::Arc;
+
+pub(super) use cache::AnswerCache;
 
 pub type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 

@@ -8,6 +8,7 @@
 //! is charged to the server's answer budget until hyper has written it (`budget.rs`): a read first
 //! waits for its share, and is answered 503 if none comes within `answer_wait`.
 
+use super::cache::Answer;
 use super::conditional::{
     cache_control, etag_for, event_time, if_range_holds, matches_any_tag, not_modified, ranged,
 };
@@ -110,6 +111,14 @@ pub(super) async fn read(
 ) -> Response<Body> {
     let hub = &shared.hub;
     let watermark = hub.store.committed();
+    let request = req
+        .uri()
+        .path_and_query()
+        .map_or(req.uri().path(), |pq| pq.as_str());
+    if let Some(answer) = shared.answer_cache.get(request, watermark) {
+        hub.metrics.answer_cache_hits.inc();
+        return present(req, &answer, None);
+    }
     let plan = match plan(rest, req.uri().query().unwrap_or(""), watermark) {
         Ok(p) => p,
         Err(e) => {
@@ -123,9 +132,8 @@ pub(super) async fn read(
         }
     };
     let etag = etag_for(req, &plan);
-    let if_none_match = header_str(req.headers(), header::IF_NONE_MATCH);
-    if if_none_match.is_some_and(|v| matches_any_tag(v, &etag)) {
-        return not_modified(&etag, &plan);
+    if header_str(req.headers(), header::IF_NONE_MATCH).is_some_and(|v| matches_any_tag(v, &etag)) {
+        return not_modified(&etag, plan.is_immutable);
     }
     // Its share of the answers not yet written, taken before anything is built, then cut to
     // (or topped up to) what was built; from then on the answer's bytes carry it.
@@ -153,65 +161,103 @@ pub(super) async fn read(
     {
         return busy(ANSWERS_BUSY);
     }
-    let body = charge.attach(inline.body);
+    let link = match (inline.next_after, plan.limit) {
+        (Some(next_after), Some(limit)) => {
+            let mut link = format!("<{}?after={next_after}&limit={limit}", req.uri().path());
+            if let Some(until) = plan.until {
+                link.push_str(&format!("&until={until}"));
+            }
+            link.push_str(">; rel=\"next\"");
+            HeaderValue::from_str(&link).ok()
+        }
+        _ => None,
+    };
     let last_modified = inline.last_id.map(event_time);
+    let answer = Arc::new(Answer {
+        body: charge.attach(inline.body),
+        etag_header: HeaderValue::from_str(&etag).ok(),
+        etag,
+        last_modified_header: last_modified
+            .and_then(|lm| HeaderValue::from_str(&httpdate::fmt_http_date(lm)).ok()),
+        last_modified,
+        is_immutable: plan.is_immutable,
+        link,
+    });
+    match inline.rest {
+        None => {
+            hub.metrics.answer_cache_misses.inc();
+            shared.answer_cache.keep(request, watermark, &answer);
+            present(req, &answer, None)
+        }
+        Some(rest) => {
+            let streamed = stream_rest(shared, &plan, answer.body.clone(), rest);
+            present(req, &answer, Some(streamed))
+        }
+    }
+}
+
+/// The response to `req` from its answer: 304 when the client's copy is current, the part a
+/// `Range` asks for (206), else the whole; the headers; no body for `HEAD`. `streamed` is the
+/// body of an answer too large to build, which starts with `answer.body`; it has no known
+/// length, so it is always sent whole.
+fn present(req: &Request<Incoming>, answer: &Answer, streamed: Option<Body>) -> Response<Body> {
+    let headers = req.headers();
+    let if_none_match = header_str(headers, header::IF_NONE_MATCH);
+    if if_none_match.is_some_and(|v| matches_any_tag(v, &answer.etag)) {
+        return not_modified(&answer.etag, answer.is_immutable);
+    }
     // RFC 9110 13.1.3: If-Modified-Since is ignored when If-None-Match is present or the date
     // does not parse; otherwise unchanged means the last event is not after it (to the second).
     if let (Some(lm), None, Some(ims)) = (
-        last_modified,
+        answer.last_modified,
         if_none_match,
-        header_str(req.headers(), header::IF_MODIFIED_SINCE)
+        header_str(headers, header::IF_MODIFIED_SINCE)
             .and_then(|v| httpdate::parse_http_date(v).ok()),
     ) {
         if lm <= ims {
-            return not_modified(&etag, &plan);
+            return not_modified(&answer.etag, answer.is_immutable);
         }
     }
-    let range = req
-        .headers()
-        .get(header::RANGE)
-        .filter(|_| if_range_holds(req.headers(), &etag, last_modified, plan.is_immutable));
-    let mut resp = match (inline.rest, range) {
-        (None, Some(range)) => ranged(body, range),
-        (None, None) => Response::new(full(body)),
-        (Some(rest), _) => {
-            let body = if req.method() == Method::HEAD {
-                empty()
-            } else {
-                stream_rest(shared, &plan, body, rest)
+    let is_head = req.method() == Method::HEAD;
+    let mut resp = match streamed {
+        Some(_) if is_head => Response::new(empty()),
+        Some(streamed) => Response::new(streamed),
+        None => {
+            let range = headers.get(header::RANGE).filter(|_| {
+                if_range_holds(
+                    headers,
+                    &answer.etag,
+                    answer.last_modified,
+                    answer.is_immutable,
+                )
+            });
+            let mut resp = match range {
+                Some(range) => ranged(answer.body.clone(), range),
+                None => Response::new(full(answer.body.clone())),
             };
-            Response::new(body)
+            if is_head {
+                let len = resp.body().size_hint().exact();
+                *resp.body_mut() = empty();
+                if let Some(len) = len {
+                    resp.headers_mut()
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                }
+            }
+            resp
         }
     };
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, TEXT_PLAIN);
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    if let Ok(v) = HeaderValue::from_str(&etag) {
-        h.insert(header::ETAG, v);
+    if let Some(v) = &answer.etag_header {
+        h.insert(header::ETAG, v.clone());
     }
-    if let Some(v) =
-        last_modified.and_then(|lm| HeaderValue::from_str(&httpdate::fmt_http_date(lm)).ok())
-    {
-        h.insert(header::LAST_MODIFIED, v);
+    if let Some(v) = &answer.last_modified_header {
+        h.insert(header::LAST_MODIFIED, v.clone());
     }
-    h.insert(header::CACHE_CONTROL, cache_control(&plan));
-    if let (Some(next_after), Some(limit)) = (inline.next_after, plan.limit) {
-        let mut link = format!("<{}?after={next_after}&limit={limit}", req.uri().path());
-        if let Some(until) = plan.until {
-            link.push_str(&format!("&until={until}"));
-        }
-        link.push_str(">; rel=\"next\"");
-        if let Ok(v) = HeaderValue::from_str(&link) {
-            h.insert(header::LINK, v);
-        }
-    }
-    if req.method() == Method::HEAD {
-        let len = resp.body().size_hint().exact();
-        *resp.body_mut() = empty();
-        if let Some(len) = len {
-            resp.headers_mut()
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-        }
+    h.insert(header::CACHE_CONTROL, cache_control(answer.is_immutable));
+    if let Some(link) = &answer.link {
+        h.insert(header::LINK, link.clone());
     }
     resp
 }
