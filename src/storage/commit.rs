@@ -452,11 +452,16 @@ impl Writer {
     /// Writes, syncs and publishes one round; returns its bytes (written, or undone on failure).
     fn commit(&mut self, round: Round) -> u64 {
         let shared = Arc::clone(&self.shared);
+        // With each stream's chunks, its last id: every append up to it is in them.
+        let mut last_ids = Vec::with_capacity(round.streams.len());
         let batches: Vec<(Arc<Stream>, Vec<Chunk>)> = round
             .streams
             .into_iter()
             .map(|s| {
-                let chunks = std::mem::take(&mut s.state.lock().pending);
+                let mut state = s.state.lock();
+                last_ids.push(state.last_id);
+                let chunks = std::mem::take(&mut state.pending);
+                drop(state);
                 (s, chunks)
             })
             .collect();
@@ -482,8 +487,9 @@ impl Writer {
                         .sum();
                     observer.round(events, started.elapsed());
                 }
-                for (s, chunks) in &batches {
+                for ((s, chunks), last_id) in batches.iter().zip(last_ids) {
                     s.state.lock().mark_committed(chunks);
+                    s.note_visible(last_id);
                 }
                 shared
                     .committed

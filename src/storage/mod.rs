@@ -42,7 +42,7 @@ pub use read::{Direction, Event, Events, Query, Reader};
 /// The bytes an event takes in the log, as `Store::room` counts them.
 pub use record::event_len as encoded_len;
 pub use store::{
-    is_valid_stream_depth, lock_directory, stored_stream_depth, DirLock, Store, StreamStats,
+    is_valid_stream_depth, lock_directory, stored_stream_depth, DirLock, Heads, Store, StreamStats,
 };
 pub use tail::Tail;
 

@@ -89,6 +89,9 @@ pub(crate) fn roll_back(
         i += 1;
     }
     out.kept = stored_above(&state, watermark)?;
+    if let Some(&newest) = out.kept.iter().max() {
+        stream.note_visible(crate::event_id::EventId(newest));
+    }
     Ok(out)
 }
 
@@ -128,6 +131,7 @@ fn stored_above(state: &StreamState, watermark: u64) -> Result<Vec<u64>> {
 mod tests {
     use super::*;
     use crate::channel::ChannelPath;
+    use crate::event_id::EventId;
     use crate::storage::Store;
 
     /// The state a race leaves: a round wrote events whose ids are above the watermark it read
@@ -149,8 +153,13 @@ mod tests {
         let stream = store.stream_for(&path).expect("stream");
         assert!(stream.state.lock().segments.len() >= 3, "several segments");
         let kept = |watermark: u64| {
+            // As if the events past the watermark had not been published by a round: the ones
+            // kept are published by the rollback, for `Store::heads`.
+            stream.set_visible_last(EventId(watermark));
             let mut kept = roll_back(&stream, &opts, watermark).expect("rollback").kept;
             kept.sort_unstable();
+            let newest = kept.last().copied().unwrap_or(watermark);
+            assert_eq!(stream.visible_last(), EventId(newest), "above {watermark}");
             kept
         };
         assert_eq!(kept(ids[17]), ids[18..], "the newest 12, across a seal");

@@ -22,7 +22,7 @@ use crate::event_id::EventId;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub struct Stream {
@@ -31,6 +31,10 @@ pub struct Stream {
     pub(crate) state: Mutex<StreamState>,
     /// Set while the stream is on the writer's dirty list; guarded by the sequencer's lock.
     pub(crate) is_dirty: AtomicBool,
+    /// The newest id readers can be shown in this stream (`Store::heads`): raised by the writer
+    /// once a round is published to readers (`mark_committed`) or a rollback keeps events, before
+    /// the commit watermark moves. Only ever grows.
+    visible_last: AtomicU64,
 }
 
 pub(crate) struct StreamState {
@@ -204,9 +208,28 @@ impl Stream {
         Stream {
             root,
             dir,
+            // What recovery found on disk is all visible.
+            visible_last: AtomicU64::new(state.last_id.0),
             state: Mutex::new(state),
             is_dirty: AtomicBool::new(false),
         }
+    }
+
+    /// The newest id readers can be shown in this stream (0 while it has none).
+    pub fn visible_last(&self) -> EventId {
+        EventId(self.visible_last.load(Ordering::Acquire))
+    }
+
+    /// Writer: events up to `id` are published to readers.
+    pub(crate) fn note_visible(&self, id: EventId) {
+        self.visible_last.fetch_max(id.0, Ordering::AcqRel);
+    }
+
+    /// For tests of the writer's failure paths, which must raise it themselves: sets it back to
+    /// `id`, as it stood before events past `id` were published.
+    #[cfg(test)]
+    pub(crate) fn set_visible_last(&self, id: EventId) {
+        self.visible_last.store(id.0, Ordering::Release);
     }
 
     pub fn root(&self) -> &ChannelPath {

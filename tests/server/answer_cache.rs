@@ -1,5 +1,5 @@
-//! The answer cache (`server/http/cache.rs`): a read asked again while nothing was committed is
-//! sent from the cache, exactly as it was built; once anything is committed, it is read again.
+//! The answer cache (`server/http/cache.rs`): a read asked again while its streams published
+//! nothing is sent from the cache, exactly as it was built; once they publish, it is read again.
 
 use super::harness::*;
 use ivy::config::ServerOptions;
@@ -10,7 +10,7 @@ async fn hits(server: &TestServer) -> u64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_kept_answer_is_sent_again_only_while_nothing_is_committed() {
+async fn a_kept_answer_is_sent_again_only_while_its_streams_publish_nothing() {
     let server = start().await;
     for i in 0..3 {
         post(&server, "/a/x", format!("m{i}").as_bytes()).await;
@@ -48,22 +48,33 @@ async fn a_kept_answer_is_sent_again_only_while_nothing_is_committed() {
     assert_eq!(get(&server, "/log/a/x?n=2").await.body, first.body);
     assert_eq!(hits(&server).await, before + 4);
 
-    // A commit in another stream changes no event of this answer, but moves the watermark its
-    // tag was made at: read again, the same events under a new tag.
+    // A commit in another stream changes nothing this answer holds by: still the same answer,
+    // tag and all, from the cache.
     post(&server, "/b/y", b"elsewhere").await;
     let after_other = get(&server, q).await;
     assert_eq!((after_other.status, &after_other.body), (200, &first.body));
-    assert_ne!(after_other.header("etag"), Some(tag.as_str()));
-    // The old tag no longer matches, in an answer from the entry just made.
+    assert_eq!(after_other.header("etag"), Some(tag.as_str()));
+    assert_eq!(status_of(&server, q, &[("If-None-Match", &tag)]).await, 304);
+    assert_eq!(hits(&server).await, before + 6);
+
+    // A commit in its own stream (`/a`, at the default stream depth of 1), on another channel:
+    // read again, the same events under a new tag.
+    post(&server, "/a/z", b"beside").await;
+    let after_beside = get(&server, q).await;
+    assert_eq!(
+        (after_beside.status, &after_beside.body),
+        (200, &first.body)
+    );
+    assert_ne!(after_beside.header("etag"), Some(tag.as_str()));
     assert_eq!(status_of(&server, q, &[("If-None-Match", &tag)]).await, 200);
-    assert_eq!(hits(&server).await, before + 5);
+    assert_eq!(hits(&server).await, before + 7);
 
     // A commit in this channel: the new event is there at once.
     let id = post(&server, "/a/x", b"newest").await;
     let after_own = get(&server, q).await.text();
     let last = after_own.lines().last().unwrap_or("");
     assert_eq!(last, format!("@{}:/a/x:newest", id_of(&id)));
-    assert_eq!(hits(&server).await, before + 5);
+    assert_eq!(hits(&server).await, before + 7);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,12 +104,24 @@ async fn no_reader_gets_an_answer_older_than_an_acknowledged_write() {
     for r in 0..2 {
         let (server, stop) = (server.clone(), stop.clone());
         readers.push(tokio::spawn(async move {
+            // What this reader saw last of each request: it may never go back.
+            let mut newest = std::collections::HashMap::new();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for w in 0..4 {
-                    let q = format!("/events/w{w}/c?n=1");
-                    assert_eq!(get(&server, &q).await.status, 200, "reader {r}");
+                for q in (0..4)
+                    .map(|w| format!("/events/w{w}/c?n=1"))
+                    .chain(["/events/**?n=5".to_string()])
+                {
+                    let answer = get(&server, &q).await;
+                    assert_eq!(answer.status, 200, "reader {r}: {q}");
+                    let text = answer.text();
+                    let last = text.lines().last().unwrap_or("").split(':').next();
+                    let last = id_of(last.unwrap_or(""));
+                    let before = newest.insert(q.clone(), last.clone()).unwrap_or_default();
+                    assert!(
+                        last >= before,
+                        "reader {r}: {q} went back, {before} -> {last}"
+                    );
                 }
-                assert_eq!(get(&server, "/events/**?n=5").await.status, 200);
             }
         }));
     }

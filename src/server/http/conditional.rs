@@ -4,6 +4,7 @@
 //! to, so it changes exactly when the answer can. `If-None-Match`, `If-Modified-Since` (304),
 //! `Range` (206, 416) and `If-Range` follow RFC 9110.
 
+use super::cache::Valid;
 use super::read::Plan;
 use super::{empty, full, header_str, text, Body};
 use crate::event_id::EventId;
@@ -33,13 +34,20 @@ pub(super) fn not_modified(etag: &str, is_immutable: bool) -> Response<Body> {
     resp
 }
 
-/// A strong tag of the request and the range end it was answered up to.
-pub(super) fn etag_for(req: &Request<Incoming>, plan: &Plan) -> String {
+/// A strong tag of the request and of what its answer holds by (`cache::Valid`): the heads of
+/// its streams for an open range that held all their events, so that writes elsewhere leave the
+/// tag alone; else the end of the range it was answered up to.
+pub(super) fn etag_for(req: &Request<Incoming>, plan: &Plan, valid: &Valid) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     req.uri().path().hash(&mut h);
     req.uri().query().unwrap_or("").hash(&mut h);
-    if let Bound::Included(end) = plan.query.end {
-        end.0.hash(&mut h);
+    match valid {
+        Valid::WhileHeads { sum, .. } => ("heads", sum).hash(&mut h),
+        Valid::Forever | Valid::AtWatermark(_) => {
+            if let Bound::Included(end) = plan.query.end {
+                ("end", end.0).hash(&mut h);
+            }
+        }
     }
     format!("\"{:016x}\"", h.finish())
 }

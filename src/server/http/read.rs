@@ -8,7 +8,7 @@
 //! is charged to the server's answer budget until hyper has written it (`budget.rs`): a read first
 //! waits for its share, and is answered 503 if none comes within `answer_wait`.
 
-use super::cache::Answer;
+use super::cache::{Answer, Valid};
 use super::conditional::{
     cache_control, etag_for, event_time, if_range_holds, matches_any_tag, not_modified, ranged,
 };
@@ -44,6 +44,8 @@ pub(super) struct Plan {
     is_reversed: bool,
     /// The answer can never change.
     pub is_immutable: bool,
+    /// No end was asked for (`at`, `until`): the answer ends at the watermark.
+    is_open: bool,
     /// The `limit` of a forward read, for the continuation link.
     limit: Option<u64>,
     until: Option<EventId>,
@@ -99,6 +101,7 @@ fn plan(rest: &str, query_text: &str, watermark: EventId) -> Result<Plan, ParseE
         query,
         is_reversed,
         is_immutable,
+        is_open: requested_end.is_none(),
         limit: req.limit,
         until: req.until,
     })
@@ -115,7 +118,7 @@ pub(super) async fn read(
         .uri()
         .path_and_query()
         .map_or(req.uri().path(), |pq| pq.as_str());
-    if let Some(answer) = shared.answer_cache.get(request, watermark) {
+    if let Some(answer) = shared.answer_cache.get(request, &hub.store, watermark) {
         hub.metrics.answer_cache_hits.inc();
         return present(req, &answer, None);
     }
@@ -131,7 +134,22 @@ pub(super) async fn read(
             return text(StatusCode::BAD_REQUEST, reason);
         }
     };
-    let etag = etag_for(req, &plan);
+    let valid = if plan.is_immutable {
+        Valid::Forever
+    } else {
+        // Read after the watermark, as `Store::heads` asks.
+        let heads = hub.store.heads(&plan.selector);
+        if plan.is_open && heads.newest <= watermark {
+            Valid::WhileHeads {
+                selector: plan.selector.clone(),
+                sum: heads.sum,
+                read_at: watermark,
+            }
+        } else {
+            Valid::AtWatermark(watermark)
+        }
+    };
+    let etag = etag_for(req, &plan, &valid);
     if header_str(req.headers(), header::IF_NONE_MATCH).is_some_and(|v| matches_any_tag(v, &etag)) {
         return not_modified(&etag, plan.is_immutable);
     }
@@ -186,7 +204,7 @@ pub(super) async fn read(
     match inline.rest {
         None => {
             hub.metrics.answer_cache_misses.inc();
-            shared.answer_cache.keep(request, watermark, &answer);
+            shared.answer_cache.keep(request, valid, &answer);
             present(req, &answer, None)
         }
         Some(rest) => {
