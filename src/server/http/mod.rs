@@ -83,14 +83,7 @@ pub(crate) fn method_not_allowed(allow: &'static str) -> Response<Body> {
 /// Answers one request. Never panics on input; every refusal is a 4xx with a reason.
 pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let mut resp = route(&shared, req).await;
-    shared
-        .hub
-        .metrics
-        .http_requests
-        .get_or_create(&crate::metrics::StatusLabel {
-            status: resp.status().as_u16(),
-        })
-        .inc();
+    shared.hub.metrics.count_http(resp.status().as_u16());
     if resp.status().is_client_error() {
         resp.headers_mut()
             .entry(header::CONTENT_TYPE)
@@ -100,7 +93,7 @@ pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Bod
 }
 
 async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
-    let path = req.uri().path().to_owned();
+    let path = req.uri().path();
     if path == "/ws" {
         return super::upgrade(shared, req);
     }
@@ -139,12 +132,14 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     if rest.contains('%') {
         return text(StatusCode::BAD_REQUEST, ParseError::EscapedPath.to_string());
     }
-    let origin = header_str(req.headers(), header::ORIGIN).map(str::to_owned);
-    let host = header_str(req.headers(), header::HOST).map(str::to_owned);
-    let is_allowed = shared
-        .opts
-        .origins
-        .allows(origin.as_deref(), host.as_deref());
+    // The value itself, not its text: echoed in CORS answers without a copy.
+    let origin = (req.headers().get(header::ORIGIN))
+        .filter(|v| v.to_str().is_ok())
+        .cloned();
+    let is_allowed = shared.opts.origins.allows(
+        origin.as_ref().and_then(|v| v.to_str().ok()),
+        header_str(req.headers(), header::HOST),
+    );
     // `/log` is the read-only spelling: publishing is `POST /events`.
     let methods = if is_events {
         "GET, HEAD, POST, OPTIONS"
@@ -157,7 +152,9 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             if !is_allowed {
                 return text(StatusCode::FORBIDDEN, "origin not allowed");
             }
-            publish::publish(shared, req, rest).await
+            // The path is the request's own text, and the request goes to the body reader.
+            let rest = rest.to_owned();
+            publish::publish(shared, req, &rest).await
         }
         Method::OPTIONS => {
             if !is_allowed {
@@ -183,16 +180,13 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         _ => method_not_allowed(methods),
     };
     if let (Some(origin), true) = (origin, is_allowed) {
-        if let Ok(v) = HeaderValue::from_str(&origin) {
-            resp.headers_mut()
-                .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
-            resp.headers_mut().insert(
-                header::ACCESS_CONTROL_EXPOSE_HEADERS,
-                HeaderValue::from_static("Link, ETag, Last-Modified"),
-            );
-            resp.headers_mut()
-                .append(header::VARY, HeaderValue::from_static("Origin"));
-        }
+        let h = resp.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("Link, ETag, Last-Modified"),
+        );
+        h.append(header::VARY, HeaderValue::from_static("Origin"));
     }
     resp
 }
