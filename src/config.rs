@@ -43,8 +43,8 @@ pub struct ServerOptions {
     pub answer_bytes_total_max: usize,
     /// How long a read waits for its share of `answer_bytes_total_max` before it is answered 503.
     pub answer_wait: Duration,
-    /// Answers kept to be sent again while the commit watermark stands still
-    /// (`server/http/cache.rs`), in bytes; 0 keeps none. At most a quarter of
+    /// Answers kept to be sent again while they hold (`server/http/cache.rs`), in bytes; 0
+    /// keeps none. At most a quarter of
     /// `answer_bytes_total_max`, whose budget the kept answers stay charged to.
     pub answer_cache_bytes: usize,
     pub connections_max: usize,

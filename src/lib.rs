@@ -103,9 +103,9 @@
 //!   chunk at a time from blocking tasks, each read when the one before is taken, so a client
 //!   that stops reading holds no thread; each part of an answer carries its charge of the answer
 //!   budget until hyper has written it. `cache.rs` keeps whole answers, and sends one again
-//!   to the same request while the commit watermark it was read at has not moved (an answer
-//!   is a function of the request and the watermark). `conditional.rs`: ETag, Cache-Control,
-//!   304, Range.
+//!   to the same request while it holds: an open read while its streams publish nothing
+//!   (`Store::heads`), a range that ended for good (an answer is a function of the request and
+//!   the events up to the watermark). `conditional.rs`: ETag, Cache-Control, 304, Range.
 //!   `publish.rs`: HTTP publish (forms, multipart, raw).
 //! - `ws.rs`: one connection: a reader task (frames, reassembly with the size limit, commands)
 //!   and a writer task (drains the session, sends acks once committed, pings, closes).

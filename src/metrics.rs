@@ -67,9 +67,6 @@ pub struct Metrics {
     pub answer_cache_hits: Counter,
     pub answer_cache_misses: Counter,
     pub http_requests: Family<StatusLabel, Counter>,
-    /// `http_requests` of status 200, held so that most requests count without the family's
-    /// lock and label hash.
-    pub http_ok: Counter,
 }
 
 impl Metrics {
@@ -193,22 +190,7 @@ impl Metrics {
             "HTTP requests by status",
             m.http_requests.clone(),
         );
-        m.http_ok = m
-            .http_requests
-            .get_or_create(&StatusLabel { status: 200 })
-            .clone();
         m
-    }
-
-    /// Counts one HTTP request by its answer's status.
-    pub fn count_http(&self, status: u16) {
-        if status == 200 {
-            self.http_ok.inc();
-        } else {
-            self.http_requests
-                .get_or_create(&StatusLabel { status })
-                .inc();
-        }
     }
 
     /// Brings the storage counters up to date (they live in the engine, which knows nothing of

@@ -81,8 +81,8 @@ pub struct Args {
     /// Seconds a read waits for its share of --answer-bytes-total-max; then 503.
     #[arg(long, env = "IVY_ANSWER_WAIT_SECS", default_value_t = 10)]
     answer_wait_secs: u64,
-    /// Bytes of answers kept to be sent again to the same request while no event is committed
-    /// (at most a quarter of --answer-bytes-total-max); 0 keeps none.
+    /// Bytes of answers kept to be sent again to the same request while the channels they read
+    /// get no new event (at most a quarter of --answer-bytes-total-max); 0 keeps none.
     #[arg(long, env = "IVY_ANSWER_CACHE_BYTES", default_value_t = 32 * 1024 * 1024)]
     answer_cache_bytes: usize,
     /// Streams (top-level channels, at stream depth 1) the store may hold; publishing to a channel

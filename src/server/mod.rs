@@ -52,7 +52,7 @@ pub struct Shared {
     bodies: Arc<budget::Budget>,
     /// Bytes of HTTP answers built and not yet written (`ServerOptions::answer_bytes_total_max`).
     answers: Arc<budget::Budget>,
-    /// Whole answers kept while the watermark they were read at holds (`http/cache.rs`).
+    /// Whole answers kept while they hold (`http/cache.rs`).
     answer_cache: http::AnswerCache,
     next_session: AtomicU64,
     sid_seed: std::collections::hash_map::RandomState,

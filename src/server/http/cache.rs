@@ -29,13 +29,13 @@
 //! holds, sent or kept. The cache's size is capped at a quarter of the budget, which leaves
 //! reads room to build.
 
+use super::conditional::LastModified;
 use crate::channel::Selector;
 use crate::event_id::EventId;
 use crate::storage::Store;
 use bytes::Bytes;
 use hyper::header::HeaderValue;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 /// The largest answer kept: the inline part's size (`read.rs`), past which answers stream.
 const ENTRY_BYTES_MAX: usize = 256 * 1024;
@@ -45,12 +45,8 @@ const ENTRY_OVERHEAD_BYTES: usize = 256;
 /// A whole answer to a read, as sent: the body and what its headers are made of.
 pub(super) struct Answer {
     pub body: Bytes,
-    pub etag: String,
-    /// `etag` as a header, made once for every time the answer is sent.
-    pub etag_header: Option<HeaderValue>,
-    pub last_modified: Option<SystemTime>,
-    /// `last_modified` as an HTTP date header, likewise.
-    pub last_modified_header: Option<HeaderValue>,
+    pub etag: HeaderValue,
+    pub last_modified: Option<LastModified>,
     /// The answer can never change (`Cache-Control: immutable`).
     pub is_immutable: bool,
     /// The continuation (`Link: <...>; rel="next"`) of a read that `limit` cut.
@@ -161,10 +157,8 @@ mod tests {
     fn answer(body: &'static [u8]) -> Arc<Answer> {
         Arc::new(Answer {
             body: Bytes::from_static(body),
-            etag: "\"0\"".into(),
-            etag_header: None,
+            etag: HeaderValue::from_static("\"0\""),
             last_modified: None,
-            last_modified_header: None,
             is_immutable: false,
             link: None,
         })

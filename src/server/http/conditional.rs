@@ -1,7 +1,8 @@
 //! What makes answers cacheable. An answer that can never change (its range ends at or before
 //! the commit watermark) is `Cache-Control: public, max-age=31536000, immutable`; the open tail
-//! is `no-cache`. The `ETag` is a hash of the request and the end of the range it was answered up
-//! to, so it changes exactly when the answer can. `If-None-Match`, `If-Modified-Since` (304),
+//! is `no-cache`. The `ETag` is a hash of the request and of what the answer holds by
+//! (`cache::Valid`: the heads of its streams, or the end of its range), so it changes when the
+//! answer can. `If-None-Match`, `If-Modified-Since` (304),
 //! `Range` (206, 416) and `If-Range` follow RFC 9110.
 
 use super::cache::Valid;
@@ -23,12 +24,10 @@ pub(super) fn cache_control(is_immutable: bool) -> HeaderValue {
     }
 }
 
-pub(super) fn not_modified(etag: &str, is_immutable: bool) -> Response<Body> {
+pub(super) fn not_modified(etag: &HeaderValue, is_immutable: bool) -> Response<Body> {
     let mut resp = Response::new(empty());
     *resp.status_mut() = StatusCode::NOT_MODIFIED;
-    if let Ok(v) = HeaderValue::from_str(etag) {
-        resp.headers_mut().insert(header::ETAG, v);
-    }
+    resp.headers_mut().insert(header::ETAG, etag.clone());
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, cache_control(is_immutable));
     resp
@@ -37,7 +36,7 @@ pub(super) fn not_modified(etag: &str, is_immutable: bool) -> Response<Body> {
 /// A strong tag of the request and of what its answer holds by (`cache::Valid`): the heads of
 /// its streams for an open range that held all their events, so that writes elsewhere leave the
 /// tag alone; else the end of the range it was answered up to.
-pub(super) fn etag_for(req: &Request<Incoming>, plan: &Plan, valid: &Valid) -> String {
+pub(super) fn etag_for(req: &Request<Incoming>, plan: &Plan, valid: &Valid) -> HeaderValue {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     req.uri().path().hash(&mut h);
     req.uri().query().unwrap_or("").hash(&mut h);
@@ -49,7 +48,23 @@ pub(super) fn etag_for(req: &Request<Incoming>, plan: &Plan, valid: &Valid) -> S
             }
         }
     }
-    format!("\"{:016x}\"", h.finish())
+    HeaderValue::try_from(format!("\"{:016x}\"", h.finish()))
+        .expect("hex digits in quotes are a header value")
+}
+
+/// An answer's `Last-Modified`: its last event's second, and that as the header.
+pub(super) struct LastModified {
+    pub at: std::time::SystemTime,
+    pub header: HeaderValue,
+}
+
+impl LastModified {
+    pub fn of(id: EventId) -> LastModified {
+        let at = event_time(id);
+        let header = HeaderValue::try_from(httpdate::fmt_http_date(at))
+            .expect("an HTTP date is a header value");
+        LastModified { at, header }
+    }
 }
 
 /// Answers a `Range`: 206 with the part, 416 when the range lies past the end, and the whole
@@ -131,19 +146,18 @@ fn parse_range(value: &str, len: usize) -> RangeAsk {
 /// then, as the open tail can change twice within its second).
 pub(super) fn if_range_holds(
     headers: &HeaderMap,
-    etag: &str,
-    last_modified: Option<std::time::SystemTime>,
+    etag: &HeaderValue,
+    last_modified: Option<&LastModified>,
     is_immutable: bool,
 ) -> bool {
     let Some(value) = header_str(headers, header::IF_RANGE).map(str::trim) else {
         return headers.get(header::IF_RANGE).is_none();
     };
     if value.starts_with('"') || value.starts_with("W/") {
-        return value == etag;
+        return value.as_bytes() == etag.as_bytes();
     }
     is_immutable
-        && last_modified.is_some()
-        && httpdate::parse_http_date(value).ok() == last_modified
+        && last_modified.is_some_and(|lm| httpdate::parse_http_date(value).ok() == Some(lm.at))
 }
 
 /// An event id's time, to the second (the resolution of an HTTP date).
@@ -153,13 +167,14 @@ pub(super) fn event_time(id: EventId) -> std::time::SystemTime {
 
 /// Whether an `If-None-Match` list matches `etag`: `*`, or any tag by the weak comparison that
 /// RFC 9110 13.1.2 prescribes for this header (a `W/` prefix is ignored on either side).
-pub(super) fn matches_any_tag(list: &str, etag: &str) -> bool {
+pub(super) fn matches_any_tag(list: &str, etag: &HeaderValue) -> bool {
     fn opaque(tag: &str) -> &str {
         let tag = tag.trim();
         tag.strip_prefix("W/").unwrap_or(tag)
     }
+    let etag = opaque(etag.to_str().unwrap_or_default());
     list.split(',')
-        .any(|t| t.trim() == "*" || opaque(t) == opaque(etag))
+        .any(|t| t.trim() == "*" || opaque(t) == etag)
 }
 
 #[cfg(test)]
@@ -178,7 +193,7 @@ mod tests {
 
     #[test]
     fn if_none_match_compares_weakly() {
-        let tag = "\"0123\"";
+        let tag = &HeaderValue::from_static("\"0123\"");
         for list in [
             "\"0123\"",
             "W/\"0123\"",

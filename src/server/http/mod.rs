@@ -6,7 +6,8 @@
 //! - `read.rs`: a read planned from its query, its inline part built (on the async thread while
 //!   it lies in live segments, else on a blocking thread), and the answer's headers.
 //! - `streamed.rs`: the rest of an answer too large to build inline, read a chunk at a time.
-//! - `cache.rs`: whole answers kept while the commit watermark they were read at holds.
+//! - `cache.rs`: whole answers kept, and sent again while they hold (their streams published
+//!   nothing, or their range ended).
 //! - `conditional.rs`: what makes answers cacheable: `ETag`, `Cache-Control`, 304s and `Range`.
 //! - `publish.rs`: `POST /events/PATH`.
 
@@ -83,7 +84,14 @@ pub(crate) fn method_not_allowed(allow: &'static str) -> Response<Body> {
 /// Answers one request. Never panics on input; every refusal is a 4xx with a reason.
 pub async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let mut resp = route(&shared, req).await;
-    shared.hub.metrics.count_http(resp.status().as_u16());
+    shared
+        .hub
+        .metrics
+        .http_requests
+        .get_or_create(&crate::metrics::StatusLabel {
+            status: resp.status().as_u16(),
+        })
+        .inc();
     if resp.status().is_client_error() {
         resp.headers_mut()
             .entry(header::CONTENT_TYPE)

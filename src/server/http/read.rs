@@ -10,7 +10,7 @@
 
 use super::cache::{Answer, Valid};
 use super::conditional::{
-    cache_control, etag_for, event_time, if_range_holds, matches_any_tag, not_modified, ranged,
+    cache_control, etag_for, if_range_holds, matches_any_tag, not_modified, ranged, LastModified,
 };
 use super::streamed::{stream_rest, Next};
 use super::{busy, empty, full, header_str, text, Body, TEXT_PLAIN};
@@ -190,14 +190,10 @@ pub(super) async fn read(
         }
         _ => None,
     };
-    let last_modified = inline.last_id.map(event_time);
     let answer = Arc::new(Answer {
         body: charge.attach(inline.body),
-        etag_header: HeaderValue::from_str(&etag).ok(),
         etag,
-        last_modified_header: last_modified
-            .and_then(|lm| HeaderValue::from_str(&httpdate::fmt_http_date(lm)).ok()),
-        last_modified,
+        last_modified: inline.last_id.map(LastModified::of),
         is_immutable: plan.is_immutable,
         link,
     });
@@ -227,12 +223,12 @@ fn present(req: &Request<Incoming>, answer: &Answer, streamed: Option<Body>) -> 
     // RFC 9110 13.1.3: If-Modified-Since is ignored when If-None-Match is present or the date
     // does not parse; otherwise unchanged means the last event is not after it (to the second).
     if let (Some(lm), None, Some(ims)) = (
-        answer.last_modified,
+        &answer.last_modified,
         if_none_match,
         header_str(headers, header::IF_MODIFIED_SINCE)
             .and_then(|v| httpdate::parse_http_date(v).ok()),
     ) {
-        if lm <= ims {
+        if lm.at <= ims {
             return not_modified(&answer.etag, answer.is_immutable);
         }
     }
@@ -245,7 +241,7 @@ fn present(req: &Request<Incoming>, answer: &Answer, streamed: Option<Body>) -> 
                 if_range_holds(
                     headers,
                     &answer.etag,
-                    answer.last_modified,
+                    answer.last_modified.as_ref(),
                     answer.is_immutable,
                 )
             });
@@ -267,11 +263,9 @@ fn present(req: &Request<Incoming>, answer: &Answer, streamed: Option<Body>) -> 
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, TEXT_PLAIN);
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    if let Some(v) = &answer.etag_header {
-        h.insert(header::ETAG, v.clone());
-    }
-    if let Some(v) = &answer.last_modified_header {
-        h.insert(header::LAST_MODIFIED, v.clone());
+    h.insert(header::ETAG, answer.etag.clone());
+    if let Some(lm) = &answer.last_modified {
+        h.insert(header::LAST_MODIFIED, lm.header.clone());
     }
     h.insert(header::CACHE_CONTROL, cache_control(answer.is_immutable));
     if let Some(link) = &answer.link {
