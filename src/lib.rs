@@ -23,8 +23,10 @@
 //!   [`storage::Store::open_read_only`] for the offline tools.
 //! - `src/cli/verify.rs`, `dump.rs`, `import.rs`, `stats.rs`: the offline tools, which need no server.
 //! - `src/bin/ivy-bench/`: the load tool, a file per mode (publish, fan-out, history, idle
-//!   connections, and `floor`: fan-out's clients against a bare socket writer, the machine's own
-//!   limit), beside the WebSocket client and the CPU report they share.
+//!   connections, and the machine's own limits: `floor`, fan-out's clients against a bare socket
+//!   writer; `history-floor`, history's readers against hyper with one fixed answer;
+//!   `publish-floor`, publish's clients against a bare group commit to one file), beside the
+//!   WebSocket client and the CPU report they share.
 //!
 //! ## Code map
 //!

@@ -106,30 +106,59 @@ fn publish_and_history_report_a_rate_and_the_cpu_each_side_used() {
     assert!(!report.contains("server"), "{report}");
 }
 
-/// `history-floor` starts its own fixed-answer server, reports that server's CPU beside its own,
-/// and stops it when done.
-#[test]
-fn history_floor_reports_its_server_and_stops_it() {
+/// Runs a floor mode, which starts its own server: its report, after checking that it exited 0,
+/// reported that server's CPU beside its own, and left no server (`marker` in its command line)
+/// and no file in the temporary directory behind.
+fn floor_run(args: &[&str], marker: &str) -> String {
+    let tmp = tempfile::tempdir().expect("tempdir");
     // No stderr pipe: a server left behind would hold it open, and the test would hang instead
     // of failing below.
     let out = Command::new(env!("CARGO_BIN_EXE_ivy-bench"))
-        .args(["--seconds", "1", "history-floor", "--connections", "2"])
+        .args(["--seconds", "1"])
+        .args(args)
+        .env("TMPDIR", tmp.path())
         .stderr(std::process::Stdio::null())
         .output()
         .expect("run ivy-bench");
     let report = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{report}");
-    assert!(
-        figure_after(&report, "keep-alive connections:") > 0.0,
-        "{report}"
-    );
-    assert!(report.contains("request latency: p50"), "{report}");
     assert!(figure_after(&report, "cpu: server") > 0.0, "{report}");
     let left: Vec<_> = std::fs::read_dir("/proc")
         .expect("/proc")
         .flatten()
         .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains("fixed-answer-server"))
+        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(marker))
         .collect();
-    assert!(left.is_empty(), "a fixed-answer server is still running");
+    assert!(left.is_empty(), "a {marker} is still running");
+    let files: Vec<_> = std::fs::read_dir(tmp.path())
+        .expect("tmp")
+        .flatten()
+        .collect();
+    assert!(files.is_empty(), "left behind: {files:?}");
+    report
+}
+
+#[test]
+fn history_floor_reports_its_server_and_stops_it() {
+    let report = floor_run(
+        &["history-floor", "--connections", "2"],
+        "fixed-answer-server",
+    );
+    assert!(
+        figure_after(&report, "keep-alive connections:") > 0.0,
+        "{report}"
+    );
+    assert!(report.contains("request latency: p50"), "{report}");
+}
+
+/// `publish-floor`'s server acknowledges every message, keyed by the client's own key: a
+/// missing or wrong ack would leave the client's window shut or fail its count.
+#[test]
+fn publish_floor_reports_its_server_and_stops_it() {
+    let report = floor_run(
+        &["publish-floor", "--connections", "2", "--window", "16"],
+        "commit-floor-server",
+    );
+    assert!(figure_after(&report, "window 16, 100 B:") > 0.0, "{report}");
+    assert!(report.contains("ack latency: p50"), "{report}");
 }

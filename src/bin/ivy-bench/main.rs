@@ -9,7 +9,9 @@
 //! - `idle`: N idle WebSocket connections, and the server's resident memory with them open;
 //! - `floor`: `fanout`'s subscribers against no server, for the machine's floor;
 //! - `history-floor`: `history`'s readers against a server that gives one fixed answer, for the
-//!   machine's floor under hyper.
+//!   machine's floor under hyper;
+//! - `publish-floor`: `publish`'s clients against a server that only group-commits their messages
+//!   to one file and acknowledges them, for the machine's floor of a durable publish.
 //!
 //! Each mode has its file; `client.rs` is the WebSocket client they share and `cpu.rs` the CPU
 //! report every run ends with. This file holds the command line, the spawned server and the
@@ -46,6 +48,7 @@ mod history;
 mod history_floor;
 mod idle;
 mod publish;
+mod publish_floor;
 
 #[derive(Parser)]
 #[command(name = "ivy-bench", about = "Load tool for ivy serve")]
@@ -122,6 +125,19 @@ enum Mode {
         #[arg(long, default_value_t = 100)]
         n: usize,
     },
+    /// The machine's floor for `publish` (a server that only group-commits and acknowledges;
+    /// see `publish_floor.rs`).
+    PublishFloor {
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        #[arg(long, default_value_t = 256)]
+        window: usize,
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        /// Distinct channels, spread over the connections.
+        #[arg(long, default_value_t = 4)]
+        paths: usize,
+    },
     Idle {
         #[arg(long, default_value_t = 10_000)]
         connections: usize,
@@ -132,6 +148,14 @@ enum Mode {
     FixedAnswerServer {
         #[arg(long)]
         n: usize,
+    },
+    /// The server `publish-floor` starts: prints its address, then group-commits and
+    /// acknowledges every message until killed.
+    #[command(hide = true)]
+    CommitFloorServer {
+        /// Where its file goes (`publish-floor` removes it).
+        #[arg(long)]
+        dir: std::path::PathBuf,
     },
 }
 
@@ -235,6 +259,24 @@ fn main() -> anyhow::Result<()> {
         Mode::FixedAnswerServer { n } => {
             return runtime.block_on(history_floor::serve_fixed_answer(n));
         }
+        Mode::PublishFloor {
+            connections,
+            window,
+            size,
+            paths,
+        } => {
+            let run = publish::Run {
+                label: "publish-floor",
+                connections,
+                window,
+                size,
+                paths,
+            };
+            return runtime.block_on(publish_floor::publish_floor(cli.seconds, run));
+        }
+        Mode::CommitFloorServer { dir } => {
+            return runtime.block_on(publish_floor::serve_commit_floor(&dir));
+        }
         _ => {}
     }
     let spawned = match cli.addr {
@@ -257,7 +299,16 @@ fn main() -> anyhow::Result<()> {
                 window,
                 size,
                 paths,
-            } => publish::publish(addr, cli.seconds, connections, window, size, paths).await,
+            } => {
+                let run = publish::Run {
+                    label: "publish",
+                    connections,
+                    window,
+                    size,
+                    paths,
+                };
+                publish::publish(addr, cli.seconds, run).await
+            }
             Mode::Fanout {
                 subscribers,
                 size,
@@ -276,7 +327,11 @@ fn main() -> anyhow::Result<()> {
                 )
                 .await
             }
-            Mode::Floor { .. } | Mode::HistoryFloor { .. } | Mode::FixedAnswerServer { .. } => {
+            Mode::Floor { .. }
+            | Mode::HistoryFloor { .. }
+            | Mode::FixedAnswerServer { .. }
+            | Mode::PublishFloor { .. }
+            | Mode::CommitFloorServer { .. } => {
                 unreachable!("run above, without `ivy serve`")
             }
             Mode::History {

@@ -9,14 +9,24 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub(crate) async fn publish(
-    addr: SocketAddr,
-    seconds: u64,
-    connections: usize,
-    window: usize,
-    size: usize,
-    paths: usize,
-) -> anyhow::Result<()> {
+/// A publish run's shape, and the label its report starts with.
+pub(crate) struct Run {
+    pub(crate) label: &'static str,
+    pub(crate) connections: usize,
+    pub(crate) window: usize,
+    pub(crate) size: usize,
+    /// Distinct channels, spread over the connections.
+    pub(crate) paths: usize,
+}
+
+pub(crate) async fn publish(addr: SocketAddr, seconds: u64, run: Run) -> anyhow::Result<()> {
+    let Run {
+        label,
+        connections,
+        window,
+        size,
+        paths,
+    } = run;
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicU64::new(0));
     let refusals = Refusals::default();
@@ -122,11 +132,17 @@ pub(crate) async fn publish(
     let (done, elapsed, cpu) = measure_window(&acked, seconds).await;
     stop.store(true, Ordering::Relaxed);
     let mut lat = Vec::new();
+    // A publisher waits for acks to send more, so a server that stopped acknowledging would hold
+    // the run forever: it gets as long as a run's end takes, then the run fails.
+    let ends = Instant::now() + Duration::from_secs(10);
     for t in tasks {
-        lat.extend(t.await?);
+        match tokio::time::timeout_at(ends.into(), t).await {
+            Ok(done) => lat.extend(done?),
+            Err(_) => anyhow::bail!("the server stopped acknowledging publishes"),
+        }
     }
     say!(
-        "publish: {connections} connections, window {window}, {size} B: {:.0} acknowledged events/s over {elapsed:.1} s ({} total in {:.1} s)",
+        "{label}: {connections} connections, window {window}, {size} B: {:.0} acknowledged events/s over {elapsed:.1} s ({} total in {:.1} s)",
         done as f64 / elapsed,
         lat.len(),
         started.elapsed().as_secs_f64()
