@@ -161,4 +161,9 @@ fn publish_floor_reports_its_server_and_stops_it() {
     );
     assert!(figure_after(&report, "window 16, 100 B:") > 0.0, "{report}");
     assert!(report.contains("ack latency: p50"), "{report}");
+    // With its zero-filler too, whose file goes with the rest.
+    let with_zeroes = ["--zero-fill-pace", "2"];
+    let args = ["publish-floor", "--connections", "2", "--window", "16"];
+    let report = floor_run(&[&args[..], &with_zeroes].concat(), "commit-floor-server");
+    assert!(figure_after(&report, "window 16, 100 B:") > 0.0, "{report}");
 }

@@ -137,6 +137,10 @@ enum Mode {
         /// Distinct channels, spread over the connections.
         #[arg(long, default_value_t = 4)]
         paths: usize,
+        /// Bytes of zeroes written to another file per byte of the log, as Ivy fills its spare
+        /// segments (0: none).
+        #[arg(long, default_value_t = 0)]
+        zero_fill_pace: u64,
     },
     Idle {
         #[arg(long, default_value_t = 10_000)]
@@ -153,9 +157,11 @@ enum Mode {
     /// acknowledges every message until killed.
     #[command(hide = true)]
     CommitFloorServer {
-        /// Where its file goes (`publish-floor` removes it).
+        /// Where its files go (`publish-floor` removes them).
         #[arg(long)]
         dir: std::path::PathBuf,
+        #[arg(long, default_value_t = 0)]
+        zero_fill_pace: u64,
     },
 }
 
@@ -264,6 +270,7 @@ fn main() -> anyhow::Result<()> {
             window,
             size,
             paths,
+            zero_fill_pace,
         } => {
             let run = publish::Run {
                 label: "publish-floor",
@@ -272,10 +279,17 @@ fn main() -> anyhow::Result<()> {
                 size,
                 paths,
             };
-            return runtime.block_on(publish_floor::publish_floor(cli.seconds, run));
+            return runtime.block_on(publish_floor::publish_floor(
+                cli.seconds,
+                run,
+                zero_fill_pace,
+            ));
         }
-        Mode::CommitFloorServer { dir } => {
-            return runtime.block_on(publish_floor::serve_commit_floor(&dir));
+        Mode::CommitFloorServer {
+            dir,
+            zero_fill_pace,
+        } => {
+            return runtime.block_on(publish_floor::serve_commit_floor(&dir, zero_fill_pace));
         }
         _ => {}
     }

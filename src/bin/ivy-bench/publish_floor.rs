@@ -10,12 +10,16 @@
 //! segments, no fan-out and no commit watermark, and its file is zero-filled before the run and
 //! overwritten as a ring, so nothing is zero-filled while it is measured (Ivy zero-fills its next
 //! segment as it goes, `storage/spare.rs`). So it overstates what a real log could reach; what
-//! `publish` falls short of it is at most Ivy's cost.
+//! `publish` falls short of it is at most Ivy's cost. With `--zero-fill-pace P`, a second thread
+//! writes P bytes of zeroes to another file per byte the writer wrote, in Ivy's way (128 KiB
+//! pieces, each one's writeback started and the one before waited for), for the share of that
+//! difference that zero-filling costs the device.
 //!
 //! Its file is in the system's temporary directory, as the data of the `ivy serve` that `publish`
 //! starts: against a server on another disk (`--addr`), the two measure different devices.
 
 use crate::client::server_text_frame;
+use ivy::storage::io::FileIo;
 use parking_lot::{Condvar, Mutex};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -32,7 +36,11 @@ const RING_BYTES: u64 = 256 << 20;
 const MESSAGE_MAX: usize = 1 << 20;
 
 /// Starts the floor's server and runs `publish` against it.
-pub(crate) async fn publish_floor(seconds: u64, run: crate::publish::Run) -> anyhow::Result<()> {
+pub(crate) async fn publish_floor(
+    seconds: u64,
+    run: crate::publish::Run,
+    zero_fill_pace: u64,
+) -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
     // The directory is this process's, so that it is removed when the server is stopped.
     let dir = tempfile::tempdir()?;
@@ -40,6 +48,7 @@ pub(crate) async fn publish_floor(seconds: u64, run: crate::publish::Run) -> any
         .arg("commit-floor-server")
         .arg("--dir")
         .arg(dir.path())
+        .args(["--zero-fill-pace", &zero_fill_pace.to_string()])
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", exe.display()))?;
@@ -72,29 +81,33 @@ struct Outbox {
     ready: tokio::sync::Notify,
 }
 
+/// The group being gathered, and the writer's wake-up when it is no longer empty; the bytes the
+/// writer wrote, and the zero-filler's wake-up when they grow.
+#[derive(Default)]
 struct Log {
     group: Mutex<Group>,
     wake: Condvar,
+    written: Mutex<u64>,
+    more_written: Condvar,
 }
 
 /// The floor's server: zero-fills its file in `dir`, prints its address, then serves until
 /// killed.
-pub(crate) async fn serve_commit_floor(dir: &Path) -> anyhow::Result<()> {
+pub(crate) async fn serve_commit_floor(dir: &Path, zero_fill_pace: u64) -> anyhow::Result<()> {
     let file = zero_filled(&dir.join("floor.log"))?;
-    let log = Arc::new(Log {
-        group: Mutex::new(Group::default()),
-        wake: Condvar::new(),
-    });
+    let log = Arc::new(Log::default());
     {
         let log = Arc::clone(&log);
         std::thread::Builder::new()
             .name("floor-writer".into())
-            .spawn(move || {
-                let e = write_rounds(&file, &log);
-                // Without its writer the floor measures nothing: stop, so the run fails.
-                eprintln!("commit-floor-server: cannot write: {e}");
-                std::process::exit(2);
-            })?;
+            .spawn(move || stop_on(write_rounds(&file, &log)))?;
+    }
+    if zero_fill_pace > 0 {
+        let log = Arc::clone(&log);
+        let path = dir.join("zeroes");
+        std::thread::Builder::new()
+            .name("floor-zeroes".into())
+            .spawn(move || stop_on(fill_zeroes(&path, &log, zero_fill_pace)))?;
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     say!("{}", listener.local_addr()?);
@@ -107,6 +120,12 @@ pub(crate) async fn serve_commit_floor(dir: &Path) -> anyhow::Result<()> {
             }
         });
     }
+}
+
+/// Without its writer or its zero-filler the floor measures nothing: it stops, so the run fails.
+fn stop_on(e: std::io::Error) {
+    eprintln!("commit-floor-server: cannot write: {e}");
+    std::process::exit(2);
 }
 
 fn zero_filled(path: &Path) -> anyhow::Result<File> {
@@ -147,11 +166,46 @@ fn write_rounds(file: &File, log: &Log) -> std::io::Error {
             return e;
         }
         at += len;
+        *log.written.lock() += len;
+        log.more_written.notify_one();
         round.records.clear();
         for (outbox, frames) in round.acks.drain(..) {
             outbox.frames.lock().extend_from_slice(&frames);
             outbox.ready.notify_one();
         }
+    }
+}
+
+/// Writes `pace` bytes of zeroes to `path` per byte the writer wrote, as a ring, in pieces as
+/// Ivy's spare segments are filled (`storage/spare.rs`). Returns only on a failed write.
+fn fill_zeroes(path: &Path, log: &Log, pace: u64) -> std::io::Error {
+    let io = ivy::storage::io::OsIo;
+    let file = match io.create(path) {
+        Ok(file) => file,
+        Err(e) => return e,
+    };
+    let piece = vec![0u8; 128 << 10];
+    let len = piece.len() as u64;
+    let mut zeroed = 0u64;
+    loop {
+        {
+            let mut written = log.written.lock();
+            while *written * pace < zeroed + len {
+                log.more_written.wait(&mut written);
+            }
+        }
+        let at = zeroed % (RING_BYTES - RING_BYTES % len);
+        let done = io.write_at(path, &file, at, &piece).and_then(|()| {
+            io.write_back(path, &file, at, len, false)?;
+            match at.checked_sub(len) {
+                Some(before) => io.write_back(path, &file, before, len, true),
+                None => Ok(()),
+            }
+        });
+        if let Err(e) = done {
+            return e;
+        }
+        zeroed += len;
     }
 }
 
