@@ -11,9 +11,9 @@
 //! overwritten as a ring, so nothing is zero-filled while it is measured (Ivy zero-fills its next
 //! segment as it goes, `storage/spare.rs`). So it overstates what a real log could reach; what
 //! `publish` falls short of it is at most Ivy's cost. With `--zero-fill-pace P`, a second thread
-//! writes P bytes of zeroes to another file per byte the writer wrote, in Ivy's way (128 KiB
-//! pieces, each one's writeback started and the one before waited for), for the share of that
-//! difference that zero-filling costs the device.
+//! writes P bytes of zeroes per byte the writer wrote into new files, as Ivy prepares the
+//! segments a growing log will overwrite, for the share of that difference that zero-filling
+//! costs the device (its files stay until the run ends: a 10 s run writes about 1 GB of them).
 //!
 //! Its file is in the system's temporary directory, as the data of the `ivy serve` that `publish`
 //! starts: against a server on another disk (`--addr`), the two measure different devices.
@@ -32,6 +32,8 @@ use tokio::net::TcpStream;
 
 /// The size of the floor's file, written round after round as a ring.
 const RING_BYTES: u64 = 256 << 20;
+/// The size of each file of zeroes (`--zero-fill-pace`): Ivy's default segment size.
+const SPARE_BYTES: u64 = 64 << 20;
 /// A client message larger than this ends its connection (`publish` sends about 120 bytes).
 const MESSAGE_MAX: usize = 1 << 20;
 
@@ -104,10 +106,10 @@ pub(crate) async fn serve_commit_floor(dir: &Path, zero_fill_pace: u64) -> anyho
     }
     if zero_fill_pace > 0 {
         let log = Arc::clone(&log);
-        let path = dir.join("zeroes");
+        let dir = dir.to_owned();
         std::thread::Builder::new()
             .name("floor-zeroes".into())
-            .spawn(move || stop_on(fill_zeroes(&path, &log, zero_fill_pace)))?;
+            .spawn(move || stop_on(fill_zeroes(&dir, &log, zero_fill_pace)))?;
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     say!("{}", listener.local_addr()?);
@@ -176,17 +178,17 @@ fn write_rounds(file: &File, log: &Log) -> std::io::Error {
     }
 }
 
-/// Writes `pace` bytes of zeroes to `path` per byte the writer wrote, as a ring, in pieces as
-/// Ivy's spare segments are filled (`storage/spare.rs`). Returns only on a failed write.
-fn fill_zeroes(path: &Path, log: &Log, pace: u64) -> std::io::Error {
+/// Writes `pace` bytes of zeroes per byte the writer wrote, as Ivy fills its spare segments
+/// (`storage/spare.rs`): into a new file of `SPARE_BYTES` each time (`zeroes.0`, `zeroes.1`, ...,
+/// kept, as Ivy keeps its spares as segments), in 128 KiB pieces, each one's writeback started
+/// and the one before waited for, and each file synced once full. Returns only on a failed
+/// write.
+fn fill_zeroes(dir: &Path, log: &Log, pace: u64) -> std::io::Error {
     let io = ivy::storage::io::OsIo;
-    let file = match io.create(path) {
-        Ok(file) => file,
-        Err(e) => return e,
-    };
     let piece = vec![0u8; 128 << 10];
     let len = piece.len() as u64;
     let mut zeroed = 0u64;
+    let mut file: Option<(std::path::PathBuf, File)> = None;
     loop {
         {
             let mut written = log.written.lock();
@@ -194,14 +196,26 @@ fn fill_zeroes(path: &Path, log: &Log, pace: u64) -> std::io::Error {
                 log.more_written.wait(&mut written);
             }
         }
-        let at = zeroed % (RING_BYTES - RING_BYTES % len);
-        let done = io.write_at(path, &file, at, &piece).and_then(|()| {
-            io.write_back(path, &file, at, len, false)?;
+        let at = zeroed % SPARE_BYTES;
+        let done = (|| {
+            if at == 0 {
+                if let Some((path, full)) = &file {
+                    io.sync_data(path, full)?;
+                }
+                let path = dir.join(format!("zeroes.{}", zeroed / SPARE_BYTES));
+                let created = io.create(&path)?;
+                file = Some((path, created));
+            }
+            let Some((path, file)) = &file else {
+                return Ok(());
+            };
+            io.write_at(path, file, at, &piece)?;
+            io.write_back(path, file, at, len, false)?;
             match at.checked_sub(len) {
-                Some(before) => io.write_back(path, &file, before, len, true),
+                Some(before) => io.write_back(path, file, before, len, true),
                 None => Ok(()),
             }
-        });
+        })();
         if let Err(e) = done {
             return e;
         }
