@@ -70,19 +70,35 @@ struct Cli {
     mode: Mode,
 }
 
+/// The shape of a publish run, for `publish` and `publish-floor` alike.
+#[derive(clap::Args)]
+struct PublishArgs {
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// Distinct channels, spread over the connections.
+    #[arg(long, default_value_t = 4)]
+    paths: usize,
+}
+
+impl PublishArgs {
+    fn run(self, label: &'static str) -> publish::Run {
+        publish::Run {
+            label,
+            connections: self.connections,
+            window: self.window,
+            size: self.size,
+            paths: self.paths,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Mode {
-    Publish {
-        #[arg(long, default_value_t = 4)]
-        connections: usize,
-        #[arg(long, default_value_t = 256)]
-        window: usize,
-        #[arg(long, default_value_t = 100)]
-        size: usize,
-        /// Distinct channels, spread over the connections.
-        #[arg(long, default_value_t = 4)]
-        paths: usize,
-    },
+    Publish(PublishArgs),
     Fanout {
         #[arg(long, default_value_t = 1000)]
         subscribers: usize,
@@ -128,15 +144,8 @@ enum Mode {
     /// The machine's floor for `publish` (a server that only group-commits and acknowledges;
     /// see `publish_floor.rs`).
     PublishFloor {
-        #[arg(long, default_value_t = 4)]
-        connections: usize,
-        #[arg(long, default_value_t = 256)]
-        window: usize,
-        #[arg(long, default_value_t = 100)]
-        size: usize,
-        /// Distinct channels, spread over the connections.
-        #[arg(long, default_value_t = 4)]
-        paths: usize,
+        #[command(flatten)]
+        args: PublishArgs,
         /// Bytes of zeroes written to another file per byte of the log, as Ivy fills its spare
         /// segments (0: none).
         #[arg(long, default_value_t = 0)]
@@ -266,19 +275,10 @@ fn main() -> anyhow::Result<()> {
             return runtime.block_on(history_floor::serve_fixed_answer(n));
         }
         Mode::PublishFloor {
-            connections,
-            window,
-            size,
-            paths,
+            args,
             zero_fill_pace,
         } => {
-            let run = publish::Run {
-                label: "publish-floor",
-                connections,
-                window,
-                size,
-                paths,
-            };
+            let run = args.run("publish-floor");
             return runtime.block_on(publish_floor::publish_floor(
                 cli.seconds,
                 run,
@@ -308,21 +308,7 @@ fn main() -> anyhow::Result<()> {
     }
     runtime.block_on(async move {
         match cli.mode {
-            Mode::Publish {
-                connections,
-                window,
-                size,
-                paths,
-            } => {
-                let run = publish::Run {
-                    label: "publish",
-                    connections,
-                    window,
-                    size,
-                    paths,
-                };
-                publish::publish(addr, cli.seconds, run).await
-            }
+            Mode::Publish(args) => publish::publish(addr, cli.seconds, args.run("publish")).await,
             Mode::Fanout {
                 subscribers,
                 size,

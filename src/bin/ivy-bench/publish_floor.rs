@@ -374,31 +374,22 @@ fn client_frame(bytes: &mut [u8]) -> anyhow::Result<Option<(u8, std::ops::Range<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fastwebsockets::{Frame, OpCode};
 
-    fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
-        let mask = [0x12, 0x34, 0x56, 0x78];
-        let mut frame = vec![0x80 | opcode];
-        match payload.len() {
-            n if n < 126 => frame.push(0x80 | n as u8),
-            n if n <= 0xffff => {
-                frame.push(0x80 | 126);
-                frame.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                frame.push(0x80 | 127);
-                frame.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        frame
+    /// A client's frame, as fastwebsockets makes it.
+    fn masked(opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+        let mut frame = Frame::new(true, opcode, Some([0x12, 0x34, 0x56, 0x78]), payload.into());
+        frame.mask();
+        let mut head = [0u8; 16];
+        let n = frame.fmt_head(&mut head);
+        [&head[..n], &frame.payload[..]].concat()
     }
 
     #[test]
     fn client_frames_unmask_whole_or_wait_for_more() {
         for len in [0, 1, 125, 126, 65_535, 65_536] {
             let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
-            let mut bytes = masked(0x1, &payload);
+            let mut bytes = masked(OpCode::Text, &payload);
             let total = bytes.len();
             for cut in [0, 1, total - len - 1, total - 1] {
                 let mut short = bytes[..cut].to_vec();
