@@ -98,7 +98,10 @@ impl PublishArgs {
 
 #[derive(Subcommand)]
 enum Mode {
+    /// Acknowledged publishes/s from C connections, each keeping a window of unacknowledged ones
     Publish(PublishArgs),
+    /// 1 publisher to S subscribers of one channel: deliveries/s, latency, and lost, duplicated
+    /// and reordered events
     Fanout {
         #[arg(long, default_value_t = 1000)]
         subscribers: usize,
@@ -124,6 +127,7 @@ enum Mode {
         #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u64).range(1..))]
         rate: u64,
     },
+    /// Last-N reads over keep-alive HTTP connections: requests/s and latency
     History {
         #[arg(long, default_value_t = 32)]
         connections: usize,
@@ -151,6 +155,7 @@ enum Mode {
         #[arg(long, default_value_t = 0)]
         zero_fill_pace: u64,
     },
+    /// N idle WebSocket connections, and the server's resident memory with them open
     Idle {
         #[arg(long, default_value_t = 10_000)]
         connections: usize,
