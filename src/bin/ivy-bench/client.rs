@@ -144,10 +144,10 @@ pub(crate) struct FrameReader {
     end: usize,
 }
 
-impl FrameReader {
-    /// A frame larger than this is refused (the server's events here are about 100 B).
-    const FRAME_MAX: usize = 16 << 20;
+/// A frame larger than this is refused (the tool's events are about 100 B).
+pub(crate) const FRAME_MAX: usize = 16 << 20;
 
+impl FrameReader {
     fn new(tcp: OwnedReadHalf) -> FrameReader {
         FrameReader {
             tcp,
@@ -179,7 +179,7 @@ impl FrameReader {
         self.end -= self.at;
         self.at = 0;
         if self.end == self.buf.len() {
-            anyhow::ensure!(self.buf.len() < Self::FRAME_MAX, "frame too large");
+            anyhow::ensure!(self.buf.len() < FRAME_MAX, "frame too large");
             self.buf.resize(self.buf.len() * 2, 0);
         }
         let n = self.tcp.read(&mut self.buf[self.end..]).await?;
@@ -206,12 +206,31 @@ impl FrameReader {
 
 /// The opcode and the payload's range of the frame at the start of `bytes`, if it is whole.
 fn parse_server_frame(bytes: &[u8]) -> anyhow::Result<Option<(u8, std::ops::Range<usize>)>> {
+    let frame = parse_frame(bytes, false)?;
+    Ok(frame.map(|f| (f.opcode, f.payload)))
+}
+
+/// Where a frame lies in a buffer (`parse_frame`).
+pub(crate) struct FrameAt {
+    pub(crate) opcode: u8,
+    pub(crate) payload: std::ops::Range<usize>,
+    /// A client's frame's mask key.
+    pub(crate) mask: Option<[u8; 4]>,
+}
+
+/// The whole, unfragmented frame at the start of `bytes` (RFC 6455 section 5.2); `None` until it
+/// is whole. A client's frames are
+/// masked and a server's are not, so `from_client` says which a frame must be.
+pub(crate) fn parse_frame(bytes: &[u8], from_client: bool) -> anyhow::Result<Option<FrameAt>> {
     let [first, second, ..] = *bytes else {
         return Ok(None);
     };
     anyhow::ensure!(first & 0x70 == 0, "reserved bits set");
     anyhow::ensure!(first & 0x80 != 0, "fragmented message");
-    anyhow::ensure!(second & 0x80 == 0, "masked frame from the server");
+    anyhow::ensure!(
+        (second & 0x80 != 0) == from_client,
+        "a client's frames are masked and a server's are not"
+    );
     let (head, len) = match second & 0x7f {
         126 => match bytes.get(2..4) {
             Some(b) => (4, usize::from(u16::from_be_bytes([b[0], b[1]]))),
@@ -226,9 +245,18 @@ fn parse_server_frame(bytes: &[u8]) -> anyhow::Result<Option<(u8, std::ops::Rang
         },
         len => (2, usize::from(len)),
     };
-    anyhow::ensure!(len <= FrameReader::FRAME_MAX, "frame too large");
-    let end = head + len;
-    Ok((bytes.len() >= end).then_some((first & 0x0f, head..end)))
+    anyhow::ensure!(len <= FRAME_MAX, "frame too large");
+    let (mask, start) = match (from_client, bytes.get(head..head + 4)) {
+        (false, _) => (None, head),
+        (true, Some(key)) => (Some(key.try_into()?), head + 4),
+        (true, None) => return Ok(None),
+    };
+    let end = start + len;
+    Ok((bytes.len() >= end).then_some(FrameAt {
+        opcode: first & 0x0f,
+        payload: start..end,
+        mask,
+    }))
 }
 
 /// An unmasked (server to client) text frame, its head formatted by fastwebsockets as the

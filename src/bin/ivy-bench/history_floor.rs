@@ -9,38 +9,22 @@
 //! its CPU is reported apart from the tool's, as a real server's is.
 
 use crate::history::measure;
-use crate::Spawned;
 use bytes::Bytes;
 use http_body_util::Full;
 use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 
 pub(crate) async fn history_floor(
     seconds: u64,
     connections: usize,
     n: usize,
 ) -> anyhow::Result<()> {
-    let exe = std::env::current_exe()?;
-    let child = Command::new(&exe)
-        .args(["fixed-answer-server", "--n", &n.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", exe.display()))?;
-    let mut server = Spawned { child, _dir: None };
-    let addr = read_address(&mut server.child)?;
-    let _ = crate::cpu::SERVER_PID.set(server.child.id());
+    let n_text = n.to_string();
+    let args = ["fixed-answer-server", "--n", &n_text].map(std::ffi::OsStr::new);
+    let (addr, _server) = crate::spawn_floor_server(&args, None)?;
     let label = format!(
         "history-floor: a fixed answer as long as last {n}'s, {connections} keep-alive connections"
     );
     measure(addr, seconds, connections, n, &label).await
-}
-
-fn read_address(child: &mut std::process::Child) -> anyhow::Result<SocketAddr> {
-    let line = crate::first_line(child)?;
-    line.trim()
-        .parse()
-        .map_err(|e| anyhow::anyhow!("unexpected first line {line:?}: {e}"))
 }
 
 /// The answer `ivy serve` gives to a last-`n` read of `history`'s channel: `n` lines of 131

@@ -70,36 +70,10 @@ struct Cli {
     mode: Mode,
 }
 
-/// The shape of a publish run, for `publish` and `publish-floor` alike.
-#[derive(clap::Args)]
-struct PublishArgs {
-    #[arg(long, default_value_t = 4)]
-    connections: usize,
-    #[arg(long, default_value_t = 256)]
-    window: usize,
-    #[arg(long, default_value_t = 100)]
-    size: usize,
-    /// Distinct channels, spread over the connections.
-    #[arg(long, default_value_t = 4)]
-    paths: usize,
-}
-
-impl PublishArgs {
-    fn run(self, label: &'static str) -> publish::Run {
-        publish::Run {
-            label,
-            connections: self.connections,
-            window: self.window,
-            size: self.size,
-            paths: self.paths,
-        }
-    }
-}
-
 #[derive(Subcommand)]
 enum Mode {
     /// Acknowledged publishes/s from C connections, each keeping a window of unacknowledged ones
-    Publish(PublishArgs),
+    Publish(publish::PublishArgs),
     /// 1 publisher to S subscribers of one channel: deliveries/s, latency, and lost, duplicated
     /// and reordered events
     Fanout {
@@ -149,7 +123,7 @@ enum Mode {
     /// see `publish_floor.rs`).
     PublishFloor {
         #[command(flatten)]
-        args: PublishArgs,
+        args: publish::PublishArgs,
         /// Bytes of zeroes written to another file per byte of the log, as Ivy fills its spare
         /// segments (0: none).
         #[arg(long, default_value_t = 0)]
@@ -221,6 +195,29 @@ fn spawn_server(durability: &str) -> anyhow::Result<(SocketAddr, Spawned)> {
     Ok((addr, spawned))
 }
 
+/// Starts this binary again as a floor's own server (`args`: its hidden mode and flags), in its
+/// own process so that its CPU is reported apart from the tool's; returns the address it prints
+/// first. `dir`, if any, is removed once the server is stopped.
+pub(crate) fn spawn_floor_server(
+    args: &[&std::ffi::OsStr],
+    dir: Option<tempfile::TempDir>,
+) -> anyhow::Result<(SocketAddr, Spawned)> {
+    let exe = std::env::current_exe()?;
+    let child = Command::new(&exe)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", exe.display()))?;
+    let mut server = Spawned { child, _dir: dir };
+    let line = first_line(&mut server.child)?;
+    let addr = line
+        .trim()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("unexpected first line {line:?}: {e}"))?;
+    let _ = cpu::SERVER_PID.set(server.child.id());
+    Ok((addr, server))
+}
+
 /// The first line a spawned server prints (where it listens).
 pub(crate) fn first_line(child: &mut Child) -> anyhow::Result<String> {
     let stdout = child
@@ -283,10 +280,9 @@ fn main() -> anyhow::Result<()> {
             args,
             zero_fill_pace,
         } => {
-            let run = args.run("publish-floor");
             return runtime.block_on(publish_floor::publish_floor(
                 cli.seconds,
-                run,
+                &args,
                 zero_fill_pace,
             ));
         }
@@ -313,7 +309,7 @@ fn main() -> anyhow::Result<()> {
     }
     runtime.block_on(async move {
         match cli.mode {
-            Mode::Publish(args) => publish::publish(addr, cli.seconds, args.run("publish")).await,
+            Mode::Publish(args) => publish::publish(addr, cli.seconds, "publish", &args).await,
             Mode::Fanout {
                 subscribers,
                 size,

@@ -9,24 +9,33 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A publish run's shape, and the label its report starts with.
-pub(crate) struct Run {
-    pub(crate) label: &'static str,
-    pub(crate) connections: usize,
-    pub(crate) window: usize,
-    pub(crate) size: usize,
+/// The shape of a publish run, for `publish` and `publish-floor` alike.
+#[derive(clap::Args)]
+pub(crate) struct PublishArgs {
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    #[arg(long, default_value_t = 100)]
+    size: usize,
     /// Distinct channels, spread over the connections.
-    pub(crate) paths: usize,
+    #[arg(long, default_value_t = 4)]
+    paths: usize,
 }
 
-pub(crate) async fn publish(addr: SocketAddr, seconds: u64, run: Run) -> anyhow::Result<()> {
-    let Run {
-        label,
+/// Runs `args` against the server at `addr` for `seconds`; the report starts with `label`.
+pub(crate) async fn publish(
+    addr: SocketAddr,
+    seconds: u64,
+    label: &str,
+    args: &PublishArgs,
+) -> anyhow::Result<()> {
+    let &PublishArgs {
         connections,
         window,
         size,
         paths,
-    } = run;
+    } = args;
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicU64::new(0));
     let refusals = Refusals::default();

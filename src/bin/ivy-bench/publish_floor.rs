@@ -18,13 +18,12 @@
 //! Its file is in the system's temporary directory, as the data of the `ivy serve` that `publish`
 //! starts: against a server on another disk (`--addr`), the two measure different devices.
 
-use crate::client::server_text_frame;
+use crate::client::{parse_frame, server_text_frame, FRAME_MAX};
 use ivy::storage::io::FileIo;
 use parking_lot::{Condvar, Mutex};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -34,37 +33,26 @@ use tokio::net::TcpStream;
 const RING_BYTES: u64 = 256 << 20;
 /// The size of each file of zeroes (`--zero-fill-pace`): Ivy's default segment size.
 const SPARE_BYTES: u64 = 64 << 20;
-/// A client message larger than this ends its connection (`publish` sends about 120 bytes).
-const MESSAGE_MAX: usize = 1 << 20;
 
 /// Starts the floor's server and runs `publish` against it.
 pub(crate) async fn publish_floor(
     seconds: u64,
-    run: crate::publish::Run,
+    run: &crate::publish::PublishArgs,
     zero_fill_pace: u64,
 ) -> anyhow::Result<()> {
-    let exe = std::env::current_exe()?;
     // The directory is this process's, so that it is removed when the server is stopped.
     let dir = tempfile::tempdir()?;
-    let child = Command::new(&exe)
-        .arg("commit-floor-server")
-        .arg("--dir")
-        .arg(dir.path())
-        .args(["--zero-fill-pace", &zero_fill_pace.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| anyhow::anyhow!("cannot start {}: {e}", exe.display()))?;
-    let mut server = crate::Spawned {
-        child,
-        _dir: Some(dir),
-    };
-    let line = crate::first_line(&mut server.child)?;
-    let addr = line
-        .trim()
-        .parse()
-        .map_err(|e| anyhow::anyhow!("unexpected first line {line:?}: {e}"))?;
-    let _ = crate::cpu::SERVER_PID.set(server.child.id());
-    crate::publish::publish(addr, seconds, run).await
+    let path = dir.path().to_owned();
+    let pace = zero_fill_pace.to_string();
+    let args = [
+        "commit-floor-server".as_ref(),
+        "--dir".as_ref(),
+        path.as_os_str(),
+        "--zero-fill-pace".as_ref(),
+        pace.as_ref(),
+    ];
+    let (addr, _server) = crate::spawn_floor_server(&args, Some(dir))?;
+    crate::publish::publish(addr, seconds, "publish-floor", run).await
 }
 
 /// What the connections have read since the writer last took it.
@@ -297,7 +285,7 @@ async fn read_messages(
         buf.copy_within(at..end, 0);
         end -= at;
         if end == buf.len() {
-            anyhow::ensure!(buf.len() < 2 * MESSAGE_MAX, "message too large");
+            anyhow::ensure!(buf.len() < 2 * FRAME_MAX, "message too large");
             buf.resize(buf.len() * 2, 0);
         }
         let n = rd.read(&mut buf[end..]).await?;
@@ -337,38 +325,13 @@ async fn send_acks(mut wr: OwnedWriteHalf, outbox: Arc<Outbox>) {
 /// The opcode and the payload's range of the whole client frame at the start of `bytes`, its
 /// payload unmasked in place; `None` until it is whole.
 fn client_frame(bytes: &mut [u8]) -> anyhow::Result<Option<(u8, std::ops::Range<usize>)>> {
-    let [first, second, ..] = *bytes else {
+    let Some(frame) = parse_frame(bytes, true)? else {
         return Ok(None);
     };
-    anyhow::ensure!(first & 0x80 != 0, "fragmented message");
-    anyhow::ensure!(second & 0x80 != 0, "unmasked client frame");
-    let (len_end, len) = match second & 0x7f {
-        126 => match bytes.get(2..4) {
-            Some(b) => (4, u64::from(u16::from_be_bytes([b[0], b[1]]))),
-            None => return Ok(None),
-        },
-        127 => match bytes.get(2..10) {
-            Some(b) => (10, u64::from_be_bytes(b.try_into()?)),
-            None => return Ok(None),
-        },
-        len => (2, u64::from(len)),
-    };
-    anyhow::ensure!(len <= MESSAGE_MAX as u64, "message too large");
-    let start = len_end + 4;
-    let end = start + len as usize;
-    if bytes.len() < end {
-        return Ok(None);
+    if let Some(mask) = frame.mask {
+        fastwebsockets::unmask(&mut bytes[frame.payload.clone()], mask);
     }
-    let mask = [
-        bytes[len_end],
-        bytes[len_end + 1],
-        bytes[len_end + 2],
-        bytes[len_end + 3],
-    ];
-    for (i, b) in bytes[start..end].iter_mut().enumerate() {
-        *b ^= mask[i % 4];
-    }
-    Ok(Some((first & 0x0f, start..end)))
+    Ok(Some((frame.opcode, frame.payload)))
 }
 
 #[cfg(test)]
