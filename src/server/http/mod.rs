@@ -140,14 +140,13 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     if rest.contains('%') {
         return text(StatusCode::BAD_REQUEST, ParseError::EscapedPath.to_string());
     }
+    let origin_text = header_str(req.headers(), header::ORIGIN);
+    let is_allowed = shared
+        .opts
+        .origins
+        .allows(origin_text, header_str(req.headers(), header::HOST));
     // The value itself, not its text: echoed in CORS answers without a copy.
-    let origin = (req.headers().get(header::ORIGIN))
-        .filter(|v| v.to_str().is_ok())
-        .cloned();
-    let is_allowed = shared.opts.origins.allows(
-        origin.as_ref().and_then(|v| v.to_str().ok()),
-        header_str(req.headers(), header::HOST),
-    );
+    let origin = origin_text.and(req.headers().get(header::ORIGIN)).cloned();
     // `/log` is the read-only spelling: publishing is `POST /events`.
     let methods = if is_events {
         "GET, HEAD, POST, OPTIONS"
