@@ -50,6 +50,8 @@ pub struct ServerOptions {
     pub connections_max: usize,
     pub origins: OriginPolicy,
     pub ping_interval: Duration,
+    /// A WebSocket peer that sends no frame for this long is dropped, unless it is reading a
+    /// backlog (`ws.rs`, `Liveness`).
     pub idle_timeout: Duration,
     /// A write that the peer takes not one byte of for this long ends the connection
     /// (`server/stall.rs`).

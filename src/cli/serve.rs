@@ -96,7 +96,8 @@ pub struct Args {
     /// Other origins allowed for WebSocket upgrades, CORS and POST (repeat, or `*` for any).
     #[arg(long = "allow-origin", env = "IVY_ALLOW_ORIGIN", value_delimiter = ',')]
     allow_origin: Vec<String>,
-    /// Seconds without any frame after which a WebSocket peer is dropped.
+    /// Seconds without any frame after which a WebSocket peer is dropped (unless it is reading a
+    /// backlog the server is still sending it).
     #[arg(long, env = "IVY_IDLE_TIMEOUT_SECS", default_value_t = 60)]
     idle_timeout_secs: u64,
     /// Seconds between pings to each WebSocket peer.

@@ -95,3 +95,90 @@ impl AsyncWrite for SharedTcp {
         Poll::Ready(sock.shutdown(std::net::Shutdown::Write))
     }
 }
+
+/// What the kernel tells of a socket's sending: bytes its peer has acknowledged so far, and bytes
+/// written that wait unsent (the peer's window, or the network, holds them back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sending {
+    pub acked: u64,
+    pub unsent: u32,
+}
+
+/// `tcpi_bytes_acked` and `tcpi_notsent_bytes` of `tcp` (Linux 4.6 and later); `None` elsewhere
+/// or on an error.
+#[cfg(all(target_os = "linux", any(target_env = "gnu", target_env = "musl")))]
+pub fn sending(tcp: &TcpStream) -> Option<Sending> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `tcp_info` is plain integers, so all zeroes is a valid value.
+    #[allow(unsafe_code)]
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>()).ok()?;
+    // SAFETY: the kernel writes at most `len` bytes to `info`, which is that long, and sets
+    // `len` to what it wrote; `tcp` keeps its descriptor open for the call.
+    #[allow(unsafe_code)]
+    let done = unsafe {
+        libc::getsockopt(
+            tcp.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::addr_of_mut!(info).cast(),
+            &mut len,
+        )
+    };
+    // An older kernel writes less than the struct, and leaves these fields out.
+    let reaches = std::mem::offset_of!(libc::tcp_info, tcpi_notsent_bytes) + 4;
+    (done == 0 && usize::try_from(len).ok()? >= reaches).then_some(Sending {
+        acked: info.tcpi_bytes_acked,
+        unsent: info.tcpi_notsent_bytes,
+    })
+}
+
+#[cfg(not(all(target_os = "linux", any(target_env = "gnu", target_env = "musl"))))]
+pub fn sending(_tcp: &TcpStream) -> Option<Sending> {
+    None
+}
+
+#[cfg(all(
+    test,
+    target_os = "linux",
+    any(target_env = "gnu", target_env = "musl")
+))]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+
+    /// What `ws.rs` relies on: with a peer that reads nothing, bytes wait unsent and the count
+    /// acknowledged stops; once the peer reads, more is acknowledged.
+    #[tokio::test]
+    async fn sending_shows_a_backlog_and_what_the_peer_reads_of_it() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut client = socket
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let fresh = sending(&server).unwrap();
+        assert_eq!(fresh.unsent, 0);
+
+        let chunk = vec![7u8; 64 << 10];
+        let mut written = 0;
+        while let Ok(n) = server.try_write(&chunk) {
+            written += n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let stuck = sending(&server).unwrap();
+        assert!(stuck.unsent > 0, "{stuck:?}");
+        assert!(stuck.acked < written as u64, "{stuck:?} of {written}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(sending(&server).unwrap().acked, stuck.acked);
+
+        let mut read = vec![0u8; written.min(64 << 10)];
+        client.read_exact(&mut read).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let moved = sending(&server).unwrap();
+        assert!(moved.acked > stuck.acked, "{moved:?} after {stuck:?}");
+    }
+}

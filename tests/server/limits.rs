@@ -174,6 +174,39 @@ async fn idle_peers_are_dropped_and_pinged() {
     assert!(ok.request("k", "@").await.starts_with('@'));
 }
 
+/// A subscriber that sends nothing while it reads a long catch-up slowly is not silent: it takes
+/// what the server writes. It keeps its connection well past the idle timeout and gets every
+/// event. (Before, it was dropped with 1001 "idle timeout" mid-way: while the server writes a
+/// backlog it sends no ping, and a ping would wait behind the backlog anyway.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_of_a_backlog_is_not_taken_for_silent() {
+    let opts = ServerOptions {
+        idle_timeout: Duration::from_millis(500),
+        ping_interval: Duration::from_millis(200),
+        ..ServerOptions::default()
+    };
+    let server = start_with(opts, StoreOptions::default()).await;
+    // 6 MB, far more than the socket buffers hold with a 4 KiB receive window.
+    let data = "x".repeat(60_000);
+    for _ in 0..100 {
+        post(&server, "/backlog", data.as_bytes()).await;
+    }
+    let mut slow = ws_with_receive_buffer(&server, 4096).await;
+    slow.send("+/backlog@1").await;
+    // About 20 ms per event: 2 s for all, four idle timeouts, with nothing sent meanwhile.
+    let started = tokio::time::Instant::now();
+    let mut events = 0;
+    while events < 100 {
+        let m = slow.recv().await;
+        if m.ends_with(&data) {
+            events += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert!(started.elapsed() > Duration::from_millis(1500));
+    assert!(slow.request("k", "@").await.starts_with('@'));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_and_oversized_headers() {
     let opts = ServerOptions {

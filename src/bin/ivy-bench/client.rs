@@ -54,6 +54,18 @@ pub(crate) async fn upgrade(addr: SocketAddr) -> anyhow::Result<(OwnedReadHalf, 
     Ok((read, w))
 }
 
+/// Says what a close frame's payload says: its code and reason.
+pub(crate) fn closed_by_server(payload: &[u8]) -> String {
+    match payload {
+        [hi, lo, reason @ ..] => format!(
+            "closed by the server: {} {}",
+            u16::from_be_bytes([*hi, *lo]),
+            String::from_utf8_lossy(reason)
+        ),
+        _ => "closed by the server without a code".to_string(),
+    }
+}
+
 /// Answers a ping now.
 pub(crate) async fn pong(w: &mut Writer, payload: &[u8]) -> anyhow::Result<()> {
     w.write_frame(Frame::pong(Payload::Owned(payload.to_vec())))
@@ -194,9 +206,7 @@ impl FrameReader {
             match self.next()? {
                 Some(ServerFrame::Text(payload)) => return Ok(payload.to_vec()),
                 Some(ServerFrame::Ping(payload)) => pong(w, payload).await?,
-                Some(ServerFrame::Close(payload)) => {
-                    anyhow::bail!("closed by the server: {:?}", payload.get(..2))
-                }
+                Some(ServerFrame::Close(payload)) => anyhow::bail!(closed_by_server(payload)),
                 Some(ServerFrame::Other) => {}
                 None => self.fill().await?,
             }

@@ -2,7 +2,8 @@
 //! subscriber counts what it lost, saw twice or saw out of order.
 
 use crate::client::{
-    connect, pong, send, send_buffered, slot, FrameReader, Refusals, ServerFrame, Writer,
+    closed_by_server, connect, pong, send, send_buffered, slot, FrameReader, Refusals, ServerFrame,
+    Writer,
 };
 use crate::cpu::{CpuMeter, CpuUse};
 use crate::{now_nanos, percentiles};
@@ -39,6 +40,8 @@ pub(crate) struct SubStats {
     reordered: u64,
     /// Times the server closed the connection as lagging (1013) and it resumed.
     resumed: u64,
+    /// Why it stopped before it had every event, if it did.
+    gave_up: Option<String>,
     latencies: Vec<u64>,
 }
 
@@ -128,11 +131,21 @@ async fn subscriber(
                 command.extend_from_slice(&seen.last_id);
                 match subscribe(addr, &command).await {
                     Ok((f, writer)) => (frames, w) = (f, writer),
-                    Err(_) => break,
+                    Err(e) => {
+                        seen.st.gave_up = Some(format!("resuming: {e:#}"));
+                        break;
+                    }
                 }
                 seen.st.resumed += 1;
             }
-            Ok(Err(_)) | Err(_) => break,
+            Ok(Err(e)) => {
+                seen.st.gave_up = Some(format!("{e:#}"));
+                break;
+            }
+            Err(_) => {
+                seen.st.gave_up = Some("15 s without a message".to_string());
+                break;
+            }
         }
     }
     c.delivered.fetch_add(seen.uncounted, Ordering::Relaxed);
@@ -221,9 +234,7 @@ async fn read_batch(
             ServerFrame::Close(payload) if payload.starts_with(&1013u16.to_be_bytes()) => {
                 return Ok(Batch::Lagging)
             }
-            ServerFrame::Close(payload) => {
-                anyhow::bail!("closed by the server: {:?}", payload.get(..2))
-            }
+            ServerFrame::Close(payload) => anyhow::bail!(closed_by_server(payload)),
             ServerFrame::Other => {}
         }
         if seen.has_all(c) {
@@ -249,8 +260,13 @@ pub(crate) async fn report_fanout(
     let mut fast_lat = Vec::new();
     let (mut lost, mut dup, mut reorder, mut resumed) = (0u64, 0u64, 0u64, 0u64);
     let mut slow_done = 0;
+    let (mut gave_up, mut first_reason) = (0, None);
     for t in subs {
         let (is_slow, st) = t.await?;
+        if let Some(reason) = st.gave_up {
+            gave_up += 1;
+            first_reason.get_or_insert(reason);
+        }
         lost += seq.saturating_sub(st.unique);
         dup += st.duplicated;
         reorder += st.reordered;
@@ -266,6 +282,9 @@ pub(crate) async fn report_fanout(
         deliveries_during as f64 / publish_secs
     );
     say!("{label}: lost {lost}, duplicated {dup}, reordered {reorder}; slow subscribers complete: {slow_done}/{slow_count}; resumed after a lagging close: {resumed}");
+    if let Some(reason) = first_reason {
+        say!("{label}: {gave_up} subscribers stopped before they had every event; the first because: {reason}");
+    }
     percentiles("publish-to-delivery (fast subscribers)", fast_lat);
     cpu.report(deliveries_during, "delivery");
     Ok(())
