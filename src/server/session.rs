@@ -38,6 +38,16 @@ const OWN_IDS_MAX: usize = 16_384;
 /// --connections 1000 --window 16`: 169 MB of anonymous memory, most of it these ids).
 pub(crate) const OWN_PASSED_KEPT: usize = 1024;
 
+/// Reply bytes (control messages and acks not yet written, each counted with
+/// `REPLY_ENTRY_BYTES` more) a session may hold before its reader stops reading the peer's
+/// frames, until the writer has written them down to half of this (`Session::room_for_replies`).
+/// A peer that pipelines commands and does not read the replies must not make the server hold
+/// them all: 6 M pipelined `@` left unread took the server to 734 MB before this bound. Past it,
+/// the peer meets TCP backpressure, as a publisher does when the disk is behind.
+pub const REPLY_BYTES_MAX: usize = 1 << 20;
+/// What a reply costs besides its bytes (its queue entry, its frame head).
+const REPLY_ENTRY_BYTES: usize = 32;
+
 pub struct Session {
     pub id: SessionId,
     /// The text session id of the intro line (`~/sid`), used by HTTP publish's `sid`.
@@ -45,6 +55,8 @@ pub struct Session {
     pub state: Mutex<SessionState>,
     /// Wakes the connection's writer.
     pub wake: tokio::sync::Notify,
+    /// Wakes the reader waiting for room for replies (`room_for_replies`).
+    pub replies_taken: tokio::sync::Notify,
     /// The last event id fan-out considered for this session (the last of the run of one
     /// channel's events it delivered), so that overlapping subscriptions (`/a` and `/a/b`)
     /// yield one copy. Only the dispatcher thread touches it.
@@ -83,6 +95,10 @@ pub struct SessionState {
     /// Publish acks waiting for their event to be committed, in id order, with their keys (kept
     /// inline up to 24 bytes: an allocation per publish was measurable).
     pub pending_acks: VecDeque<(EventId, compact_str::CompactString)>,
+    /// What `control` and `pending_acks` hold, counted as `REPLY_BYTES_MAX` says.
+    pub reply_bytes: usize,
+    /// The reader waits for the writer to take replies (`Session::room_for_replies`).
+    pub is_reader_waiting: bool,
     pub mode: Mode,
     /// The last event id fan-out handled for this session while live: queued, or skipped as its
     /// own. A session that turns lagging reads the log after it.
@@ -115,6 +131,8 @@ impl Session {
                 queued_bytes: 0,
                 control: VecDeque::new(),
                 pending_acks: VecDeque::new(),
+                reply_bytes: 0,
+                is_reader_waiting: false,
                 mode: Mode::Live,
                 last_queued: EventId(0),
                 last_taken: EventId(0),
@@ -126,6 +144,7 @@ impl Session {
                 budget,
             }),
             wake: tokio::sync::Notify::new(),
+            replies_taken: tokio::sync::Notify::new(),
             last_considered: AtomicU64::new(0),
             is_awaiting_flush: AtomicBool::new(false),
             is_writing: AtomicBool::new(false),
@@ -134,7 +153,7 @@ impl Session {
 
     /// Queues a control message and wakes the writer.
     pub fn send_control(&self, message: Control) {
-        self.state.lock().control.push_back(message);
+        self.state.lock().push_control(message);
         self.wake.notify_one();
     }
 
@@ -149,7 +168,73 @@ impl Session {
     }
 }
 
+impl Control {
+    fn reply_bytes(&self) -> usize {
+        REPLY_ENTRY_BYTES
+            + match self {
+                Control::Text(b) | Control::Pong(b) => b.len(),
+                Control::Ping => 0,
+            }
+    }
+}
+
+impl Session {
+    /// Waits while the session holds `REPLY_BYTES_MAX` of replies or more, until the writer has
+    /// taken them down to half (or the session closes). Only the reader calls it.
+    pub async fn room_for_replies(&self) {
+        loop {
+            {
+                let mut st = self.state.lock();
+                if st.reply_bytes < REPLY_BYTES_MAX / 2 || st.close.is_some() {
+                    st.is_reader_waiting = false;
+                    return;
+                }
+                st.is_reader_waiting = true;
+            }
+            // A notification sent since the lock was released is kept for this wait.
+            self.replies_taken.notified().await;
+        }
+    }
+}
+
 impl SessionState {
+    pub fn push_control(&mut self, message: Control) {
+        self.reply_bytes += message.reply_bytes();
+        self.control.push_back(message);
+    }
+
+    pub fn push_ack(&mut self, id: EventId, key: compact_str::CompactString) {
+        self.reply_bytes += REPLY_ENTRY_BYTES + key.len();
+        self.pending_acks.push_back((id, key));
+    }
+
+    /// Takes the control messages, in order, for the writer.
+    pub fn take_control(&mut self) -> std::collections::vec_deque::Drain<'_, Control> {
+        for message in &self.control {
+            self.reply_bytes -= message.reply_bytes();
+        }
+        self.control.drain(..)
+    }
+
+    /// Takes the oldest pending ack for the writer.
+    pub fn take_ack(&mut self) -> Option<(EventId, compact_str::CompactString)> {
+        let (id, key) = self.pending_acks.pop_front()?;
+        self.reply_bytes -= REPLY_ENTRY_BYTES + key.len();
+        Some((id, key))
+    }
+
+    pub fn has_too_many_replies(&self) -> bool {
+        self.reply_bytes >= REPLY_BYTES_MAX
+    }
+
+    /// After the writer took replies: wakes the reader if it waits and there is room now.
+    pub fn note_replies_taken(&mut self, replies_taken: &tokio::sync::Notify) {
+        if self.is_reader_waiting && self.reply_bytes < REPLY_BYTES_MAX / 2 {
+            self.is_reader_waiting = false;
+            replies_taken.notify_one();
+        }
+    }
+
     /// Drops queued events above `cursor` (they will be read from the log again) and returns
     /// to reading from the log after `cursor`, or after the current lagging cursor if that is
     /// earlier (moving it forward would skip events of the other subscriptions). The lag count
@@ -256,6 +341,35 @@ mod tests {
 
     fn unbounded() -> Arc<Budget> {
         Arc::new(Budget::new(usize::MAX))
+    }
+
+    /// Replies are counted as they are queued and as the writer takes them, and the reader
+    /// waiting for room is woken only once they are down to half the bound.
+    #[test]
+    fn replies_are_counted_in_and_out_and_the_reader_is_woken_at_half() {
+        let session = Session::new(1, "s".into(), unbounded());
+        let mut st = session.state.lock();
+        let line = Bytes::from(vec![b'x'; 1000]);
+        while !st.has_too_many_replies() {
+            st.push_control(Control::Text(line.clone()));
+            st.push_ack(EventId(1), compact_str::CompactString::new("key"));
+        }
+        assert_eq!(
+            st.reply_bytes,
+            st.control.len() * (REPLY_ENTRY_BYTES + 1000)
+                + st.pending_acks.len() * (REPLY_ENTRY_BYTES + 3)
+        );
+        st.is_reader_waiting = true;
+        // Acks taken alone leave it above half: no wake-up.
+        while st.take_ack().is_some() {}
+        st.note_replies_taken(&session.replies_taken);
+        assert!(st.is_reader_waiting);
+        let controls = st.control.len();
+        assert_eq!(st.reply_bytes, controls * (REPLY_ENTRY_BYTES + 1000));
+        assert_eq!(st.take_control().count(), controls);
+        assert_eq!(st.reply_bytes, 0);
+        st.note_replies_taken(&session.replies_taken);
+        assert!(!st.is_reader_waiting);
     }
 
     /// Frames `@ID` (3 bytes for two-digit ids).

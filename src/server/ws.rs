@@ -375,11 +375,21 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     }
                 }
             }
-            if session.state.lock().close.is_some() {
+            let (is_closed, has_too_many_replies) = {
+                let st = session.state.lock();
+                (st.close.is_some(), st.has_too_many_replies())
+            };
+            if is_closed {
                 // Closed from elsewhere (lagging, shutdown): what was read is still published,
                 // as it would have been had it not waited in the batch.
                 publishes.append_when_room(&hub, &session).await;
                 return;
+            }
+            if has_too_many_replies {
+                // The peer sends commands faster than it reads the replies: its next frames wait
+                // in the socket. Its publishes read so far go first, so that their acks can come.
+                publishes.append_when_room(&hub, &session).await;
+                session.room_for_replies().await;
             }
         }
     }
@@ -549,7 +559,7 @@ fn append_acked(
             // A writer with acks pending already waits for the next commit; only the first
             // pending ack needs to wake it (one wake-up per publish was measurable).
             wake_writer |= st.pending_acks.is_empty();
-            st.pending_acks.push_back((id, key.clone()));
+            st.push_ack(id, key.clone());
         }
         appended += 1;
     });
@@ -629,7 +639,7 @@ fn take(hub: &Hub, session: &Session, bufs: &mut WriteBuffers) -> Taken {
     if let Some(rest) = st.partial.take() {
         bufs.out.extend_from_slice(&rest);
     }
-    for c in st.control.drain(..) {
+    for c in st.take_control() {
         match c {
             Control::Text(line) => push_frame(&mut bufs.out, OpCode::Text, &line),
             Control::Pong(payload) => push_frame(&mut bufs.out, OpCode::Pong, &payload),
@@ -643,7 +653,7 @@ fn take(hub: &Hub, session: &Session, bufs: &mut WriteBuffers) -> Taken {
         .front()
         .and_then(|(id, _)| hub.store.outcome(*id))
     {
-        let Some((id, key)) = st.pending_acks.pop_front() else {
+        let Some((id, key)) = st.take_ack() else {
             break;
         };
         bufs.line.clear();
@@ -664,6 +674,7 @@ fn take(hub: &Hub, session: &Session, bufs: &mut WriteBuffers) -> Taken {
     }
     let taken_upto = st.last_taken;
     st.prune_own(taken_upto);
+    st.note_replies_taken(&session.replies_taken);
     let charge = st.take_charge();
     if !bufs.out.is_empty() || !bufs.events.is_empty() || st.close.is_some() {
         // Under the lock, so fan-out sees it before it could write here itself.
@@ -766,7 +777,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         tokio::select! {
             _ = session.wake.notified() => {}
             Some(()) = async { match commit { Some(l) => { l.await; Some(()) } None => None } } => {}
-            _ = ping.tick() => session.state.lock().control.push_back(Control::Ping),
+            _ = ping.tick() => session.state.lock().push_control(Control::Ping),
             _ = shutdown.changed() => session.close(1001, "server shutting down"),
         }
     }

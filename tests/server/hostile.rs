@@ -432,3 +432,59 @@ async fn readers_that_stop_reading_cost_bounded_memory_and_are_cut_off() {
     child.terminate();
     harness::verify_clean(&data);
 }
+
+/// A peer that pipelines cheap commands (`@`, 10 bytes each with the frame) and reads none of the
+/// replies: the server holds a bounded amount of replies and stops reading the peer's frames
+/// meanwhile (before, it read them all and queued every reply: 6 M took it to 734 MB). Once the
+/// peer reads, every command is answered, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_reads_no_replies_costs_bounded_memory_and_is_answered_later() {
+    const COMMANDS: usize = 3_000_000;
+    let tmp = tempfile::tempdir().unwrap();
+    let (_heavy, mut child, server) = campaign_server(&tmp.path().join("data"), &[]).await;
+    let rss_before = child.rss_bytes();
+    let tcp = harness::tcp_with_receive_buffer(server.addr, 4096).await;
+    let (mut read, mut write) = tcp.into_split();
+    let upgrade = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ivy1\r\n\r\n",
+        server.addr
+    );
+    write.write_all(upgrade.as_bytes()).await.unwrap();
+    // Masked with a zero key, so the payload reads as is.
+    let one: &[u8] = b"\x81\x84\0\0\0\0#k#@";
+    let sender = tokio::spawn(async move {
+        let batch = one.repeat(10_000);
+        for _ in 0..COMMANDS / 10_000 {
+            write.write_all(&batch).await.unwrap();
+        }
+        write
+    });
+    // Reading nothing for 3 s.
+    let mut rss_peak = 0;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rss_peak = rss_peak.max(child.rss_bytes());
+    }
+    assert!(!sender.is_finished(), "the server read every command");
+    let grew = rss_peak.saturating_sub(rss_before);
+    assert!(grew < 32 * MIB, "the server grew by {} MiB", grew / MIB);
+    // Now reading: every command is answered.
+    let mut answered = 0;
+    let mut tail = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    while answered < COMMANDS {
+        let n = tokio::time::timeout(Duration::from_secs(10), read.read(&mut buf))
+            .await
+            .expect("replies keep coming")
+            .unwrap();
+        assert!(n > 0, "closed after {answered} replies");
+        // Counted across reads: a reply may straddle two.
+        tail.extend_from_slice(&buf[..n]);
+        answered += tail.windows(4).filter(|w| w == b"#k#@").count();
+        let keep = tail.len().min(3);
+        tail.drain(..tail.len() - keep);
+    }
+    assert_eq!(answered, COMMANDS);
+    sender.await.unwrap();
+    child.terminate();
+}
