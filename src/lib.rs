@@ -109,9 +109,14 @@
 //!   (`Store::heads`), a range that ended for good (an answer is a function of the request and
 //!   the events up to the watermark). `conditional.rs`: ETag, Cache-Control, 304, Range.
 //!   `publish.rs`: HTTP publish (forms, multipart, raw).
-//! - `ws.rs`: one connection: a reader task (frames, reassembly with the size limit, commands)
-//!   and a writer task (drains the session, sends acks once committed, pings, closes).
-//! - `session.rs`: per-connection state: subscriptions, bounded queue, `Live`/`Lagging` mode.
+//! - `ws.rs`: one connection: a reader task (frames, reassembly with the size limit, commands,
+//!   the idle timeout: `Liveness`) and a writer task (drains the session, sends acks once
+//!   committed, pings, closes).
+//! - `session.rs`: per-connection state: subscriptions, bounded queue, `Live`/`Lagging` mode,
+//!   and the bound on replies not yet written, past which the reader stops reading frames.
+//! - `tcp.rs`: the upgraded connection's socket, shared by its reader, its writer and the
+//!   dispatcher (recovered from hyper's upgrade; an embedder's other streams take the plain
+//!   path), and what the kernel tells of its sending (`TCP_INFO`), which the idle timeout reads.
 //! - `budget.rs`: byte budgets shared by all connections: POST bodies being received, HTTP
 //!   answers built and not yet written (a read waits for its share, 503 past `answer_wait`), and
 //!   event bytes held for subscribers (queued, taken by a writer and not yet written, or read
@@ -121,8 +126,6 @@
 //!   publish with sender exclusion, and the
 //!   dispatcher thread that delivers committed events in id order, writing them to an idle
 //!   connection's socket itself.
-//! - `tcp.rs`: the upgraded connection's socket, shared by its reader, its writer and the
-//!   dispatcher (recovered from hyper's upgrade; an embedder's other streams take the plain path).
 //! - `catchup.rs`: log reads for `+/path@TS` and for lagging sessions, a bounded batch at a
 //!   time (events and bytes), however many subscriptions a session has.
 //! - `linger.rs`: lingering close, so that an answer sent before the request was read whole (a
