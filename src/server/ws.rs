@@ -151,8 +151,9 @@ impl Liveness {
     /// Under `ivy serve`, where the socket is at hand (`tcp.rs`); not on an embedding
     /// program's stream, where only frames count.
     fn sending(&self) -> Option<tcp::Sending> {
-        let st = self.session.state.lock();
-        st.direct.as_deref().and_then(tcp::sending)
+        // Not under the session lock: fan-out takes it for every delivery.
+        let direct = self.session.state.lock().direct.clone();
+        direct.as_deref().and_then(tcp::sending)
     }
 
     fn frame(&mut self, now: tokio::time::Instant) {
