@@ -287,6 +287,12 @@ pub(crate) async fn report_fanout(
     }
     percentiles("publish-to-delivery (fast subscribers)", fast_lat);
     cpu.report(deliveries_during, "delivery");
+    // After the report, so that it is printed whole: a run that lost, repeated or reordered
+    // an event fails, whether the server or a subscriber that gave up is to blame.
+    anyhow::ensure!(
+        lost == 0 && dup == 0 && reorder == 0,
+        "the subscribers lost {lost}, saw twice {dup} and out of order {reorder} events"
+    );
     Ok(())
 }
 
