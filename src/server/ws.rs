@@ -26,6 +26,7 @@ use crate::wire::mask::{MaskCheck, Unmasked};
 use crate::wire::{command, encode};
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, Role};
+use futures_util::FutureExt;
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use std::collections::VecDeque;
@@ -119,10 +120,9 @@ async fn run_halves<R, W>(
 /// When a peer last showed it is alive. A peer is silent when, for `idle_timeout`, no frame
 /// arrives from it, unless it is reading a backlog: bytes wait to be sent to it, and it has
 /// acknowledged more since the last look. A subscriber that reads a long backlog slowly sends
-/// nothing, and no ping reaches it in time: none is sent while the writer catches up from the
-/// log, and one waits behind the backlog in the socket buffers anyway. (Before this, such
-/// subscribers were dropped with 1001 mid-way, under `ivy-bench fanout --slow-fraction 0.1` on
-/// a fast machine.)
+/// nothing, and a ping reaches it late: it waits behind the backlog in the socket buffers.
+/// (Before this, such subscribers were dropped with 1001 mid-way, under `ivy-bench fanout
+/// --slow-fraction 0.1` on a fast machine; no ping at all went out while a writer caught up.)
 ///
 /// Why both: with bytes waiting, the peer's window is what holds them back, and it opens only
 /// as the peer's program reads; one that stopped reading, or vanished, acknowledges nothing new.
@@ -761,6 +761,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         drop(taken.charge);
         session.is_writing.store(false, Ordering::Release);
         if taken.needs_catchup {
+            // The `select!` below is not reached while catching up: a ping that is due goes out
+            // before the next batch (before, none went out until the catch-up ended).
+            if ping.tick().now_or_never().is_some() {
+                session.state.lock().push_control(Control::Ping);
+            }
             // Boxed: its state (a budget wait, a blocking read) would otherwise be part of
             // every connection's writer task, idle or not (measured: 250 bytes per idle
             // connection under `ivy-bench idle`).
