@@ -204,15 +204,19 @@ impl Ws {
         self.stream.send(Message::text(text)).await.unwrap();
     }
 
+    /// The next message of any kind.
+    pub async fn message(&mut self) -> Message {
+        tokio::time::timeout(WAIT, self.stream.next())
+            .await
+            .expect("a message in time")
+            .expect("open")
+            .unwrap()
+    }
+
     /// The next text message (pings are answered by the client crate).
     pub async fn recv(&mut self) -> String {
         loop {
-            let msg = tokio::time::timeout(WAIT, self.stream.next())
-                .await
-                .expect("a message in time")
-                .expect("open")
-                .unwrap();
-            match msg {
+            match self.message().await {
                 Message::Text(t) => return t.to_string(),
                 Message::Ping(_) | Message::Pong(_) => continue,
                 other => panic!("expected text, got {other:?}"),
