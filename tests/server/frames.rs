@@ -4,25 +4,6 @@ use super::harness::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mask = [0x11u8, 0x22, 0x33, 0x44];
-    let mut out = vec![(u8::from(fin) << 7) | opcode];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n < 65536 => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
-}
-
 struct Raw {
     tcp: TcpStream,
     buf: Vec<u8>,
@@ -31,11 +12,9 @@ struct Raw {
 impl Raw {
     async fn open(server: &TestServer) -> Raw {
         let mut tcp = TcpStream::connect(server.addr).await.unwrap();
-        let req = format!(
-            "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ivy1\r\n\r\n",
-            server.addr
-        );
-        tcp.write_all(req.as_bytes()).await.unwrap();
+        tcp.write_all(upgrade_request(server.addr).as_bytes())
+            .await
+            .unwrap();
         let mut raw = Raw {
             tcp,
             buf: Vec::new(),
@@ -110,12 +89,12 @@ async fn fragments_pipelining_and_control_frames() {
     let mut c = Raw::open(&server).await;
     // One message in three fragments, with a ping between them, all in one write; then two
     // whole messages pipelined in the same write.
-    let mut bytes = frame(false, 1, b"#a#:/frag");
-    bytes.extend(frame(true, 9, b"hi"));
-    bytes.extend(frame(false, 0, b":one "));
-    bytes.extend(frame(true, 0, "two é".as_bytes()));
-    bytes.extend(frame(true, 1, b"#b#@"));
-    bytes.extend(frame(true, 1, b"#c#:/frag:three"));
+    let mut bytes = client_frame(false, 1, b"#a#:/frag");
+    bytes.extend(client_frame(true, 9, b"hi"));
+    bytes.extend(client_frame(false, 0, b":one "));
+    bytes.extend(client_frame(true, 0, "two é".as_bytes()));
+    bytes.extend(client_frame(true, 1, b"#b#@"));
+    bytes.extend(client_frame(true, 1, b"#c#:/frag:three"));
     c.send(&bytes).await;
     let mut texts = Vec::new();
     let mut pong = false;
@@ -144,10 +123,10 @@ async fn fragments_pipelining_and_control_frames() {
     // Idle in between (the parser's buffer is released), then a 64 KiB-class frame.
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let big = format!("#d#:/frag:{}", "z".repeat(30_000));
-    c.send(&frame(true, 1, big.as_bytes())).await;
+    c.send(&client_frame(true, 1, big.as_bytes())).await;
     let (_, reply) = c.next().await;
     assert!(reply.starts_with(b"#d#@"));
-    c.send(&frame(true, 8, &1000u16.to_be_bytes())).await;
+    c.send(&client_frame(true, 8, &1000u16.to_be_bytes())).await;
     assert_eq!(c.close_code().await, 1000);
 }
 
@@ -158,35 +137,35 @@ async fn bad_frames_close_with_the_right_code() {
         // Fragments adding up past 64 KiB.
         (
             {
-                let mut b = frame(false, 1, &vec![b'a'; 40_000]);
-                b.extend(frame(true, 0, &vec![b'a'; 40_000]));
+                let mut b = client_frame(false, 1, &vec![b'a'; 40_000]);
+                b.extend(client_frame(true, 0, &vec![b'a'; 40_000]));
                 b
             },
             1009,
         ),
-        (frame(true, 1, &[0xff, 0xfe]), 1007),
+        (client_frame(true, 1, &[0xff, 0xfe]), 1007),
         (
             {
-                let mut b = frame(false, 1, &[0xe2, 0x82]);
-                b.extend(frame(true, 0, &[0x28]));
+                let mut b = client_frame(false, 1, &[0xe2, 0x82]);
+                b.extend(client_frame(true, 0, &[0x28]));
                 b
             },
             1007,
         ),
-        (frame(true, 0, b"orphan"), 1002),
-        (frame(true, 3, b"?"), 1002),
-        (frame(true, 9, &[0u8; 126]), 1002),
+        (client_frame(true, 0, b"orphan"), 1002),
+        (client_frame(true, 3, b"?"), 1002),
+        (client_frame(true, 9, &[0u8; 126]), 1002),
         // Unmasked (RFC 6455 5.1), alone and after a masked frame.
         (vec![0x81, 0x01, b'@'], 1002),
         (
             {
-                let mut b = frame(true, 1, b"#k#@");
+                let mut b = client_frame(true, 1, b"#k#@");
                 b.extend([0x81, 0x01, b'@']);
                 b
             },
             1002,
         ),
-        (frame(true, 2, b"bin"), 1003),
+        (client_frame(true, 2, b"bin"), 1003),
     ];
     for (bytes, code) in cases {
         let mut c = Raw::open(&server).await;
@@ -225,7 +204,7 @@ async fn pipelined_publishes_each_get_their_own_answer() {
         format!(":/p:{too_large}"),
         "#6#:/p:six".to_owned(),
     ] {
-        bytes.extend(frame(true, 1, message.as_bytes()));
+        bytes.extend(client_frame(true, 1, message.as_bytes()));
     }
     c.send(&bytes).await;
     let mut texts = Vec::new();

@@ -140,6 +140,33 @@ pub async fn ws_at(addr: std::net::SocketAddr) -> Ws {
         .expect("upgrade accepted")
 }
 
+/// The request that opens a WebSocket with subprotocol ivy1 at `addr`, for raw-socket clients.
+pub fn upgrade_request(addr: SocketAddr) -> String {
+    format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ivy1\r\n\r\n"
+    )
+}
+
+/// A client's frame (masked, as clients must), for raw-socket clients.
+pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x11u8, 0x22, 0x33, 0x44];
+    let mut out = vec![(u8::from(fin) << 7) | opcode];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n < 65536 => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
 /// A connection whose receive buffer is `bytes`, so that a client that does not read soon
 /// leaves the server with writes it cannot make (the kernel's buffers hold little).
 pub async fn tcp_with_receive_buffer(addr: SocketAddr, bytes: u32) -> TcpStream {

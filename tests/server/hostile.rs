@@ -445,13 +445,11 @@ async fn a_peer_that_reads_no_replies_costs_bounded_memory_and_is_answered_later
     let rss_before = child.rss_bytes();
     let tcp = harness::tcp_with_receive_buffer(server.addr, 4096).await;
     let (mut read, mut write) = tcp.into_split();
-    let upgrade = format!(
-        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ivy1\r\n\r\n",
-        server.addr
-    );
-    write.write_all(upgrade.as_bytes()).await.unwrap();
-    // Masked with a zero key, so the payload reads as is.
-    let one: &[u8] = b"\x81\x84\0\0\0\0#k#@";
+    write
+        .write_all(harness::upgrade_request(server.addr).as_bytes())
+        .await
+        .unwrap();
+    let one = harness::client_frame(true, 0x1, b"#k#@");
     let sender = tokio::spawn(async move {
         let batch = one.repeat(10_000);
         for _ in 0..COMMANDS / 10_000 {

@@ -151,11 +151,9 @@ async fn idle_peers_are_dropped_and_pinged() {
     let server = start_with(opts, StoreOptions::default()).await;
     // A raw socket that completes the upgrade and then never sends a frame: dropped.
     let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    let req = format!(
-        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ivy1\r\n\r\n",
-        server.addr
-    );
-    tcp.write_all(req.as_bytes()).await.unwrap();
+    tcp.write_all(upgrade_request(server.addr).as_bytes())
+        .await
+        .unwrap();
     let mut seen = Vec::new();
     let read = tokio::time::timeout(WAIT, tcp.read_to_end(&mut seen)).await;
     assert!(read.is_ok(), "the silent peer was dropped");
@@ -341,15 +339,12 @@ async fn a_peer_that_stops_reading_is_let_go() {
     let connect = || tcp_with_receive_buffer(server.addr, 4096);
     // A subscriber that sends its `+` right behind the upgrade and never reads anything.
     let mut sub = connect().await;
-    let upgrade = format!(
-        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        server.addr
-    );
-    sub.write_all(upgrade.as_bytes()).await.unwrap();
-    let command = b"+/stuck";
-    let mut frame = vec![0x81, 0x80 | command.len() as u8, 0, 0, 0, 0];
-    frame.extend_from_slice(command);
-    sub.write_all(&frame).await.unwrap();
+    sub.write_all(upgrade_request(server.addr).as_bytes())
+        .await
+        .unwrap();
+    sub.write_all(&client_frame(true, 0x1, b"+/stuck"))
+        .await
+        .unwrap();
     let until = tokio::time::Instant::now() + WAIT;
     while metric(&server, "ivy_subscriptions").await == 0 {
         assert!(
