@@ -161,6 +161,7 @@ impl Session {
     pub fn close(&self, code: u16, reason: &'static str) {
         let mut state = self.state.lock();
         if state.close.is_none() {
+            tracing::debug!(sid = %self.sid, code, reason, "closing");
             state.close = Some((code, reason));
         }
         drop(state);

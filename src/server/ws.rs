@@ -286,11 +286,15 @@ async fn read_loop<R: AsyncRead + Unpin>(
         // Read frames; once the parser holds no byte and no frame arrives for a whole check
         // period, drop it and go back to the idle wait. Cancelling `read_frame` is safe only then:
         // with an empty buffer it is awaiting the socket for a frame's first bytes and holds no
-        // state. The clock is read only when the check timer fires, not per frame (a clock read
-        // and a timer move per frame were a measurable part of a publish): a frame only sets
-        // `saw_frame`, so the last sign of life may be noted late by up to one period.
+        // state. Mid-frame it has consumed the header it parsed, so a check that finds the parser
+        // holding bytes keeps the same `read_frame` going (cancelling it there desynchronised the
+        // stream: 1002 for any frame that took longer than a period to arrive). The clock is read
+        // only when the check timer fires, not per frame (a clock read and a timer move per frame
+        // were a measurable part of a publish): a frame only sets `saw_frame`, so the last sign of
+        // life may be noted late by up to one period. Bytes of an unfinished frame count as one.
         let period = PARSER_RELEASE.min(opts.idle_timeout / 4);
         let mut saw_frame = false;
+        let mut given_at_check = given.load(std::sync::atomic::Ordering::Relaxed);
         let timer = tokio::time::sleep(period);
         tokio::pin!(timer);
         loop {
@@ -313,10 +317,25 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 };
                 match ready {
                     Some(read) => Some(read),
-                    None => tokio::select! {
-                        biased;
-                        read = next => Some(read),
-                        () = &mut timer => None,
+                    None => loop {
+                        tokio::select! {
+                            biased;
+                            read = &mut next => break Some(read),
+                            () = &mut timer => {}
+                        }
+                        let now = tokio::time::Instant::now();
+                        let given_now = given.load(std::sync::atomic::Ordering::Relaxed);
+                        if saw_frame || given_now != given_at_check {
+                            liveness.frame(now);
+                            saw_frame = false;
+                            given_at_check = given_now;
+                        } else if parsed == given_now {
+                            // Drained: `next` holds nothing and may be dropped.
+                            break None;
+                        } else if liveness.is_silent(now) {
+                            return session.close(1001, "idle timeout");
+                        }
+                        timer.as_mut().reset(now + period);
                     },
                 }
             };
@@ -325,20 +344,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 publishes.append_when_room(&hub, &session).await;
             }
             let frame = match read {
-                None => {
-                    let now = tokio::time::Instant::now();
-                    let is_drained = parsed == given.load(std::sync::atomic::Ordering::Relaxed);
-                    if saw_frame {
-                        liveness.frame(now);
-                        saw_frame = false;
-                    } else if is_drained {
-                        break;
-                    } else if liveness.is_silent(now) {
-                        return session.close(1001, "idle timeout");
-                    }
-                    timer.as_mut().reset(now + period);
-                    continue;
-                }
+                None => break,
                 Some(Err(e)) => {
                     let (code, reason) = super::error::close_for_frame_error(&e);
                     return session.close(code, reason);

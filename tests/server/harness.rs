@@ -524,5 +524,10 @@ impl Drop for ChildServer {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        if std::thread::panicking() {
+            // The test failed: what the server said is the first thing to read.
+            let stderr = std::fs::read_to_string(&self.1).unwrap_or_default();
+            eprintln!("ivy serve's stderr:\n{stderr}");
+        }
     }
 }

@@ -212,6 +212,44 @@ async fn a_slow_reader_of_a_backlog_is_not_taken_for_silent() {
     assert!(slow.request("k", "@").await.starts_with('@'));
 }
 
+/// A frame that arrives in pieces, with pauses longer than the reader's idle check period
+/// between them (a large publish over a slow uplink), is read whole. (Before, the check timer
+/// cancelled the frame parser mid-frame, which loses the header it had consumed: the rest of the
+/// frame was parsed as a new header and the connection closed with 1002.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_that_arrives_slowly_in_pieces_is_read_whole() {
+    // Idle timeout 2 s: the reader's check period is a quarter of it, 500 ms.
+    let opts = ServerOptions {
+        idle_timeout: Duration::from_secs(2),
+        ..ServerOptions::default()
+    };
+    let server = start_with(opts, StoreOptions::default()).await;
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    tcp.write_all(upgrade_request(server.addr).as_bytes())
+        .await
+        .unwrap();
+    let data = "d".repeat(2000);
+    let frame = client_frame(true, 0x1, format!("#k#:/slowly:{data}").as_bytes());
+    // Cut inside the extended length, inside the masking key, and twice inside the payload.
+    let cuts = [0, 3, 6, 300, 1500, frame.len()];
+    for piece in cuts.windows(2) {
+        tcp.write_all(&frame[piece[0]..piece[1]]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(4).any(|w| w == b"#k#@") {
+        let n = tokio::time::timeout(WAIT, tcp.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed: {:?}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    let events = get(&server, "/events/slowly?n=1").await;
+    assert!(events.text().contains(&data), "{}", events.text());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_and_oversized_headers() {
     let opts = ServerOptions {
