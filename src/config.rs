@@ -53,8 +53,8 @@ pub struct ServerOptions {
     /// A WebSocket peer that sends no frame for this long is dropped, unless it is reading a
     /// backlog (`ws.rs`, `Liveness`).
     pub idle_timeout: Duration,
-    /// A write that the peer takes not one byte of for this long ends the connection
-    /// (`server/stall.rs`).
+    /// A write that the peer takes not one byte of, while it acknowledges nothing of what the
+    /// socket holds, for this long ends the connection (`server/stall.rs`).
     pub write_timeout: Duration,
 }
 

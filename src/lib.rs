@@ -132,8 +132,9 @@
 //!   413) reaches the client instead of being erased by a TCP reset; at most a 32nd of the
 //!   descriptor limit lingers at once.
 //! - `stall.rs`: `WriteStall`, the write timeout: a write the peer takes not one byte of for
-//!   `write_timeout` ends the connection (HTTP and WebSocket), so a client that stopped reading
-//!   does not hold its connection and buffers forever.
+//!   `write_timeout`, while it acknowledges nothing of what the socket holds (`tcp::sending`),
+//!   ends the connection (HTTP and WebSocket), so a client that stopped reading does not hold
+//!   its connection and buffers forever, and one that reads slowly is not taken for it.
 //! - `descriptors.rs`: how the descriptor limit is shared out between connections, streams
 //!   and lingering sockets, so that no client can take what the store needs to write.
 //! - `error.rs`: store failures to HTTP statuses (507 disk full, 503 otherwise) and close codes

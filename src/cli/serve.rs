@@ -103,8 +103,9 @@ pub struct Args {
     /// Seconds between pings to each WebSocket peer.
     #[arg(long, env = "IVY_PING_INTERVAL_SECS", default_value_t = 50)]
     ping_interval_secs: u64,
-    /// Seconds a write may wait with the peer taking not one byte; then the connection is
-    /// closed (a client that stopped reading must not hold its connection and buffers forever).
+    /// Seconds a write may wait with the peer taking not one byte and acknowledging nothing;
+    /// then the connection is closed (a client that stopped reading must not hold its
+    /// connection and buffers forever).
     #[arg(long, env = "IVY_WRITE_TIMEOUT_SECS", default_value_t = 60)]
     write_timeout_secs: u64,
 }

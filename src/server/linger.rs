@@ -135,6 +135,15 @@ impl AsyncWrite for LingeringTcp {
     }
 }
 
+impl super::stall::Acked for LingeringTcp {
+    fn acked(&self) -> Option<u64> {
+        self.tcp
+            .as_ref()
+            .and_then(super::tcp::sending)
+            .map(|s| s.acked)
+    }
+}
+
 impl Drop for LingeringTcp {
     fn drop(&mut self) {
         let Some(tcp) = self.tcp.take() else { return };

@@ -5,11 +5,18 @@
 //! 20 HTTP readers of a 24 MB answer that never read held 20 MB and 20 descriptors for as long
 //! as they stayed; a WebSocket subscriber likewise, past its idle timeout).
 //!
-//! `WriteStall` wraps a connection's write side: a write that makes no progress (the socket takes
-//! not one byte) for `write_timeout` fails with `TimedOut`, which ends the connection like any
-//! other write error. The clock runs only while a write is pending, so an idle connection, or a
-//! slow one that takes some bytes now and then, is never cut; and it costs nothing on the fast
-//! path (no timer exists until a write is refused).
+//! `WriteStall` wraps a connection's write side: a write that makes no progress for
+//! `write_timeout` fails with `TimedOut`, which ends the connection like any other write error.
+//! The clock runs only while a write is pending, so an idle connection, or a slow one that takes
+//! some bytes now and then, is never cut; and it costs nothing on the fast path (no timer exists
+//! until a write is refused).
+//!
+//! Progress is the socket taking a byte, or, where the kernel tells (`Acked`, `tcp::sending`),
+//! the peer acknowledging more of what the socket holds. The second matters for a peer that
+//! reads steadily but slowly: the kernel lets a write through only once a third of the send
+//! buffer (autotuned up to 4 MiB) has drained, which at 20 KB/s takes longer than a minute. A
+//! test client with a 4 KiB receive window, whose window updates waited for the sender's 200 ms
+//! probes, was cut that way while it was reading.
 
 use prometheus_client::metrics::counter::Counter;
 use std::future::Future;
@@ -19,6 +26,12 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// A write side that can tell how much its peer has acknowledged (`tcp::sending`), or `None`
+/// where that is unknown; then only bytes the socket takes count as progress.
+pub trait Acked {
+    fn acked(&self) -> Option<u64>;
+}
+
 pub struct WriteStall<T> {
     inner: T,
     write_timeout: Duration,
@@ -26,6 +39,8 @@ pub struct WriteStall<T> {
     timeouts: Counter,
     /// Armed at the first pending write and dropped at the next progress.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// What the peer had acknowledged when the clock was (re)started.
+    acked_at_start: Option<u64>,
 }
 
 impl<T> WriteStall<T> {
@@ -35,6 +50,7 @@ impl<T> WriteStall<T> {
             write_timeout,
             timeouts,
             deadline: None,
+            acked_at_start: None,
         }
     }
 
@@ -43,34 +59,45 @@ impl<T> WriteStall<T> {
     }
 
     /// After the inner write answered: a pending one starts (or keeps) the clock, and fails once
-    /// it has run out; anything else stops it.
-    fn watch<R>(
-        &mut self,
-        cx: &mut Context<'_>,
-        polled: Poll<io::Result<R>>,
-    ) -> Poll<io::Result<R>> {
+    /// it has run out with nothing acknowledged meanwhile; anything else stops it.
+    fn watch<R>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<R>>) -> Poll<io::Result<R>>
+    where
+        T: Acked,
+    {
         if polled.is_ready() {
             self.deadline = None;
             return polled;
         }
         let timeout = self.write_timeout;
-        let deadline = self
-            .deadline
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        match deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                self.timeouts.inc();
-                tracing::info!(
-                    seconds = timeout.as_secs_f64(),
-                    "closing a connection whose peer took no bytes"
-                );
-                Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the peer took no bytes within the write timeout",
-                )))
-            }
-            Poll::Pending => Poll::Pending,
+        if self.deadline.is_none() {
+            // One system call per stall, not per write.
+            self.acked_at_start = self.inner.acked();
+            self.deadline = Some(Box::pin(tokio::time::sleep(timeout)));
         }
+        let Some(deadline) = self.deadline.as_mut() else {
+            return Poll::Pending;
+        };
+        while deadline.as_mut().poll(cx).is_ready() {
+            let acked = self.inner.acked();
+            if acked.is_some() && acked > self.acked_at_start {
+                // Reading, slower than the send buffer lets writes through: a new period.
+                self.acked_at_start = acked;
+                deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + timeout);
+                continue;
+            }
+            self.timeouts.inc();
+            tracing::info!(
+                seconds = timeout.as_secs_f64(),
+                "closing a connection whose peer took no bytes"
+            );
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the peer took no bytes within the write timeout",
+            )));
+        }
+        Poll::Pending
     }
 }
 
@@ -84,7 +111,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for WriteStall<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for WriteStall<T> {
+impl<T: AsyncWrite + Acked + Unpin> AsyncWrite for WriteStall<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -128,6 +155,70 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// A pipe tells nothing of what its far end acknowledged.
+    impl Acked for tokio::io::DuplexStream {
+        fn acked(&self) -> Option<u64> {
+            None
+        }
+    }
+
+    /// A socket whose send buffer stays full while its peer acknowledges `acked` bytes: the
+    /// kernel lets no write through until a third of the buffer has drained.
+    struct FullSendBuffer {
+        acked: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl Acked for FullSendBuffer {
+        fn acked(&self) -> Option<u64> {
+            Some(self.acked.load(std::sync::atomic::Ordering::Relaxed))
+        }
+    }
+
+    impl AsyncWrite for FullSendBuffer {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            Poll::Pending
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_acknowledges_what_the_socket_holds_is_reading() {
+        let acked = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut w = WriteStall::new(
+            FullSendBuffer {
+                acked: std::sync::Arc::clone(&acked),
+            },
+            TIMEOUT,
+            Counter::default(),
+        );
+        // The peer acknowledges 4 KiB every 4 s for 40 s, then nothing more.
+        let peer = tokio::spawn(async move {
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_secs(4)).await;
+                acked.fetch_add(4096, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        let started = tokio::time::Instant::now();
+        let e = w.write_all(b"waits").await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        // Cut within two timeouts of its last acknowledgement, not before.
+        let cut = started.elapsed();
+        assert!(cut > Duration::from_secs(40) + TIMEOUT, "{cut:?}");
+        assert!(cut <= Duration::from_secs(40) + 2 * TIMEOUT, "{cut:?}");
+        peer.await.unwrap();
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_write_the_peer_never_takes_fails_after_the_timeout() {

@@ -96,6 +96,12 @@ impl AsyncWrite for SharedTcp {
     }
 }
 
+impl super::stall::Acked for SharedTcp {
+    fn acked(&self) -> Option<u64> {
+        sending(&self.0).map(|s| s.acked)
+    }
+}
+
 /// What the kernel tells of a socket's sending: bytes its peer has acknowledged so far, and bytes
 /// written that wait unsent (the peer's window, or the network, holds them back).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -16,7 +16,7 @@ use super::catchup;
 use super::fanout::Hub;
 use super::linger::LingeringTcp;
 use super::session::{Control, Mode, Session};
-use super::stall::WriteStall;
+use super::stall::{Acked, WriteStall};
 use super::tcp::{self, SharedTcp};
 use crate::channel::ChannelPath;
 use crate::clock::{Clock, SystemClock};
@@ -82,6 +82,13 @@ pub async fn run(
     }
 }
 
+/// An embedding program's stream tells nothing of what its peer acknowledged.
+impl Acked for tokio::io::WriteHalf<TokioIo<Upgraded>> {
+    fn acked(&self) -> Option<u64> {
+        None
+    }
+}
+
 async fn run_halves<R, W>(
     hub: Arc<Hub>,
     opts: Arc<ServerOptions>,
@@ -91,7 +98,7 @@ async fn run_halves<R, W>(
     shutdown: watch::Receiver<bool>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin,
+    W: AsyncWrite + Acked + Unpin,
 {
     hub.metrics.websockets.inc();
     hub.register(session);
@@ -713,7 +720,7 @@ pub(crate) fn push_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(
+async fn write_loop<W: AsyncWrite + Acked + Unpin>(
     hub: &Arc<Hub>,
     opts: &ServerOptions,
     write: W,
