@@ -82,6 +82,11 @@ impl Budget {
         }
     }
 
+    /// The whole budget.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     /// Bytes charged now (for `/metrics`).
     pub fn held(&self) -> usize {
         self.max.saturating_sub(self.bytes.available_permits())

@@ -631,6 +631,8 @@ struct WriteBuffers {
     out: Vec<u8>,
     line: Vec<u8>,
     events: VecDeque<(EventId, Bytes)>,
+    /// Where each event frame ends in `out`, and its id (`unsent_after`).
+    ends: Vec<(usize, EventId)>,
 }
 
 impl WriteBuffers {
@@ -642,7 +644,19 @@ impl WriteBuffers {
         if self.events.capacity() > 1024 {
             self.events = VecDeque::new();
         }
+        if self.ends.capacity() > 1024 {
+            self.ends = Vec::new();
+        }
     }
+}
+
+/// A write the peer stopped taking at byte `written` of a buffer whose event frames end at
+/// `ends`: the frame to finish (the one the write stopped in, or the next one if it stopped
+/// between two or before the first), as (where it ends, its id), and how many frames after it
+/// are given back to the log. `None` when no event frame is left to finish.
+fn unsent_after(ends: &[(usize, EventId)], written: usize) -> Option<(usize, EventId, usize)> {
+    let i = ends.iter().position(|(end, _)| *end > written)?;
+    Some((ends[i].0, ends[i].1, ends.len() - i - 1))
 }
 
 /// Formats the session's control messages and ready acks into `bufs.out` and takes its queued
@@ -682,12 +696,15 @@ fn take(hub: &Hub, session: &Session, bufs: &mut WriteBuffers) -> Taken {
         push_frame(&mut bufs.out, OpCode::Text, &bufs.line);
     }
     debug_assert!(bufs.events.is_empty());
+    // Own ids up to what earlier writes sent are needed no more. Not those up to what is taken
+    // now: if the peer stops taking it, the rest goes back to the log (`give_back`), and reading
+    // it again must still skip this session's own events.
+    let sent_upto = st.last_taken;
     std::mem::swap(&mut st.queue, &mut bufs.events);
     if let Some((id, _)) = bufs.events.back() {
         st.last_taken = *id;
     }
-    let taken_upto = st.last_taken;
-    st.prune_own(taken_upto);
+    st.prune_own(sent_upto);
     st.note_replies_taken(&session.replies_taken);
     let charge = st.take_charge();
     if !bufs.out.is_empty() || !bufs.events.is_empty() || st.close.is_some() {
@@ -740,9 +757,11 @@ async fn write_loop<W: AsyncWrite + Acked + Unpin>(
         opts.ping_interval,
     );
     loop {
-        let taken = take(hub, session, &mut bufs);
-        for (_, frame) in bufs.events.drain(..) {
+        let mut taken = take(hub, session, &mut bufs);
+        bufs.ends.clear();
+        for (id, frame) in bufs.events.drain(..) {
             push_frame(&mut bufs.out, OpCode::Text, &frame);
+            bufs.ends.push((bufs.out.len(), id));
         }
         if let Some((code, reason)) = taken.close {
             // The acks of publishes read before the close still go out first: those events are
@@ -767,7 +786,12 @@ async fn write_loop<W: AsyncWrite + Acked + Unpin>(
             return write.shutdown().await;
         }
         if !bufs.out.is_empty() {
-            write.write_all(&bufs.out).await?;
+            let written = write_while_taken(&mut write, &bufs.out).await?;
+            if written < bufs.out.len() {
+                let keep_to = give_back(hub, session, &bufs.ends, written, bufs.out.len());
+                taken.charge.resize(keep_to - written).await;
+                write.write_all(&bufs.out[written..keep_to]).await?;
+            }
             bufs.out.clear();
             bufs.release_if_large();
         }
@@ -802,6 +826,38 @@ async fn write_loop<W: AsyncWrite + Acked + Unpin>(
     }
 }
 
+/// A live write that the peer stopped taking at byte `written` of `out_len`: the taken events
+/// after the one to finish go back to the log, and the session reads them from there once its
+/// peer reads again, as a lagging one does. A peer that stopped reading so holds one frame of the
+/// outbound budget, not all it was given (8 such subscribers held a 64 KiB budget and starved
+/// the one that read). Control messages and acks come before the events in the buffer, so they
+/// are always kept. Returns where the bytes to finish end.
+fn give_back(
+    hub: &Hub,
+    session: &Session,
+    ends: &[(usize, EventId)],
+    written: usize,
+    out_len: usize,
+) -> usize {
+    let Some((keep_to, sent, dropped)) = unsent_after(ends, written) else {
+        return out_len;
+    };
+    if dropped == 0 {
+        return out_len;
+    }
+    let mut st = session.state.lock();
+    if st.mode == Mode::Live {
+        hub.metrics.lagging.inc();
+    }
+    st.rewind_to(sent);
+    if let Mode::Lagging { missed, .. } = &mut st.mode {
+        *missed += dropped as u64;
+    }
+    // Nothing above it reached the connection: a resume may start there.
+    st.last_taken = sent;
+    keep_to
+}
+
 /// One catch-up step: reads a batch from the log after the session's cursor and sends it, or
 /// rejoins live when the fan-out is not ahead.
 async fn catch_up<W: AsyncWrite + Unpin>(
@@ -828,9 +884,11 @@ async fn catch_up<W: AsyncWrite + Unpin>(
         return Ok(());
     }
     // The batch's share of the server's outbound budget, held until it is written: twice its
-    // bytes, for its frames as read and for their copy in `buf`.
-    let share = tokio::select! {
-        share = hub.outbound.take(2 * CATCHUP_BATCH_BYTES) => share,
+    // bytes, for its frames as read and for their copy in `buf`. At most a quarter of the budget:
+    // a share of all of it would wait until no other subscriber held a byte.
+    let share_bytes = (2 * CATCHUP_BATCH_BYTES).min(hub.outbound.max() / 4);
+    let mut share = tokio::select! {
+        share = hub.outbound.take(share_bytes) => share,
         // Something else to send (a close, an ack): the writer sends it and comes back.
         () = session.wake.notified() => return Ok(()),
     };
@@ -861,28 +919,84 @@ async fn catch_up<W: AsyncWrite + Unpin>(
             return Ok(());
         }
     };
-    {
+    let batch_cursor = batch.cursor;
+    let taken_before = {
         let mut st = session.state.lock();
         match &mut st.mode {
             // Rewound by a resume meanwhile: this batch is stale.
             Mode::Lagging { cursor: c, .. } if *c != cursor => return Ok(()),
             Mode::Lagging { cursor: c, missed } => {
-                *c = batch.cursor;
+                *c = batch_cursor;
                 *missed = missed.saturating_sub(batch.frames.len() as u64);
             }
             Mode::Live => return Ok(()),
         }
-        st.last_taken = st.last_taken.max(batch.cursor);
-        st.prune_own(batch.cursor);
-    }
-    for (_, frame) in &batch.frames {
+        // Before the write: a resume on this connection must not go back behind what it may
+        // already have received.
+        let before = st.last_taken;
+        st.last_taken = st.last_taken.max(batch_cursor);
+        before
+    };
+    // Where each frame ends in `buf`, and its id.
+    let mut ends = Vec::with_capacity(batch.frames.len());
+    for (id, frame) in &batch.frames {
         push_frame(buf, OpCode::Text, frame);
+        ends.push((buf.len(), *id));
     }
     drop(batch);
-    if !buf.is_empty() {
-        write.write_all(buf).await?;
-        buf.clear();
+    let written = write_while_taken(write, buf).await?;
+    // A peer that stopped taking bytes does not hold the batch: the frame the write stopped in
+    // (or the next one, if it stopped between two) is finished, and the frames after it are
+    // given back to the log, to be read again once the peer reads. So a stalled subscriber holds
+    // one frame of the budget, not a whole batch, and does not keep the others waiting for it.
+    let (keep_to, sent, dropped) =
+        unsent_after(&ends, written).unwrap_or((buf.len(), batch_cursor, 0));
+    {
+        let mut st = session.state.lock();
+        let is_ours = matches!(st.mode, Mode::Lagging { cursor: c, .. } if c == batch_cursor);
+        if dropped > 0 && is_ours {
+            if let Mode::Lagging { cursor: c, missed } = &mut st.mode {
+                *c = sent;
+                *missed += dropped as u64;
+            }
+            st.last_taken = taken_before.max(sent);
+        }
+        // Own ids above what was sent are still needed by the next read's sender exclusion.
+        st.prune_own(if is_ours { sent } else { cursor });
     }
+    if keep_to > written {
+        share.resize(keep_to - written).await;
+        write.write_all(&buf[written..keep_to]).await?;
+    }
+    buf.clear();
     drop(share);
     Ok(())
+}
+
+/// How long one write of events waits for the peer to take bytes before the events not yet
+/// begun are given back to the log (`catch_up`, `give_back`).
+const WRITE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Writes `buf` while the peer takes it: returns how much went, once all of it has or one write
+/// has waited `WRITE_WAIT` for room. (A write that is cut short wrote nothing.) A write that goes
+/// through at once costs no timer and no clock read: this is every ack's and event's way out.
+async fn write_while_taken<W: AsyncWrite + Unpin>(
+    write: &mut W,
+    buf: &[u8],
+) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = match write.write(&buf[done..]).now_or_never() {
+            Some(n) => n?,
+            None => match tokio::time::timeout(WRITE_WAIT, write.write(&buf[done..])).await {
+                Ok(n) => n?,
+                Err(_) => break,
+            },
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        done += n;
+    }
+    Ok(done)
 }

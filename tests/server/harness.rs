@@ -169,9 +169,15 @@ pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
 
 /// A connection whose receive buffer is `bytes`, so that a client that does not read soon
 /// leaves the server with writes it cannot make (the kernel's buffers hold little).
+///
+/// Its segments are Ethernet-sized, as across a real network. Loopback's are 64 KiB, and with a
+/// receive window smaller than one segment the kernel may fall into sending only on its window
+/// probes, one window per 200 ms (seen: 15 KB/s, with `ss -tin` showing `timer:(persist)` and
+/// `snd_wnd:3120`), which turned a 4 s test into hours now and then.
 pub async fn tcp_with_receive_buffer(addr: SocketAddr, bytes: u32) -> TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(bytes).unwrap();
+    socket2::SockRef::from(&socket).set_tcp_mss(1460).unwrap();
     socket.connect(addr).await.unwrap()
 }
 

@@ -35,7 +35,10 @@ async fn campaign_server(
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     // IVY_TEST_LOG=debug to see why the server closed a connection (printed if the test fails).
     let log = std::env::var("IVY_TEST_LOG").unwrap_or_else(|_| "error".to_string());
-    let args: Vec<&str> = ["--log", &log].into_iter().chain(args.iter().copied()).collect();
+    let args: Vec<&str> = ["--log", &log]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
     let (child, server) = harness::spawn_serve(data, &args, "ulimit -n $(ulimit -Hn)");
     (heavy, child, server)
 }

@@ -439,6 +439,58 @@ async fn a_peer_that_stops_reading_is_let_go() {
     assert_eq!(ids(&server, "/stuck").await.len(), 200);
 }
 
+/// A reader that reads steadily, but slower than the server writes, is not let go. Once a
+/// connection's send buffer has grown (here to about 2.3 MB, seen with `ss -tim`), the kernel
+/// lets a write through only after a good part of it has drained, which may take longer than
+/// the write timeout; but the peer acknowledges bytes all along. (Before, such a reader was cut
+/// as if it had stopped: in 1 of 4 runs of this test with the acknowledgements not looked at. The
+/// kernel decides how long each write waits, so this is not a sure reproduction; the unit tests
+/// in `stall.rs` are.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_reads_slowly_is_not_let_go() {
+    let opts = ServerOptions {
+        write_timeout: Duration::from_secs(1),
+        ..ServerOptions::default()
+    };
+    let server = start_with(opts, StoreOptions::default()).await;
+    let data = vec![b'x'; 60_000];
+    for _ in 0..120 {
+        post(&server, "/slowly", &data).await;
+    }
+    // A fixed 512 KiB receive buffer: the 7 MB answer cannot all wait in the kernels.
+    let mut reader = tcp_with_receive_buffer(server.addr, 512 << 10).await;
+    reader
+        .write_all(b"GET /events/slowly HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    // The first 4 MB at full speed, for the server's send buffer to grow; the rest at about
+    // 500 KB/s, in 6 s.
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = tokio::time::timeout(WAIT, reader.read(&mut buf))
+            .await
+            .expect("the answer keeps coming")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        if got.len() > 4_000_000 {
+            tokio::time::sleep(Duration::from_millis(16)).await;
+        }
+    }
+    assert_eq!(metric(&server, "ivy_write_timeouts_total").await, 0);
+    assert!(
+        got.ends_with(b"\r\n0\r\n\r\n"),
+        "cut after {} bytes",
+        got.len()
+    );
+    let answer = parse_response(&got, false);
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.text().lines().count(), 120, "the whole answer");
+}
+
 /// Publishes 100 events of 60 KB to `/large`, then opens `readers` connections with a 4 KiB
 /// receive window that ask for all of it and read nothing, and gives the server time to answer.
 async fn stalled_readers_of_a_large_answer(

@@ -166,7 +166,9 @@ async fn resume_replays_then_continues_live_without_gap_or_duplicate() {
 /// Subscribers that do not read share one server-wide budget of event bytes held for them
 /// (queued, being written, or read from the log to catch up): past it they read from the log
 /// instead, though each is far from its own queue's bound, and every one still gets every event
-/// once, in order, when it reads again.
+/// once, in order, when it reads again. They are read one after the other: the stalled ones must
+/// not keep the budget from the one that reads (before, each held a catch-up batch it could not
+/// write, and 8 of them starved the reader until the write timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_subscribers_share_a_server_wide_budget() {
     const TOTAL: u64 = 64 * 1024;
@@ -176,7 +178,7 @@ async fn stalled_subscribers_share_a_server_wide_budget() {
     };
     let server = start_with(opts, StoreOptions::default()).await;
     let mut subs = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..8 {
         let mut sub = ws_with_receive_buffer(&server, 4096).await;
         sub.request("s", "+/budget").await;
         subs.push(sub);
