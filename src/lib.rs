@@ -121,7 +121,7 @@
 //!   answers built and not yet written (a read waits for its share, 503 past `answer_wait`), and
 //!   event bytes held for subscribers (queued, taken by a writer and not yet written, or read
 //!   from the log to catch up): past that one, queues count as full and catch-up reads wait for
-//!   their share.
+//!   their share (a quarter of the budget at most).
 //! - `fanout.rs`: `Hub`: the subscription index (with the server-wide subscription cap),
 //!   publish with sender exclusion, and the
 //!   dispatcher thread that delivers committed events in id order, writing them to an idle
@@ -198,7 +198,10 @@
 //!    waits to go out, it frames the queued events into one buffer and writes them to the
 //!    socket without blocking; what the socket does not take (or everything, when the writer is
 //!    busy) is left to the writer task, which formats every ready frame into one buffer and
-//!    writes it in one call.
+//!    writes it in one call. A write of events the peer does not take for 100 ms gives the
+//!    events not yet begun back to the log (`give_back` in `ws.rs`; the catch-up writes alike):
+//!    the session turns `Lagging` after the last event that reached the socket, so a peer that
+//!    stopped reading holds one frame of the budget, not its queue or a batch.
 //!
 //! ## Cross-cutting concerns
 //!

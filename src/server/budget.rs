@@ -19,9 +19,13 @@
 //!   budget has no room, the session's queue counts as full, and the session lags and reads the
 //!   log instead, as for its own queue's bound;
 //! - the writer carries what it took from the queue (`Charge`) until its write is done;
-//! - a catch-up read first waits for its batch's share (`Budget::take`). Shares go to waiting
-//!   readers before fan-out may queue again, so under pressure every subscriber degrades to
-//!   reading the log in bounded batches, and none is starved for good.
+//! - a catch-up read first waits for its batch's share (`Budget::take`), a quarter of the budget
+//!   at most. Shares go to waiting readers before fan-out may queue again, so under pressure
+//!   every subscriber degrades to reading the log in bounded batches, and none is starved for
+//!   good;
+//! - a writer whose peer takes nothing for 100 ms keeps only the frame it is in the middle of and
+//!   gives the rest back to the log, to be read again (`ws.rs`, `give_back`): subscribers that
+//!   stopped reading do not sit on the budget that the reading ones need.
 //!
 //! A frame is charged its length plus `ENTRY_BYTES`, the queue entry that holds it: with small
 //! events the entries weigh as much as the frames. Frames are shared between subscribers, so the
