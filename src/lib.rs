@@ -198,7 +198,7 @@
 //!    waits to go out, it frames the queued events into one buffer and writes them to the
 //!    socket without blocking; what the socket does not take (or everything, when the writer is
 //!    busy) is left to the writer task, which formats every ready frame into one buffer and
-//!    writes it in one call. A write of events the peer does not take for 100 ms gives the
+//!    writes it in one call. A write of events the peer does not take for a second gives the
 //!    events not yet begun back to the log (`give_back` in `ws.rs`; the catch-up writes alike):
 //!    the session turns `Lagging` after the last event that reached the socket, so a peer that
 //!    stopped reading holds one frame of the budget, not its queue or a batch.

@@ -23,7 +23,7 @@
 //!   at most. Shares go to waiting readers before fan-out may queue again, so under pressure
 //!   every subscriber degrades to reading the log in bounded batches, and none is starved for
 //!   good;
-//! - a writer whose peer takes nothing for 100 ms keeps only the frame it is in the middle of and
+//! - a writer whose peer takes nothing for a second keeps only the frame it is in the middle of and
 //!   gives the rest back to the log, to be read again (`ws.rs`, `give_back`): subscribers that
 //!   stopped reading do not sit on the budget that the reading ones need.
 //!

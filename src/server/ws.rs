@@ -974,8 +974,11 @@ async fn catch_up<W: AsyncWrite + Unpin>(
 }
 
 /// How long one write of events waits for the peer to take bytes before the events not yet
-/// begun are given back to the log (`catch_up`, `give_back`).
-const WRITE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+/// begun are given back to the log (`catch_up`, `give_back`): a stalled peer holds its batch of
+/// the budget this long at most. Short enough that the reading subscribers do not notice; long
+/// enough that a reading one on a busy machine seldom has its events read twice (under
+/// `ivy-bench fanout`, 100 ms and 1 s measured alike, within the noise).
+const WRITE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Writes `buf` while the peer takes it: returns how much went, once all of it has or one write
 /// has waited `WRITE_WAIT` for room. (A write that is cut short wrote nothing.) A write that goes
