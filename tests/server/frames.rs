@@ -11,10 +11,7 @@ struct Raw {
 
 impl Raw {
     async fn open(server: &TestServer) -> Raw {
-        let mut tcp = TcpStream::connect(server.addr).await.unwrap();
-        tcp.write_all(upgrade_request(server.addr).as_bytes())
-            .await
-            .unwrap();
+        let tcp = raw_ws(server.addr).await;
         let mut raw = Raw {
             tcp,
             buf: Vec::new(),

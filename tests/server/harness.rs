@@ -140,11 +140,20 @@ pub async fn ws_at(addr: std::net::SocketAddr) -> Ws {
         .expect("upgrade accepted")
 }
 
-/// The request that opens a WebSocket with subprotocol ivy1 at `addr`, for raw-socket clients.
-pub fn upgrade_request(addr: SocketAddr) -> String {
-    format!(
+/// Sends the request that opens a WebSocket with subprotocol ivy1 at `addr`, for raw-socket
+/// clients (the 101 is theirs to read, or not).
+pub async fn send_upgrade<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, addr: SocketAddr) {
+    let request = format!(
         "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ivy1\r\n\r\n"
-    )
+    );
+    w.write_all(request.as_bytes()).await.unwrap();
+}
+
+/// A raw socket to `addr` that has sent the WebSocket upgrade request.
+pub async fn raw_ws(addr: SocketAddr) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    send_upgrade(&mut tcp, addr).await;
+    tcp
 }
 
 /// A client's frame (masked, as clients must), for raw-socket clients.

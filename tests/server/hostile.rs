@@ -450,10 +450,7 @@ async fn a_peer_that_reads_no_replies_costs_bounded_memory_and_is_answered_later
     let rss_before = child.rss_bytes();
     let tcp = harness::tcp_with_receive_buffer(server.addr, 4096).await;
     let (mut read, mut write) = tcp.into_split();
-    write
-        .write_all(harness::upgrade_request(server.addr).as_bytes())
-        .await
-        .unwrap();
+    harness::send_upgrade(&mut write, server.addr).await;
     let one = harness::client_frame(true, 0x1, b"#k#@");
     let sender = tokio::spawn(async move {
         let batch = one.repeat(10_000);

@@ -150,10 +150,7 @@ async fn idle_peers_are_dropped_and_pinged() {
     };
     let server = start_with(opts, StoreOptions::default()).await;
     // A raw socket that completes the upgrade and then never sends a frame: dropped.
-    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    tcp.write_all(upgrade_request(server.addr).as_bytes())
-        .await
-        .unwrap();
+    let mut tcp = raw_ws(server.addr).await;
     let mut seen = Vec::new();
     let read = tokio::time::timeout(WAIT, tcp.read_to_end(&mut seen)).await;
     assert!(read.is_ok(), "the silent peer was dropped");
@@ -224,10 +221,7 @@ async fn a_frame_that_arrives_slowly_in_pieces_is_read_whole() {
         ..ServerOptions::default()
     };
     let server = start_with(opts, StoreOptions::default()).await;
-    let mut tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
-    tcp.write_all(upgrade_request(server.addr).as_bytes())
-        .await
-        .unwrap();
+    let mut tcp = raw_ws(server.addr).await;
     let data = "d".repeat(2000);
     let frame = client_frame(true, 0x1, format!("#k#:/slowly:{data}").as_bytes());
     // Cut inside the extended length, inside the masking key, and twice inside the payload.
@@ -377,9 +371,7 @@ async fn a_peer_that_stops_reading_is_let_go() {
     let connect = || tcp_with_receive_buffer(server.addr, 4096);
     // A subscriber that sends its `+` right behind the upgrade and never reads anything.
     let mut sub = connect().await;
-    sub.write_all(upgrade_request(server.addr).as_bytes())
-        .await
-        .unwrap();
+    send_upgrade(&mut sub, server.addr).await;
     sub.write_all(&client_frame(true, 0x1, b"+/stuck"))
         .await
         .unwrap();
