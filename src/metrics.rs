@@ -63,6 +63,7 @@ pub struct Metrics {
     pub lag_closes: Counter,
     pub write_timeouts: Counter,
     pub catchup_reads: Counter,
+    pub given_back: Counter,
     pub sealed_reads: Counter,
     pub answer_cache_hits: Counter,
     pub answer_cache_misses: Counter,
@@ -169,6 +170,11 @@ impl Metrics {
             "ivy_catchup_reads",
             "Log reads by lagging or resuming sessions",
             m.catchup_reads.clone(),
+        );
+        r.register(
+            "ivy_given_back_events",
+            "Events a writer gave back to the log, to read again, because its peer took nothing for a second",
+            m.given_back.clone(),
         );
         r.register(
             "ivy_direct_writes",

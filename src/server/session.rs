@@ -110,6 +110,8 @@ pub struct SessionState {
     /// Ids this session published that fan-out or a log read may still meet (sender
     /// exclusion), in increasing order.
     pub own: VecDeque<EventId>,
+    /// The largest own id that `note_own` forgot before fan-out or a write was past it.
+    pub own_forgotten: EventId,
     /// A close the writer must send: (code, reason).
     pub close: Option<(u16, &'static str)>,
     /// The socket, when fan-out may write to it directly (`fanout.rs`, `tcp.rs`).
@@ -138,6 +140,7 @@ impl Session {
                 last_taken: EventId(0),
                 subscriptions: HashMap::new(),
                 own: VecDeque::new(),
+                own_forgotten: EventId(0),
                 close: None,
                 direct: None,
                 partial: None,
@@ -241,18 +244,21 @@ impl SessionState {
     /// earlier (moving it forward would skip events of the other subscriptions). The lag count
     /// (`missed`) is kept, not raised by the backlog: a resume from far back asked for that
     /// backlog, and is closed as lagging only if it then keeps falling further behind.
-    pub fn rewind_to(&mut self, cursor: EventId) {
+    /// Returns how many queued events it dropped.
+    pub fn rewind_to(&mut self, cursor: EventId) -> usize {
         let cursor = match self.mode {
             Mode::Lagging {
                 cursor: current, ..
             } => current.min(cursor),
             Mode::Live => cursor,
         };
+        let mut dropped = 0;
         while self.queue.back().is_some_and(|(id, _)| *id > cursor) {
             if let Some((_, frame)) = self.queue.pop_back() {
                 let cost = frame.len() + budget::ENTRY_BYTES;
                 self.queued_bytes -= cost;
                 self.budget.give_back(cost);
+                dropped += 1;
             }
         }
         let missed = match self.mode {
@@ -260,6 +266,7 @@ impl SessionState {
             Mode::Live => 0,
         };
         self.mode = Mode::Lagging { cursor, missed };
+        dropped
     }
 
     /// Charges a frame to the queue's bound and the server's budget, and queues it; or, when
@@ -300,13 +307,13 @@ impl SessionState {
     /// (A lagging session's catch-up still needs those above its cursor: it keeps them.)
     pub fn note_own(&mut self, id: EventId, passed: EventId) {
         if self.own.len() >= OWN_IDS_MAX {
-            self.own.pop_front();
+            self.forget_oldest_own();
         }
         if self.mode == Mode::Live {
             while self.own.len() >= OWN_PASSED_KEPT
                 && self.own.front().is_some_and(|o| *o <= passed)
             {
-                self.own.pop_front();
+                self.forget_oldest_own();
             }
         }
         if self.own.back().is_none_or(|last| *last < id) {
@@ -315,6 +322,19 @@ impl SessionState {
             let at = self.own.partition_point(|x| *x < id);
             self.own.insert(at, id);
         }
+    }
+
+    fn forget_oldest_own(&mut self) {
+        if let Some(id) = self.own.pop_front() {
+            self.own_forgotten = self.own_forgotten.max(id);
+        }
+    }
+
+    /// Whether the log may be read again after `id` for this session: a writer gives events back
+    /// to the log only then (`ws.rs`, `give_back`). Not when an own id above `id` was forgotten
+    /// (`note_own` keeps a bounded number): reading again would deliver that event to its sender.
+    pub fn may_read_again_after(&self, id: EventId) -> bool {
+        self.own_forgotten <= id
     }
 
     pub fn is_own(&self, id: EventId) -> bool {
@@ -464,6 +484,22 @@ mod tests {
             st.own.iter().map(|id| id.0).collect::<Vec<_>>(),
             [9, 11, 12]
         );
+    }
+
+    #[test]
+    fn the_log_is_read_again_only_above_the_own_ids_it_forgot() {
+        let mut st = Session::new(1, "s".into(), unbounded()).state.into_inner();
+        let n = 2 * OWN_PASSED_KEPT as u64;
+        for id in 1..=n {
+            st.note_own(EventId(id), EventId(id));
+        }
+        let forgotten = n - OWN_PASSED_KEPT as u64;
+        assert!(!st.is_own(EventId(forgotten)) && st.is_own(EventId(forgotten + 1)));
+        assert!(!st.may_read_again_after(EventId(forgotten - 1)));
+        assert!(st.may_read_again_after(EventId(forgotten)));
+        // Pruning what was sent is no forgetting: reads start above it.
+        st.prune_own(EventId(n));
+        assert!(st.may_read_again_after(EventId(forgotten)));
     }
 
     #[test]

@@ -827,11 +827,13 @@ async fn write_loop<W: AsyncWrite + Acked + Unpin>(
 }
 
 /// A live write that the peer stopped taking at byte `written` of `out_len`: the taken events
-/// after the one to finish go back to the log, and the session reads them from there once its
-/// peer reads again, as a lagging one does. A peer that stopped reading so holds one frame of the
-/// outbound budget, not all it was given (8 such subscribers held a 64 KiB budget and starved
-/// the one that read). Control messages and acks come before the events in the buffer, so they
-/// are always kept. Returns where the bytes to finish end.
+/// after the one to finish, and the events queued meanwhile, go back to the log, and the session
+/// reads them from there once its peer reads again, as a lagging one does. A peer that stopped
+/// reading so holds one frame of the outbound budget, not all it was given (8 such subscribers
+/// held a 64 KiB budget and starved the one that read). Control messages and acks come before
+/// the events in the buffer, so they are always kept. A session that has forgotten some of its
+/// own ids above the frame to finish keeps all (`SessionState::may_read_again_after`). Returns
+/// where the bytes to finish end.
 fn give_back(
     hub: &Hub,
     session: &Session,
@@ -839,20 +841,22 @@ fn give_back(
     written: usize,
     out_len: usize,
 ) -> usize {
-    let Some((keep_to, sent, dropped)) = unsent_after(ends, written) else {
-        return out_len;
-    };
-    if dropped == 0 {
+    let mut st = session.state.lock();
+    // With no event frame left to finish, every taken event is written: the session stands
+    // after the last one.
+    let (keep_to, sent, dropped) =
+        unsent_after(ends, written).unwrap_or((out_len, st.last_taken, 0));
+    if !st.may_read_again_after(sent) {
         return out_len;
     }
-    let mut st = session.state.lock();
     if st.mode == Mode::Live {
         hub.metrics.lagging.inc();
     }
-    st.rewind_to(sent);
+    let dropped = dropped + st.rewind_to(sent);
     if let Mode::Lagging { missed, .. } = &mut st.mode {
         *missed += dropped as u64;
     }
+    hub.metrics.given_back.inc_by(dropped as u64);
     // Nothing above it reached the connection: a resume may start there.
     st.last_taken = sent;
     keep_to
@@ -949,21 +953,29 @@ async fn catch_up<W: AsyncWrite + Unpin>(
     // (or the next one, if it stopped between two) is finished, and the frames after it are
     // given back to the log, to be read again once the peer reads. So a stalled subscriber holds
     // one frame of the budget, not a whole batch, and does not keep the others waiting for it.
-    let (keep_to, sent, dropped) =
-        unsent_after(&ends, written).unwrap_or((buf.len(), batch_cursor, 0));
-    {
+    let cut = unsent_after(&ends, written).filter(|(_, _, dropped)| *dropped > 0);
+    let keep_to = {
         let mut st = session.state.lock();
         let is_ours = matches!(st.mode, Mode::Lagging { cursor: c, .. } if c == batch_cursor);
-        if dropped > 0 && is_ours {
-            if let Mode::Lagging { cursor: c, missed } = &mut st.mode {
-                *c = sent;
-                *missed += dropped as u64;
+        match cut {
+            Some((keep_to, sent, dropped)) if is_ours && st.may_read_again_after(sent) => {
+                if let Mode::Lagging { cursor: c, missed } = &mut st.mode {
+                    *c = sent;
+                    *missed += dropped as u64;
+                }
+                st.last_taken = taken_before.max(sent);
+                // Own ids above it are still needed by the next read's sender exclusion.
+                st.prune_own(sent);
+                hub.metrics.given_back.inc_by(dropped as u64);
+                keep_to
             }
-            st.last_taken = taken_before.max(sent);
+            // All of it is written, however long that takes.
+            _ => {
+                st.prune_own(if is_ours { batch_cursor } else { cursor });
+                buf.len()
+            }
         }
-        // Own ids above what was sent are still needed by the next read's sender exclusion.
-        st.prune_own(if is_ours { sent } else { cursor });
-    }
+    };
     if keep_to > written {
         share.resize(keep_to - written).await;
         write.write_all(&buf[written..keep_to]).await?;

@@ -216,6 +216,10 @@ async fn stalled_subscribers_share_a_server_wide_budget() {
         assert!(tokio::time::Instant::now() < until, "bytes still held");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert!(
+        metric(&server, "ivy_given_back_events_total").await > 0,
+        "no stalled writer gave events back"
+    );
 }
 
 /// Two connections that subscribe to a channel and publish to it, without reading while they
@@ -225,11 +229,24 @@ async fn stalled_subscribers_share_a_server_wide_budget() {
 /// matter, a lag right after a run of its own events, is pinned down in `fanout.rs`' tests.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishers_that_lag_never_get_their_own_events_back() {
+    // A small queue: they lag at once and catch up from the log.
+    let catchup_reads = publishers_that_lag(2048).await;
+    assert!(catchup_reads > 0, "nobody lagged");
+    // The default queue: a writer holds a large live write when its peer stops reading.
+    publishers_that_lag(ServerOptions::default().queue_bytes_max).await;
+}
+
+/// Runs the exchange above; returns the server's catch-up reads.
+async fn publishers_that_lag(queue_bytes_max: usize) -> u64 {
     let opts = ServerOptions {
-        queue_bytes_max: 2048,
+        queue_bytes_max,
         ..ServerOptions::default()
     };
     let server = start_with(opts, StoreOptions::default()).await;
+    // More than a session remembers of its own ids once fan-out is past them
+    // (`OWN_PASSED_KEPT`): a writer must then keep what it holds rather than give it back to the
+    // log, where reading it again would meet own events it no longer knows. (Giving back
+    // regardless was caught here: "a got its own".)
     let each = 3000;
     let pad = "p".repeat(500);
     // Both subscribed before either publishes: each is owed every event of the other.
@@ -247,6 +264,9 @@ async fn publishers_that_lag_never_get_their_own_events_back() {
                 ws.send(&format!(":/mix:{me}{i}:{pad}")).await;
             }
             ws.send(&format!("#done#:/mix:{me}end")).await;
+            // Not reading for longer than a write waits: the writer gives what it holds back
+            // to the log, and reading it again must skip this connection's own events too.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
             let (mut next, mut acked) = (0, false);
             let mut last = EventId(0);
             while !(acked && next == each + 1) {
@@ -278,10 +298,51 @@ async fn publishers_that_lag_never_get_their_own_events_back() {
     for t in tasks {
         t.await.unwrap();
     }
-    assert!(
-        metric(&server, "ivy_catchup_reads_total").await > 0,
-        "nobody lagged"
-    );
+    metric(&server, "ivy_catchup_reads_total").await
+}
+
+/// A subscriber that also publishes and stops reading mid-stream: its writer gives the events
+/// it could not write back to the log, and reading them again skips the subscriber's own events
+/// among them (the writer forgets its own ids only up to what reached the socket).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_given_back_to_the_log_still_skip_the_senders_own() {
+    // A queue that holds everything: the events wait in one live write, not in the log.
+    let opts = ServerOptions {
+        queue_bytes_max: 64 << 20,
+        ..ServerOptions::default()
+    };
+    let server = start_with(opts, StoreOptions::default()).await;
+    let mut a = ws_with_receive_buffer(&server, 4096).await;
+    a.request("s", "+/give").await;
+    let mut b = ws(&server).await;
+    let pad = "p".repeat(2000);
+    // 3,000 events of 2 KB from b, with one of a's own after every tenth: far more than the
+    // kernel buffers hold for a, which reads nothing meanwhile.
+    for i in 0..3000 {
+        b.send(&format!(":/give:b{i}:{pad}")).await;
+        if i % 10 == 0 {
+            a.send(&format!(":/give:a{i}")).await;
+        }
+    }
+    assert!(b.request("d", "@").await.starts_with('@'));
+    // Longer than a write waits for room before it gives the rest back.
+    let until = tokio::time::Instant::now() + WAIT;
+    while metric(&server, "ivy_given_back_events_total").await == 0 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the writer gave nothing back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut last = EventId(0);
+    for i in 0..3000 {
+        let m = a.recv().await;
+        assert!(!m.contains(":/give:a"), "a got its own {m:.40}");
+        assert!(m.contains(&format!(":/give:b{i}:")), "event {i}: {m:.40}");
+        assert!(id_of(&m) > last);
+        last = id_of(&m);
+    }
+    assert_eq!(a.quiet_for(Duration::from_millis(300)).await, None);
 }
 
 /// A subscriber far slower than the publisher: it falls back to the log and catches up with
