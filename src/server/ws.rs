@@ -789,7 +789,10 @@ async fn write_loop<W: AsyncWrite + Acked + Unpin>(
             let written = write_while_taken(&mut write, &bufs.out).await?;
             if written < bufs.out.len() {
                 let keep_to = give_back(hub, session, &bufs.ends, written, bufs.out.len());
-                taken.charge.resize(keep_to - written).await;
+                // Down to what is left, never up (acks and control bytes are not charged):
+                // growing would wait for budget before the write.
+                let left = (keep_to - written).min(taken.charge.bytes());
+                taken.charge.resize(left).await;
                 write.write_all(&bufs.out[written..keep_to]).await?;
             }
             bufs.out.clear();
@@ -977,7 +980,8 @@ async fn catch_up<W: AsyncWrite + Unpin>(
         }
     };
     if keep_to > written {
-        share.resize(keep_to - written).await;
+        // Down to what is left, never up: growing would wait for budget before the write.
+        share.resize((keep_to - written).min(share.bytes())).await;
         write.write_all(&buf[written..keep_to]).await?;
     }
     buf.clear();
