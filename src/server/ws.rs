@@ -829,9 +829,9 @@ async fn write_loop<W: AsyncWrite + Acked + Unpin>(
     }
 }
 
-/// A live write that the peer stopped taking at byte `written` of `out_len`: the taken events
-/// after the one to finish, and the events queued meanwhile, go back to the log, and the session
-/// reads them from there once its peer reads again, as a lagging one does. A peer that stopped
+/// A write of events (live, or a catch-up batch) that the peer stopped taking at byte `written`
+/// of `out_len`: the events after the one to finish, and any queued meanwhile, go back to the
+/// log, and the session reads them from there once its peer reads again, as a lagging one does. A peer that stopped
 /// reading so holds one frame of the outbound budget, not all it was given (8 such subscribers
 /// held a 64 KiB budget and starved the one that read). Control messages and acks come before
 /// the events in the buffer, so they are always kept. A session that has forgotten some of its
@@ -926,24 +926,21 @@ async fn catch_up<W: AsyncWrite + Unpin>(
             return Ok(());
         }
     };
-    let batch_cursor = batch.cursor;
-    let taken_before = {
+    {
         let mut st = session.state.lock();
         match &mut st.mode {
             // Rewound by a resume meanwhile: this batch is stale.
             Mode::Lagging { cursor: c, .. } if *c != cursor => return Ok(()),
             Mode::Lagging { cursor: c, missed } => {
-                *c = batch_cursor;
+                *c = batch.cursor;
                 *missed = missed.saturating_sub(batch.frames.len() as u64);
             }
             Mode::Live => return Ok(()),
         }
         // Before the write: a resume on this connection must not go back behind what it may
-        // already have received.
-        let before = st.last_taken;
-        st.last_taken = st.last_taken.max(batch_cursor);
-        before
-    };
+        // already have received. (Own ids are pruned up to it by the writer's next `take`.)
+        st.last_taken = st.last_taken.max(batch.cursor);
+    }
     // Where each frame ends in `buf`, and its id.
     let mut ends = Vec::with_capacity(batch.frames.len());
     for (id, frame) in &batch.frames {
@@ -952,32 +949,11 @@ async fn catch_up<W: AsyncWrite + Unpin>(
     }
     drop(batch);
     let written = write_while_taken(write, buf).await?;
-    // A peer that stopped taking bytes does not hold the batch: the frame the write stopped in
-    // (or the next one, if it stopped between two) is finished, and the frames after it are
-    // given back to the log, to be read again once the peer reads. So a stalled subscriber holds
-    // one frame of the budget, not a whole batch, and does not keep the others waiting for it.
-    let cut = unsent_after(&ends, written).filter(|(_, _, dropped)| *dropped > 0);
-    let keep_to = {
-        let mut st = session.state.lock();
-        let is_ours = matches!(st.mode, Mode::Lagging { cursor: c, .. } if c == batch_cursor);
-        match cut {
-            Some((keep_to, sent, dropped)) if is_ours && st.may_read_again_after(sent) => {
-                if let Mode::Lagging { cursor: c, missed } = &mut st.mode {
-                    *c = sent;
-                    *missed += dropped as u64;
-                }
-                st.last_taken = taken_before.max(sent);
-                // Own ids above it are still needed by the next read's sender exclusion.
-                st.prune_own(sent);
-                hub.metrics.given_back.inc_by(dropped as u64);
-                keep_to
-            }
-            // All of it is written, however long that takes.
-            _ => {
-                st.prune_own(if is_ours { batch_cursor } else { cursor });
-                buf.len()
-            }
-        }
+    // A peer that stopped taking bytes does not hold the batch either (`give_back`).
+    let keep_to = if written < buf.len() {
+        give_back(hub, session, &ends, written, buf.len())
+    } else {
+        buf.len()
     };
     if keep_to > written {
         // Down to what is left, never up: growing would wait for budget before the write.
