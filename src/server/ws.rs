@@ -297,11 +297,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
         // holding bytes keeps the same `read_frame` going (cancelling it there desynchronised the
         // stream: 1002 for any frame that took longer than a period to arrive). The clock is read
         // only when the check timer fires, not per frame (a clock read and a timer move per frame
-        // were a measurable part of a publish): a frame only sets `saw_frame`, so the last sign of
-        // life may be noted late by up to one period. Bytes of an unfinished frame count as one.
+        // were a measurable part of a publish): a check compares the bytes given to the parser
+        // and parsed with the last check's, so the last sign of life may be noted late by up to
+        // one period. Bytes of an unfinished frame count as one.
         let period = PARSER_RELEASE.min(opts.idle_timeout / 4);
-        let mut saw_frame = false;
-        let mut given_at_check = given.load(std::sync::atomic::Ordering::Relaxed);
+        let mut at_check = (given.load(std::sync::atomic::Ordering::Relaxed), parsed);
         let timer = tokio::time::sleep(period);
         tokio::pin!(timer);
         loop {
@@ -332,10 +332,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
                         }
                         let now = tokio::time::Instant::now();
                         let given_now = given.load(std::sync::atomic::Ordering::Relaxed);
-                        if saw_frame || given_now != given_at_check {
+                        if (given_now, parsed) != at_check {
                             liveness.frame(now);
-                            saw_frame = false;
-                            given_at_check = given_now;
+                            at_check = (given_now, parsed);
                         } else if parsed == given_now {
                             // Drained: `next` holds nothing and may be dropped.
                             break None;
@@ -358,7 +357,6 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
                 Some(Ok(frame)) => frame,
             };
-            saw_frame = true;
             parsed += wire_len(frame.payload.len());
             match frame.opcode {
                 OpCode::Ping => {
