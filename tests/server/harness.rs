@@ -119,6 +119,21 @@ pub async fn metric(server: &TestServer, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no whole-number metric {name} in {metrics}"))
 }
 
+/// Waits (up to `WAIT`) until the metric `name` satisfies `is_done`; fails with `what` if it
+/// never does.
+pub async fn until_metric(
+    server: &TestServer,
+    name: &str,
+    is_done: impl Fn(u64) -> bool,
+    what: &str,
+) {
+    let until = tokio::time::Instant::now() + WAIT;
+    while !is_done(metric(server, name).await) {
+        assert!(tokio::time::Instant::now() < until, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Connects with subprotocol `ivy1` and reads the intro line.
 pub async fn ws(server: &TestServer) -> Ws {
     ws_with(server, &[("Sec-WebSocket-Protocol", "ivy1")])

@@ -375,14 +375,13 @@ async fn a_peer_that_stops_reading_is_let_go() {
     sub.write_all(&client_frame(true, 0x1, b"+/stuck"))
         .await
         .unwrap();
-    let until = tokio::time::Instant::now() + WAIT;
-    while metric(&server, "ivy_subscriptions").await == 0 {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "the subscription never came"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_metric(
+        &server,
+        "ivy_subscriptions",
+        |v| v > 0,
+        "the subscription never came",
+    )
+    .await;
     // 12 MB: more than the server's socket buffer, its queue and a catch-up batch together.
     let data = vec![b'x'; 60_000];
     for _ in 0..200 {
@@ -552,14 +551,13 @@ async fn answers_waiting_to_be_read_share_a_server_wide_budget() {
         assert_eq!(r.status, 503, "{}", r.text());
         assert!(tokio::time::Instant::now() < until, "reads stayed refused");
     }
-    let until = tokio::time::Instant::now() + WAIT;
-    while metric(&server, "ivy_answer_bytes").await > 0 {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "charges were not given back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_metric(
+        &server,
+        "ivy_answer_bytes",
+        |v| v == 0,
+        "charges were not given back",
+    )
+    .await;
     assert_eq!(
         get(&server, "/events/large").await.text().lines().count(),
         100

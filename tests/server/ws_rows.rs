@@ -211,11 +211,13 @@ async fn stalled_subscribers_share_a_server_wide_budget() {
         assert_eq!(sub.quiet_for(Duration::from_millis(100)).await, None);
     }
     // Everything written: nothing is held any more.
-    let until = tokio::time::Instant::now() + WAIT;
-    while metric(&server, "ivy_outbound_bytes").await > 0 {
-        assert!(tokio::time::Instant::now() < until, "bytes still held");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_metric(
+        &server,
+        "ivy_outbound_bytes",
+        |v| v == 0,
+        "bytes still held",
+    )
+    .await;
     assert!(
         metric(&server, "ivy_given_back_events_total").await > 0,
         "no stalled writer gave events back"
@@ -326,14 +328,13 @@ async fn events_given_back_to_the_log_still_skip_the_senders_own() {
     }
     assert!(b.request("d", "@").await.starts_with('@'));
     // Longer than a write waits for room before it gives the rest back.
-    let until = tokio::time::Instant::now() + WAIT;
-    while metric(&server, "ivy_given_back_events_total").await == 0 {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "the writer gave nothing back"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_metric(
+        &server,
+        "ivy_given_back_events_total",
+        |v| v > 0,
+        "the writer gave nothing back",
+    )
+    .await;
     let mut last = EventId(0);
     for i in 0..3000 {
         let m = a.recv().await;
