@@ -791,7 +791,8 @@ async fn write_loop<W: AsyncWrite + Acked + Unpin>(
                 // growing would wait for budget before the write.
                 let left = (keep_to - written).min(taken.charge.bytes());
                 taken.charge.resize(left).await;
-                write.write_all(&bufs.out[written..keep_to]).await?;
+                keep_only(&mut bufs.out, written, keep_to);
+                write.write_all(&bufs.out).await?;
             }
             bufs.out.clear();
             bufs.release_if_large();
@@ -861,6 +862,17 @@ fn give_back(
     // Nothing above it reached the connection: a resume may start there.
     st.last_taken = sent;
     keep_to
+}
+
+/// Cuts `buf` down to its bytes `from..to`, in an allocation of their size: what a write that
+/// gave the rest back still has to send. The charge is cut to those bytes, and so must the
+/// memory be: the write may wait for the write timeout, and a buffer kept whole meanwhile is the
+/// taken queue or batch all the same (300 stalled subscribers held 70 MB that no budget
+/// counted).
+fn keep_only(buf: &mut Vec<u8>, from: usize, to: usize) {
+    buf.truncate(to);
+    buf.drain(..from);
+    buf.shrink_to_fit();
 }
 
 /// One catch-up step: reads a batch from the log after the session's cursor and sends it, or
@@ -956,7 +968,8 @@ async fn catch_up<W: AsyncWrite + Unpin>(
     if keep_to > written {
         // Down to what is left, never up: growing would wait for budget before the write.
         share.resize((keep_to - written).min(share.bytes())).await;
-        write.write_all(&buf[written..keep_to]).await?;
+        keep_only(buf, written, keep_to);
+        write.write_all(buf).await?;
     }
     buf.clear();
     drop(share);
@@ -992,4 +1005,30 @@ async fn write_while_taken<W: AsyncWrite + Unpin>(
         done += n;
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frames end at 10, 25 and 40: a write that stopped inside one finishes it, one that stopped
+    /// between two finishes the next, and the frames after go back.
+    #[test]
+    fn a_cut_write_finishes_the_frame_it_is_in_and_gives_back_the_rest() {
+        let ends = [(10, EventId(1)), (25, EventId(2)), (40, EventId(3))];
+        assert_eq!(unsent_after(&ends, 0), Some((10, EventId(1), 2)));
+        assert_eq!(unsent_after(&ends, 12), Some((25, EventId(2), 1)));
+        assert_eq!(unsent_after(&ends, 25), Some((40, EventId(3), 0)));
+        assert_eq!(unsent_after(&ends, 40), None);
+    }
+
+    /// What is left to write keeps its bytes, in an allocation of their size, not the batch's.
+    #[test]
+    fn what_is_left_to_write_is_held_alone() {
+        let mut buf: Vec<u8> = (0..=255).cycle().take(256 * 1024).collect();
+        let expected = buf[70_000..70_500].to_vec();
+        keep_only(&mut buf, 70_000, 70_500);
+        assert_eq!(buf, expected);
+        assert!(buf.capacity() < 4096, "capacity {}", buf.capacity());
+    }
 }
