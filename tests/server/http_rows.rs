@@ -293,6 +293,32 @@ async fn large_answers_stream_completely() {
     assert!(r.text() == lines[300..1200].join("\n") + "\n");
     let r = http(&server, "HEAD", "/events/bulk?n=1000", &[], b"").await;
     assert_eq!((r.status, r.body.len()), (200, 0));
+    // Events of mixed sizes, some too large to join a chunk that holds others already: each
+    // chunk ends between whole lines, and a limit counts across them.
+    let sizes = [20_000, 45_000, 60_000, 1_000, 30_000, 5];
+    for i in 0..60 {
+        let data = format!("{i}:{}", "m".repeat(sizes[i % sizes.len()]));
+        post(&server, "/mixed", data.as_bytes()).await;
+    }
+    let all = get(&server, "/events/mixed").await.text();
+    let lines: Vec<&str> = all.lines().collect();
+    assert_eq!(lines.len(), 60);
+    for (i, line) in lines.iter().enumerate() {
+        let data = line.split_once(":/mixed:").unwrap().1;
+        assert_eq!(data, format!("{i}:{}", "m".repeat(sizes[i % sizes.len()])));
+    }
+    for limit in [1, 7, 20, 59] {
+        let r = get(&server, &format!("/events/mixed?limit={limit}")).await;
+        assert!(
+            r.text() == lines[..limit].join("\n") + "\n",
+            "limit={limit}"
+        );
+        let r = get(&server, &format!("/events/mixed?n={limit}")).await;
+        assert!(
+            r.text() == lines[60 - limit..].join("\n") + "\n",
+            "n={limit}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
