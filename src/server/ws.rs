@@ -1022,6 +1022,45 @@ mod tests {
         assert_eq!(unsent_after(&ends, 40), None);
     }
 
+    /// A session's own publishes that lie among events it took but gave back stay known: the
+    /// log is read again after the frame it finished, and must skip them there too. (`take`
+    /// once forgot own ids up to what it took, not up to what earlier writes had sent.)
+    #[test]
+    fn own_ids_among_events_given_back_are_still_skipped() {
+        use crate::storage::{Durability, Store, StoreOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            durability: Durability::Never,
+            ..StoreOptions::default()
+        };
+        let store = Store::open(dir.path(), opts).unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let hub = Hub::new(store, metrics, &ServerOptions::default());
+        let session = Session::new(1, "s".into(), Arc::clone(&hub.outbound));
+        {
+            let mut st = session.state.lock();
+            // Published 12 and 14 itself; 11, 13 and 15 came from others and wait in its queue.
+            st.note_own(EventId(12), EventId(0));
+            st.note_own(EventId(14), EventId(0));
+            for id in [11, 13, 15] {
+                assert!(st.try_queue(EventId(id), &Bytes::from(format!("@{id}")), usize::MAX));
+            }
+        }
+        let mut bufs = WriteBuffers::default();
+        let _taken = take(&hub, &session, &mut bufs);
+        for (id, frame) in bufs.events.drain(..) {
+            push_frame(&mut bufs.out, OpCode::Text, &frame);
+            bufs.ends.push((bufs.out.len(), id));
+        }
+        // The peer took one byte: 11 is finished, 13 and 15 go back to the log.
+        let keep_to = give_back(&hub, &session, &bufs.ends, 1, bufs.out.len());
+        assert_eq!(keep_to, bufs.ends[0].0);
+        let st = session.state.lock();
+        assert_eq!(st.last_taken, EventId(11));
+        assert!(matches!(st.mode, Mode::Lagging { cursor, .. } if cursor == EventId(11)));
+        assert!(st.is_own(EventId(12)) && st.is_own(EventId(14)));
+    }
+
     /// What is left to write keeps its bytes, in an allocation of their size, not the batch's.
     #[test]
     fn what_is_left_to_write_is_held_alone() {
