@@ -103,7 +103,8 @@
 //!   builds its inline part: on the async thread while it stays in live segments, on a blocking
 //!   thread once it reaches sealed ones. `streamed.rs` sends a large answer (last-N included) a
 //!   chunk at a time from blocking tasks, each read when the one before is taken, so a client
-//!   that stops reading holds no thread; each part of an answer carries its charge of the answer
+//!   that stops reading holds no thread, and past the inline part at most two chunks (a chunk
+//!   ends before an event that would grow its buffer); each part of an answer carries its charge of the answer
 //!   budget until hyper has written it. `cache.rs` keeps whole answers, and sends one again
 //!   to the same request while it holds: an open read while its streams publish nothing
 //!   (`Store::heads`), a range that ended for good (an answer is a function of the request and
@@ -201,7 +202,8 @@
 //!    writes it in one call. A write of events the peer does not take for a second gives the
 //!    events not yet begun back to the log (`give_back` in `ws.rs`; the catch-up writes alike):
 //!    the session turns `Lagging` after the last event that reached the socket, so a peer that
-//!    stopped reading holds one frame of the budget, not its queue or a batch.
+//!    stopped reading holds one frame of the budget and of memory (`keep_only`), not its queue
+//!    or a batch.
 //!
 //! ## Cross-cutting concerns
 //!
