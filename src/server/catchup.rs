@@ -98,18 +98,14 @@ pub fn read_after(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{Durability, Store, StoreOptions};
+    use crate::storage::Store;
 
     /// Batch after batch, a lagging session gets every event of its subscriptions exactly once,
     /// in id order, none of its own, and no batch holds more than its bounds.
     #[test]
     fn batches_are_bounded_and_cover_everything_once() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = StoreOptions {
-            durability: Durability::Never,
-            ..StoreOptions::default()
-        };
-        let store = Store::open(dir.path(), opts).unwrap();
+        let store = Store::unsynced(dir.path());
         let paths = ["/a/x", "/b", "/c/y/z", "/d"];
         let mut ids = Vec::new();
         for i in 0..400usize {

@@ -648,13 +648,8 @@ mod tests {
     /// those events, so it never reads them back from the log.
     #[test]
     fn a_session_that_lags_right_after_its_own_events_does_not_read_them_back() {
-        use crate::storage::{Durability, StoreOptions};
         let dir = tempfile::tempdir().unwrap();
-        let store_opts = StoreOptions {
-            durability: Durability::Never,
-            ..StoreOptions::default()
-        };
-        let store = Store::open(dir.path(), store_opts).unwrap();
+        let store = Store::unsynced(dir.path());
         // Room for one queued event of another's.
         let opts = crate::config::ServerOptions {
             queue_bytes_max: 250,

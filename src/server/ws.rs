@@ -1027,13 +1027,8 @@ mod tests {
     /// once forgot own ids up to what it took, not up to what earlier writes had sent.)
     #[test]
     fn own_ids_among_events_given_back_are_still_skipped() {
-        use crate::storage::{Durability, Store, StoreOptions};
         let dir = tempfile::tempdir().unwrap();
-        let opts = StoreOptions {
-            durability: Durability::Never,
-            ..StoreOptions::default()
-        };
-        let store = Store::open(dir.path(), opts).unwrap();
+        let store = crate::storage::Store::unsynced(dir.path());
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let hub = Hub::new(store, metrics, &ServerOptions::default());
         let session = Session::new(1, "s".into(), Arc::clone(&hub.outbound));

@@ -66,6 +66,17 @@ pub struct StreamStats {
 }
 
 impl Store {
+    /// A store in `dir` that never syncs, with default options otherwise: for the server's unit
+    /// tests, which need a real log but not its durability.
+    #[cfg(test)]
+    pub(crate) fn unsynced(dir: &Path) -> Store {
+        let opts = StoreOptions {
+            durability: Durability::Never,
+            ..StoreOptions::default()
+        };
+        Store::open(dir, opts).expect("a store in a fresh directory")
+    }
+
     /// Opens (creating if needed) the data directory for writing. Recovers each stream's tail and
     /// starts the writer thread.
     ///
