@@ -104,8 +104,8 @@
 //!   thread once it reaches sealed ones. `streamed.rs` sends a large answer (last-N included) a
 //!   chunk at a time from blocking tasks, each read when the one before is taken, so a client
 //!   that stops reading holds no thread, and past the inline part at most two chunks (a chunk
-//!   ends before an event that would grow its buffer); each part of an answer carries its charge of the answer
-//!   budget until hyper has written it. `cache.rs` keeps whole answers, and sends one again
+//!   ends before an event that would grow its buffer); each part of an answer carries its
+//!   charge of the answer budget until hyper has written it. `cache.rs` keeps whole answers, and sends one again
 //!   to the same request while it holds: an open read while its streams publish nothing
 //!   (`Store::heads`), a range that ended for good (an answer is a function of the request and
 //!   the events up to the watermark). `conditional.rs`: ETag, Cache-Control, 304, Range.
