@@ -33,6 +33,8 @@ pub struct ServerOptions {
     /// from the log to catch up (`server/budget.rs`).
     pub queue_bytes_total_max: usize,
     pub header_bytes_max: usize,
+    /// Time allowed for a request's headers; also how long a keep-alive connection may wait idle
+    /// for its next request (hyper's header read timeout covers both).
     pub header_timeout: Duration,
     pub body_timeout: Duration,
     pub body_bytes_max: usize,

@@ -61,7 +61,8 @@ pub struct Args {
     /// Largest HTTP request head (bytes).
     #[arg(long, env = "IVY_HEADER_BYTES_MAX", default_value_t = 16 * 1024)]
     header_bytes_max: usize,
-    /// Time allowed for a request's headers (seconds).
+    /// Time allowed for a request's headers (seconds); it also bounds how long a keep-alive
+    /// connection may wait idle for its next request before it is closed.
     #[arg(long, env = "IVY_HEADER_TIMEOUT_SECS", default_value_t = 10)]
     header_timeout_secs: u64,
     /// Time allowed for a request's body after its headers (seconds).
