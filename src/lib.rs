@@ -105,14 +105,15 @@
 //!   chunk at a time from blocking tasks, each read when the one before is taken, so a client
 //!   that stops reading holds no thread, and past the inline part at most two chunks (a chunk
 //!   ends before an event that would grow its buffer); each part of an answer carries its
-//!   charge of the answer budget until hyper has written it. `cache.rs` keeps whole answers, and sends one again
-//!   to the same request while it holds: an open read while its streams publish nothing
+//!   charge of the answer budget until hyper has written it. `cache.rs` keeps whole answers,
+//!   and sends one again to the same request while it holds: an open read while its streams publish nothing
 //!   (`Store::heads`), a range that ended for good (an answer is a function of the request and
 //!   the events up to the watermark). `conditional.rs`: ETag, Cache-Control, 304, Range.
 //!   `publish.rs`: HTTP publish (forms, multipart, raw).
-//! - `ws.rs`: one connection: a reader task (frames, reassembly with the size limit, commands,
-//!   the idle timeout: `Liveness`) and a writer task (drains the session, sends acks once
-//!   committed, pings, closes).
+//! - `ws.rs`: one connection: its reader task (frames, reassembly with the size limit, commands,
+//!   the idle timeout: `Liveness`), run beside `writer.rs`, its writer task (drains the session
+//!   into one write, sends acks once committed, pings, catches up from the log while lagging,
+//!   gives back to the log what a stalled peer does not take, closes).
 //! - `session.rs`: per-connection state: subscriptions, bounded queue, `Live`/`Lagging` mode,
 //!   and the bound on replies not yet written, past which the reader stops reading frames.
 //! - `tcp.rs`: the upgraded connection's socket, shared by its reader, its writer and the
@@ -200,7 +201,7 @@
 //!    socket without blocking; what the socket does not take (or everything, when the writer is
 //!    busy) is left to the writer task, which formats every ready frame into one buffer and
 //!    writes it in one call. A write of events the peer does not take for a second gives the
-//!    events not yet begun back to the log (`give_back` in `ws.rs`; the catch-up writes alike):
+//!    events not yet begun back to the log (`give_back` in `writer.rs`; the catch-up writes alike):
 //!    the session turns `Lagging` after the last event that reached the socket, so a peer that
 //!    stopped reading holds one frame of the budget and of memory (`keep_only`), not its queue
 //!    or a batch.

@@ -24,7 +24,7 @@
 //!   every subscriber degrades to reading the log in bounded batches, and none is starved for
 //!   good;
 //! - a writer whose peer takes nothing for a second keeps only the frame it is in the middle of and
-//!   gives the rest back to the log, to be read again (`ws.rs`, `give_back`): subscribers that
+//!   gives the rest back to the log, to be read again (`writer.rs`, `give_back`): subscribers that
 //!   stopped reading do not sit on the budget that the reading ones need.
 //!
 //! A frame is charged its length plus `ENTRY_BYTES`, the queue entry that holds it: with small

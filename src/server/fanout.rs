@@ -564,7 +564,7 @@ impl Hub {
         }
         out.clear();
         while let Some((id, frame)) = st.queue.pop_front() {
-            super::ws::push_frame(out, fastwebsockets::OpCode::Text, &frame);
+            super::writer::push_frame(out, fastwebsockets::OpCode::Text, &frame);
             st.last_taken = id;
         }
         let taken_upto = st.last_taken;

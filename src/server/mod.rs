@@ -1,5 +1,6 @@
 //! The server: listener, connection limit, WebSocket upgrades and graceful shutdown; it wires
-//! the hub (`fanout.rs`), the HTTP service (`http/`) and WebSocket sessions (`ws.rs`).
+//! the hub (`fanout.rs`), the HTTP service (`http/`) and WebSocket sessions (`ws.rs` reads,
+//! `writer.rs` writes).
 //!
 //! Embedding: `Server::new(store, options)` gives a value whose `handle` answers any hyper
 //! request (mount it under a larger hyper program, as the original Ivy offered its ServeMux), and
@@ -19,6 +20,7 @@ mod linger;
 mod session;
 mod stall;
 mod tcp;
+mod writer;
 mod ws;
 
 use crate::config::ServerOptions;

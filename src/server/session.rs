@@ -331,7 +331,7 @@ impl SessionState {
     }
 
     /// Whether the log may be read again after `id` for this session: a writer gives events back
-    /// to the log only then (`ws.rs`, `give_back`). Not when an own id above `id` was forgotten
+    /// to the log only then (`writer.rs`, `give_back`). Not when an own id above `id` was forgotten
     /// (`note_own` keeps a bounded number): reading again would deliver that event to its sender.
     pub fn may_read_again_after(&self, id: EventId) -> bool {
         self.own_forgotten <= id

@@ -270,7 +270,7 @@ pub(crate) fn parse_frame(bytes: &[u8], from_client: bool) -> anyhow::Result<Opt
 }
 
 /// An unmasked (server to client) text frame, its head formatted by fastwebsockets as the
-/// server's own frames are (`server/ws.rs`, `push_frame`).
+/// server's own frames are (`server/writer.rs`, `push_frame`).
 pub(crate) fn server_text_frame(out: &mut Vec<u8>, payload: &[u8]) {
     let mut head = [0u8; 16];
     let n = Frame::text(Payload::Borrowed(payload)).fmt_head(&mut head);
