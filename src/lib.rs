@@ -15,8 +15,9 @@
 //!   errors to exit codes (0 ok, 1 `verify` found problems, 2 could not run).
 //! - `src/cli/serve.rs`: `ivy serve`: raises the descriptor limit and shares it out
 //!   (`server/descriptors.rs`: connections, `StoreOptions::streams_max`), flags into
-//!   `config::ServerOptions` and
-//!   `storage::StoreOptions`, then [`server::Server::serve`] until SIGINT/SIGTERM.
+//!   `config::ServerOptions` and `storage::StoreOptions`, starts the thread that hands freed
+//!   memory back to the system (`trim_memory_every`), then [`server::Server::serve`] until
+//!   SIGINT/SIGTERM.
 //! - [`server::Server`]: the server as a library type: `handle` answers one hyper request (to
 //!   mount in a larger program), `serve` runs a listener.
 //! - [`storage::Store::open`]: opens a data directory for writing (recovering each stream's tail);

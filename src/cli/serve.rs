@@ -109,6 +109,10 @@ pub struct Args {
     /// connection and buffers forever).
     #[arg(long, env = "IVY_WRITE_TIMEOUT_SECS", default_value_t = 60)]
     write_timeout_secs: u64,
+    /// Seconds between returns of freed memory to the system (glibc's `malloc_trim`; 0: never):
+    /// without them, the memory a burst of clients took stays with the process after they left.
+    #[arg(long, env = "IVY_MEMORY_TRIM_SECS", default_value_t = 10)]
+    memory_trim_secs: u64,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -160,6 +164,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let streams_max = store_opts.streams_max;
     let store = Store::open(&args.data, store_opts)
         .with_context(|| format!("cannot open data directory {}", args.data.display()))?;
+    trim_memory_every(Duration::from_secs(args.memory_trim_secs));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -191,6 +196,35 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         server.serve(listener, shutdown_signal()).await?;
         Ok(())
     })
+}
+
+/// Hands the memory that glibc's allocator keeps after it was freed back to the system, every
+/// `period`, from a thread of its own. By itself glibc returns little: after a burst of 300
+/// stalled subscribers and 300 stalled readers (`server/hostile.rs`) the server stayed at 75-133
+/// MiB with nothing connected, against 33-36 MiB with a trim every second (and its peak fell
+/// from 149-157 to 113-115 MiB). A trim locks one arena at a time: it took 0.2 ms under `ivy-bench publish` and
+/// 0.5-12 ms under `fanout` at 10 M deliveries/s, and both measured alike with and without a trim
+/// every 10 s (3 alternating pairs). jemalloc, which purges by itself, published 6% slower here.
+/// Only `ivy serve` does this: a program that embeds the server owns its allocator.
+fn trim_memory_every(period: Duration) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if !period.is_zero() {
+        let trimmer = std::thread::Builder::new()
+            .name("ivy-memory-trim".into())
+            .spawn(move || loop {
+                std::thread::sleep(period);
+                // SAFETY: malloc_trim only gives free pages back; it takes the allocator's own
+                // locks, so it may run beside any allocation.
+                unsafe {
+                    libc::malloc_trim(0);
+                }
+            });
+        if let Err(e) = trimmer {
+            tracing::warn!(error = %e, "cannot start the memory trim thread");
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = period;
 }
 
 /// The stream depth to open the data directory with: the one it was created with, which

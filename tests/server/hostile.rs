@@ -343,6 +343,8 @@ async fn readers_that_stop_reading_cost_bounded_memory_and_are_cut_off() {
             "3",
             "--queue-bytes-total-max",
             &(32 * MIB).to_string(),
+            "--memory-trim-secs",
+            "1",
         ],
     )
     .await;
@@ -423,13 +425,28 @@ async fn readers_that_stop_reading_cost_bounded_memory_and_are_cut_off() {
     }
     let _good = reader.await.unwrap();
     let _publisher = publisher.await.unwrap();
+    // With them gone, the memory they took goes back to the system (`--memory-trim-secs`: glibc
+    // kept 75-111 MiB without it).
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut rss_after = child.rss_bytes();
+    while rss_after >= 64 * MIB && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        rss_after = child.rss_bytes();
+    }
     eprintln!(
         "stalled: {STALLED} subscribers and {STALLED} readers that read nothing, all cut off; \
-         the large answer was served {answers} times; server RSS {:.1} MiB before, {:.1} MiB at the peak",
+         the large answer was served {answers} times; server RSS {:.1} MiB before, {:.1} MiB at \
+         the peak, {:.1} MiB after",
         rss_before as f64 / MIB as f64,
         rss_peak as f64 / MIB as f64,
+        rss_after as f64 / MIB as f64,
     );
     assert!(rss_peak < 200 * MIB, "server RSS {} MiB", rss_peak / MIB);
+    assert!(
+        rss_after < 64 * MIB,
+        "server RSS {} MiB after",
+        rss_after / MIB
+    );
     drop((stalled_ws, stalled_http));
     child.terminate();
     harness::verify_clean(&data);
