@@ -202,10 +202,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// `period`, from a thread of its own. By itself glibc returns little: after a burst of 300
 /// stalled subscribers and 300 stalled readers (`server/hostile.rs`) the server stayed at 75-133
 /// MiB with nothing connected, against 33-36 MiB with a trim every second (and its peak fell
-/// from 149-157 to 113-115 MiB). A trim locks one arena at a time: it took 0.2 ms under `ivy-bench publish` and
-/// 0.5-12 ms under `fanout` at 10 M deliveries/s, and both measured alike with and without a trim
-/// every 10 s (3 alternating pairs). jemalloc, which purges by itself, published 6% slower here.
-/// Only `ivy serve` does this: a program that embeds the server owns its allocator.
+/// from 149-157 to 113-115 MiB). A trim locks one arena at a time: it took 0.2 ms under
+/// `ivy-bench publish` and 0.5-12 ms under `fanout` at 10 M deliveries/s. With a trim every 10 s
+/// against none, in alternating pairs, `publish` measured alike (3 pairs) and `fanout` was lower
+/// in 6 of 11 (medians 9.9 and 10.9 M/s, within its noise). jemalloc, which purges by itself,
+/// published 6% slower here. Only `ivy serve` trims: a program that embeds the server owns its
+/// allocator.
 fn trim_memory_every(period: Duration) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if !period.is_zero() {
