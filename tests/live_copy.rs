@@ -127,3 +127,88 @@ fn a_copy_taken_while_the_store_writes_reads_back_after_repair() {
         }
     }
 }
+
+/// The race the loop above meets about once in 300 copies, made on purpose: the copy read the
+/// middle of the last segment before the writer got there (zeroes, from a record's start to the
+/// end of a 4 KiB piece) and its end after the segment had filled and sealed, so it holds the
+/// trailer but not the whole seal record. That segment is live, with a torn tail where the zeroes
+/// begin (the format page; recovery reads it so); verify once took it for a damaged sealed
+/// segment, which is not torn and which repair leaves alone.
+#[test]
+fn a_copy_that_caught_the_last_segment_sealing_is_torn_not_corrupt() {
+    use ivy::storage::codec;
+    let opts = StoreOptions {
+        durability: Durability::Never,
+        segment_bytes_max: 16 * 1024,
+        ..StoreOptions::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), opts.clone()).unwrap();
+    let mut n = 0u32;
+    let segments = |dir: &Path| -> Vec<std::path::PathBuf> {
+        let mut segs: Vec<_> = files(dir)
+            .into_iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "seg"))
+            .collect();
+        segs.sort();
+        segs
+    };
+    while segments(dir.path()).len() < 2 {
+        store
+            .append(
+                &path("/rooms/a"),
+                format!("event {n} {}", "x".repeat(200)).as_bytes(),
+            )
+            .unwrap();
+        n += 1;
+    }
+    store.close().unwrap();
+    // The copy: the first (sealed) segment is the stream's last, as if the copy was listed
+    // before the next one was made (appends are queued, so there may be several by now).
+    let copy = tempfile::tempdir().unwrap();
+    common::copy_dir(dir.path(), copy.path());
+    let segs = segments(copy.path());
+    for later in &segs[1..] {
+        std::fs::remove_file(later).unwrap();
+        let _ = std::fs::remove_file(later.with_extension("idx"));
+    }
+    let mut bytes = std::fs::read(&segs[0]).unwrap();
+    let seal_at = codec::decode_trailer(&bytes).expect("the first segment is sealed");
+    // The first record that starts in the third 4 KiB piece.
+    let mut at = 32;
+    while at < 8192 {
+        at += codec::decode(&bytes, at).unwrap().len;
+    }
+    let kept_events = {
+        let mut count = 0;
+        let mut walk = 32;
+        while walk < at {
+            walk += codec::decode(&bytes, walk).unwrap().len;
+            count += 1;
+        }
+        count
+    };
+    bytes[at..12288].fill(0);
+    bytes[seal_at..seal_at + 8].fill(0);
+    std::fs::write(&segs[0], &bytes).unwrap();
+
+    let rel = segs[0]
+        .strip_prefix(copy.path())
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let found = common::verify_findings(copy.path());
+    assert!(
+        found.contains(&(rel.clone(), at as u64, true)),
+        "a torn tail at {at}: {found:?}"
+    );
+    assert!(found.iter().all(|(_, _, torn)| *torn), "{found:?}");
+    common::independent_read_agrees(copy.path(), "sealing copy");
+    let lock = ivy::storage::lock_directory(copy.path(), true).unwrap();
+    verify::verify(copy.path(), verify::Mode::Repair, &|_| {}).unwrap();
+    drop(lock);
+    let left = common::verify_findings(copy.path());
+    assert!(left.is_empty(), "{left:?}");
+    let copied = Store::open_read_only(copy.path(), opts).unwrap();
+    assert_eq!(read(&copied, "/**", &Query::all()).len(), kept_events);
+}
