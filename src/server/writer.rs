@@ -211,16 +211,15 @@ pub(super) async fn write_loop<W: AsyncWrite + Acked + Unpin>(
             return write.shutdown().await;
         }
         if !bufs.out.is_empty() {
-            let written = write_while_taken(&mut write, &bufs.out).await?;
-            if written < bufs.out.len() {
-                let keep_to = give_back(hub, session, &bufs.ends, written, bufs.out.len());
-                // Down to what is left, never up (acks and control bytes are not charged):
-                // growing would wait for budget before the write.
-                let left = (keep_to - written).min(taken.charge.bytes());
-                taken.charge.resize(left).await;
-                keep_only(&mut bufs.out, written, keep_to);
-                write.write_all(&bufs.out).await?;
-            }
+            write_or_give_back(
+                hub,
+                session,
+                &mut write,
+                &mut bufs.out,
+                &bufs.ends,
+                &mut taken.charge,
+            )
+            .await?;
             bufs.out.clear();
             bufs.release_if_large();
         }
@@ -289,6 +288,30 @@ fn give_back(
     // Nothing above it reached the connection: a resume may start there.
     st.last_taken = sent;
     keep_to
+}
+
+/// Writes `buf`, whose event frames end at `ends`, while the peer takes it. A write the peer
+/// stops taking for `WRITE_WAIT` finishes the frame it stopped in and gives the rest back to the
+/// log (`give_back`); `charge` and `buf` are cut down to what is left before that is written.
+/// Live writes and catch-up batches alike.
+async fn write_or_give_back<W: AsyncWrite + Unpin>(
+    hub: &Hub,
+    session: &Session,
+    write: &mut W,
+    buf: &mut Vec<u8>,
+    ends: &[(usize, EventId)],
+    charge: &mut Charge,
+) -> std::io::Result<()> {
+    let written = write_while_taken(write, buf).await?;
+    if written < buf.len() {
+        let keep_to = give_back(hub, session, ends, written, buf.len());
+        // Down to what is left, never up (acks and control bytes are not charged): growing
+        // would wait for budget before the write.
+        charge.resize((keep_to - written).min(charge.bytes())).await;
+        keep_only(buf, written, keep_to);
+        write.write_all(buf).await?;
+    }
+    Ok(())
 }
 
 /// Cuts `buf` down to its bytes `from..to`, in an allocation of their size: what a write that
@@ -385,19 +408,8 @@ async fn catch_up<W: AsyncWrite + Unpin>(
         ends.push((buf.len(), *id));
     }
     drop(batch);
-    let written = write_while_taken(write, buf).await?;
-    // A peer that stopped taking bytes does not hold the batch either (`give_back`).
-    let keep_to = if written < buf.len() {
-        give_back(hub, session, &ends, written, buf.len())
-    } else {
-        buf.len()
-    };
-    if keep_to > written {
-        // Down to what is left, never up: growing would wait for budget before the write.
-        share.resize((keep_to - written).min(share.bytes())).await;
-        keep_only(buf, written, keep_to);
-        write.write_all(buf).await?;
-    }
+    // A peer that stopped taking bytes does not hold the batch either.
+    write_or_give_back(hub, session, write, buf, &ends, &mut share).await?;
     buf.clear();
     drop(share);
     Ok(())
