@@ -257,6 +257,12 @@ pub struct Footer<'a> {
     positions: &'a [u8],
 }
 
+/// Whether `rec`, decoded at `seal_at` of a file of `file_len` bytes, is a seal record that ends
+/// exactly where the trailer begins: with the trailer's magic, what makes the file sealed.
+pub fn ends_at_trailer(rec: &Record<'_>, seal_at: usize, file_len: usize) -> bool {
+    rec.kind == KIND_SEAL && seal_at + rec.len + TRAILER_LEN == file_len
+}
+
 /// Reads the trailer at the end of `file` and returns the seal record's offset, if the file
 /// ends with one.
 pub fn decode_trailer(file: &[u8]) -> Option<usize> {

@@ -330,7 +330,7 @@ impl Sealed {
         }
         let seal =
             record::decode(bytes, seal_at).map_err(|k| Error::corrupt(path, seal_at as u64, k))?;
-        if seal.kind != KIND_SEAL || seal_at + seal.len != trailer_at as usize {
+        if !record::ends_at_trailer(&seal, seal_at, bytes.len()) {
             return Err(Error::corrupt(
                 path,
                 seal_at as u64,

@@ -246,9 +246,8 @@ fn check_segment(job: &Job) -> SegmentCheck {
 
 /// Whether the record at `seal_at` is a seal that ends exactly where the trailer begins.
 fn is_whole_seal(bytes: &[u8], seal_at: usize) -> bool {
-    record::decode(bytes, seal_at).is_ok_and(|rec| {
-        rec.kind == KIND_SEAL && seal_at + rec.len + record::TRAILER_LEN == bytes.len()
-    })
+    record::decode(bytes, seal_at)
+        .is_ok_and(|rec| record::ends_at_trailer(&rec, seal_at, bytes.len()))
 }
 
 /// Per-channel (first offset, last offset, count), as the records show them.
@@ -358,11 +357,7 @@ fn check_seal(
 ) {
     let path = &job.path;
     let seal = match record::decode(bytes, seal_at) {
-        Ok(rec)
-            if rec.kind == KIND_SEAL && seal_at + rec.len + record::TRAILER_LEN == bytes.len() =>
-        {
-            rec
-        }
+        Ok(rec) if record::ends_at_trailer(&rec, seal_at, bytes.len()) => rec,
         Ok(_) => {
             check.findings.push(finding(
                 path,
