@@ -1,7 +1,7 @@
 //! The tool's WebSocket client: the upgrade, frame writing (fastwebsockets), and server frames
 //! parsed in place from large reads (`FrameReader`).
 
-use fastwebsockets::{Frame, Payload, Role, WebSocketWrite};
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketWrite};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,26 +24,9 @@ pub(crate) async fn upgrade(addr: SocketAddr) -> anyhow::Result<(OwnedReadHalf, 
     let tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let (mut read, mut write) = tcp.into_split();
-    write
-        .write_all(
-            format!(
-                "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ivy1\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .await?;
-    // Read the response head byte by byte, so no WebSocket byte is consumed with it.
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let b = read.read_u8().await?;
-        head.push(b);
-        anyhow::ensure!(head.len() < 8192, "response head too long");
-    }
-    anyhow::ensure!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "upgrade refused: {}",
-        String::from_utf8_lossy(&head)
-    );
+    write.write_all(upgrade_request(addr).as_bytes()).await?;
+    let mut head = ResponseHead::default();
+    while !head.push(read.read_u8().await?)? {}
     // Frames go through a buffer and are flushed when the sender has nothing more to send, so
     // the tool makes one write per batch, not per message, and is not the bottleneck. (The
     // writer is taken from a split over no reader: the read half is returned raw.)
@@ -52,6 +35,75 @@ pub(crate) async fn upgrade(addr: SocketAddr) -> anyhow::Result<(OwnedReadHalf, 
     w.set_auto_apply_mask(true);
     w.set_writev(false);
     Ok((read, w))
+}
+
+/// The upgrade request of the tool's clients (subprotocol ivy1).
+fn upgrade_request(addr: SocketAddr) -> String {
+    format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: ivy1\r\n\r\n"
+    )
+}
+
+/// The upgrade's response head, read byte by byte so that no WebSocket byte is consumed with it.
+#[derive(Default)]
+struct ResponseHead(Vec<u8>);
+
+impl ResponseHead {
+    /// Takes the next byte; true once the head is whole (and says 101).
+    fn push(&mut self, b: u8) -> anyhow::Result<bool> {
+        self.0.push(b);
+        anyhow::ensure!(self.0.len() < 8192, "response head too long");
+        if !self.0.ends_with(b"\r\n\r\n") {
+            return Ok(false);
+        }
+        anyhow::ensure!(
+            self.0.starts_with(b"HTTP/1.1 101"),
+            "upgrade refused: {}",
+            String::from_utf8_lossy(&self.0)
+        );
+        Ok(true)
+    }
+}
+
+/// `upgrade` on a blocking std socket (`receivers.rs`): the socket, upgraded, with no byte of
+/// the WebSocket consumed.
+pub(crate) fn upgrade_blocking(addr: SocketAddr) -> anyhow::Result<std::net::TcpStream> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr)?;
+    tcp.set_nodelay(true)?;
+    tcp.write_all(upgrade_request(addr).as_bytes())?;
+    let mut head = ResponseHead::default();
+    let mut byte = [0u8; 1];
+    loop {
+        tcp.read_exact(&mut byte)?;
+        if head.push(byte[0])? {
+            return Ok(tcp);
+        }
+    }
+}
+
+/// A client's (masked) frame, for the clients that write without fastwebsockets' writer.
+pub(crate) fn client_frame(opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Frame::new(
+        true,
+        opcode,
+        Some(rand_mask()),
+        Payload::Owned(payload.to_vec()),
+    );
+    let mut head = [0u8; 16];
+    let n = frame.fmt_head(&mut head);
+    frame.mask();
+    let mut out = head[..n].to_vec();
+    out.extend_from_slice(&frame.payload);
+    out
+}
+
+/// A mask key that differs between frames, as RFC 6455 asks of a client (the tool needs no
+/// cryptographic quality: the peer is the server under test).
+fn rand_mask() -> [u8; 4] {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0x9e37_79b9);
+    NEXT.fetch_add(0x6d2b_79f5, Ordering::Relaxed).to_le_bytes()
 }
 
 /// Says what a close frame's payload says: its code and reason.
@@ -142,14 +194,13 @@ pub(crate) enum ServerFrame<'a> {
     Other,
 }
 
-/// The subscribers' reader: server-to-client frames (whole and unmasked, RFC 6455 section 5.2)
-/// parsed in place from one buffer filled by large reads. fastwebsockets reads one frame per
-/// call, with a future, a buffer reservation, a shared split and a UTF-8 check each; at 4 M
-/// frames/s that was half of the subscribers' CPU, on the cores the server shares. The tool's
-/// clients only need each frame's bounds, so they all read this way (the server uses
-/// fastwebsockets).
-pub(crate) struct FrameReader {
-    tcp: OwnedReadHalf,
+/// Server-to-client frames (whole and unmasked, RFC 6455 section 5.2) parsed in place from one
+/// buffer filled by large reads. fastwebsockets reads one frame per call, with a future, a
+/// buffer reservation, a shared split and a UTF-8 check each; at 4 M frames/s that was half of
+/// the subscribers' CPU, on the cores the server shares. The tool's clients only need each
+/// frame's bounds, so they all read this way (the server uses fastwebsockets). The socket is
+/// the caller's: `FrameReader` reads into it with tokio, `receivers.rs` with mio.
+pub(crate) struct FrameBuf {
     buf: Vec<u8>,
     /// `buf[at..end]` is read and not yet parsed.
     at: usize,
@@ -159,10 +210,9 @@ pub(crate) struct FrameReader {
 /// A frame larger than this is refused (the tool's events are about 100 B).
 pub(crate) const FRAME_MAX: usize = 16 << 20;
 
-impl FrameReader {
-    fn new(tcp: OwnedReadHalf) -> FrameReader {
-        FrameReader {
-            tcp,
+impl FrameBuf {
+    pub(crate) fn new() -> FrameBuf {
+        FrameBuf {
             buf: vec![0; 64 * 1024],
             at: 0,
             end: 0,
@@ -185,8 +235,9 @@ impl FrameReader {
         }))
     }
 
-    /// Reads once more from the socket, first moving a partial frame to the buffer's start.
-    pub(crate) async fn fill(&mut self) -> anyhow::Result<()> {
+    /// Room for the next read, after moving a partial frame to the buffer's start (and growing
+    /// the buffer if that frame fills it).
+    pub(crate) fn space(&mut self) -> anyhow::Result<&mut [u8]> {
         self.buf.copy_within(self.at..self.end, 0);
         self.end -= self.at;
         self.at = 0;
@@ -194,10 +245,40 @@ impl FrameReader {
             anyhow::ensure!(self.buf.len() < FRAME_MAX, "frame too large");
             self.buf.resize(self.buf.len() * 2, 0);
         }
-        let n = self.tcp.read(&mut self.buf[self.end..]).await?;
+        Ok(&mut self.buf[self.end..])
+    }
+
+    /// Takes in `n` bytes read into `space`; 0 is the server's end of the connection.
+    pub(crate) fn filled(&mut self, n: usize) -> anyhow::Result<()> {
         anyhow::ensure!(n > 0, "the server closed the connection");
         self.end += n;
         Ok(())
+    }
+}
+
+/// The tokio clients' reader: a `FrameBuf` over a socket's read half.
+pub(crate) struct FrameReader {
+    tcp: OwnedReadHalf,
+    buf: FrameBuf,
+}
+
+impl FrameReader {
+    fn new(tcp: OwnedReadHalf) -> FrameReader {
+        FrameReader {
+            tcp,
+            buf: FrameBuf::new(),
+        }
+    }
+
+    /// The next frame if it is wholly buffered.
+    pub(crate) fn next(&mut self) -> anyhow::Result<Option<ServerFrame<'_>>> {
+        self.buf.next()
+    }
+
+    /// Reads once more from the socket.
+    pub(crate) async fn fill(&mut self) -> anyhow::Result<()> {
+        let n = self.tcp.read(self.buf.space()?).await?;
+        self.buf.filled(n)
     }
 
     /// The payload of the next text message; answers pings.

@@ -6,6 +6,7 @@ use crate::client::{
     Writer,
 };
 use crate::cpu::{CpuMeter, CpuUse};
+use crate::receivers::Receivers;
 use crate::{now_nanos, percentiles};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -34,15 +35,15 @@ fn decimal(field: &[u8]) -> Option<u64> {
 
 #[derive(Default)]
 pub(crate) struct SubStats {
-    received: u64,
-    unique: u64,
-    duplicated: u64,
-    reordered: u64,
+    pub(crate) received: u64,
+    pub(crate) unique: u64,
+    pub(crate) duplicated: u64,
+    pub(crate) reordered: u64,
     /// Times the server closed the connection as lagging (1013) and it resumed.
-    resumed: u64,
+    pub(crate) resumed: u64,
     /// Why it stopped before it had every event, if it did.
-    gave_up: Option<String>,
-    latencies: Vec<u64>,
+    pub(crate) gave_up: Option<String>,
+    pub(crate) latencies: Vec<u64>,
 }
 
 /// The sequence numbers a subscriber has seen, one bit each (they are dense from 0).
@@ -67,6 +68,8 @@ impl SeqBits {
 pub(crate) struct FanoutCounters {
     pub(crate) published: Arc<AtomicU64>,
     pub(crate) delivered: Arc<AtomicU64>,
+    /// Of those, the deliveries to subscribers that are not slow.
+    pub(crate) fast_delivered: Arc<AtomicU64>,
     pub(crate) done_publishing: Arc<AtomicBool>,
 }
 
@@ -75,29 +78,55 @@ impl FanoutCounters {
         FanoutCounters {
             published: Arc::new(AtomicU64::new(0)),
             delivered: Arc::new(AtomicU64::new(0)),
+            fast_delivered: Arc::new(AtomicU64::new(0)),
             done_publishing: Arc::new(AtomicBool::new(false)),
         }
     }
 }
 
+/// The subscribers of a run: the fast ones on receiver threads, the slow ones as tokio tasks
+/// (each sleeps between reads, which a thread serving hundreds of sockets must not).
+pub(crate) struct Subscribers {
+    fast: Receivers,
+    slow: Vec<tokio::task::JoinHandle<SubStats>>,
+}
+
+impl Subscribers {
+    /// Waits for every subscriber to have every event (or give up); (is slow, stats) of each.
+    async fn finish(self) -> anyhow::Result<Vec<(bool, SubStats)>> {
+        let fast = self.fast;
+        let mut all: Vec<(bool, SubStats)> = tokio::task::spawn_blocking(move || fast.join())
+            .await??
+            .into_iter()
+            .map(|st| (false, st))
+            .collect();
+        for t in self.slow {
+            all.push((true, t.await?));
+        }
+        Ok(all)
+    }
+}
+
 /// Connects and subscribes `subscribers` clients to `/fan` (the first `slow_count` read slowly)
-/// and starts their reading loops; each task ends with (is slow, stats).
+/// and starts their reading: the fast ones on `threads` receiver threads, the slow ones as tasks.
 pub(crate) async fn start_subscribers(
     addr: SocketAddr,
     subscribers: usize,
     slow_count: usize,
+    threads: usize,
     c: &FanoutCounters,
-) -> anyhow::Result<Vec<tokio::task::JoinHandle<(bool, SubStats)>>> {
-    let mut subs = Vec::new();
-    for s in 0..subscribers {
+) -> anyhow::Result<Subscribers> {
+    let mut slow = Vec::new();
+    for _ in 0..slow_count.min(subscribers) {
         let (frames, w) = subscribe(addr, b"#s#+/fan").await?;
-        let is_slow = s < slow_count;
         let c = c.clone();
-        subs.push(tokio::spawn(async move {
-            (is_slow, subscriber(addr, frames, w, is_slow, c).await)
-        }));
+        slow.push(tokio::spawn(subscriber(addr, frames, w, c)));
     }
-    Ok(subs)
+    let fast_count = subscribers - slow.len();
+    let c = c.clone();
+    let fast = tokio::task::spawn_blocking(move || Receivers::start(addr, fast_count, threads, &c))
+        .await??;
+    Ok(Subscribers { fast, slow })
 }
 
 /// Connects and sends `command`, a subscription keyed `s`; returns once it is acknowledged.
@@ -108,14 +137,13 @@ async fn subscribe(addr: SocketAddr, command: &[u8]) -> anyhow::Result<(FrameRea
     Ok((frames, w))
 }
 
-/// One subscriber's reading loop: until it has every published event, or 15 s of silence. Closed
-/// as lagging (1013), it resumes from the last event it had, as the protocol page tells clients
-/// to: slow subscribers fall that far behind whenever the publisher outruns them for long.
+/// A slow subscriber's reading loop: until it has every published event, or 15 s of silence.
+/// Closed as lagging (1013), it resumes from the last event it had, as the protocol page tells
+/// clients to: slow subscribers fall that far behind whenever the publisher outruns them for long.
 async fn subscriber(
     addr: SocketAddr,
     mut frames: FrameReader,
     mut w: Writer,
-    is_slow: bool,
     c: FanoutCounters,
 ) -> SubStats {
     let mut seen = Seen::default();
@@ -123,38 +151,37 @@ async fn subscriber(
         // One silence timer per read from the socket, not one per message: racing a timer
         // against every message (and reading the clock to re-arm it) was a fifth of the
         // subscribers' CPU, and they share the server's cores.
-        let batch = read_batch(&mut frames, &mut w, is_slow, &c, &mut seen);
+        let batch = read_batch(&mut frames, &mut w, &c, &mut seen);
         match tokio::time::timeout(Duration::from_secs(15), batch).await {
             Ok(Ok(Batch::Read)) => {}
-            Ok(Ok(Batch::Lagging)) => {
-                let mut command = b"#s#+/fan".to_vec();
-                command.extend_from_slice(&seen.last_id);
-                match subscribe(addr, &command).await {
-                    Ok((f, writer)) => (frames, w) = (f, writer),
-                    Err(e) => {
-                        seen.st.gave_up = Some(format!("resuming: {e:#}"));
-                        break;
-                    }
+            Ok(Ok(Batch::Lagging)) => match subscribe(addr, &seen.resume_command()).await {
+                Ok((f, writer)) => {
+                    (frames, w) = (f, writer);
+                    seen.note_resumed();
                 }
-                seen.st.resumed += 1;
-            }
+                Err(e) => {
+                    seen.give_up(format!("resuming: {e:#}"));
+                    break;
+                }
+            },
             Ok(Err(e)) => {
-                seen.st.gave_up = Some(format!("{e:#}"));
+                seen.give_up(format!("{e:#}"));
                 break;
             }
             Err(_) => {
-                seen.st.gave_up = Some("15 s without a message".to_string());
+                seen.give_up("15 s without a message".to_string());
                 break;
             }
         }
     }
-    c.delivered.fetch_add(seen.uncounted, Ordering::Relaxed);
-    seen.st
+    c.delivered
+        .fetch_add(seen.take_uncounted(), Ordering::Relaxed);
+    seen.into_stats()
 }
 
 /// What one subscriber has received so far.
 #[derive(Default)]
-struct Seen {
+pub(crate) struct Seen {
     st: SubStats,
     bits: SeqBits,
     /// One past the largest sequence number seen.
@@ -166,9 +193,44 @@ struct Seen {
 }
 
 impl Seen {
-    fn has_all(&self, c: &FanoutCounters) -> bool {
+    pub(crate) fn has_all(&self, c: &FanoutCounters) -> bool {
         c.done_publishing.load(Ordering::Relaxed)
             && self.st.unique >= c.published.load(Ordering::Relaxed)
+    }
+
+    /// Counts a text message if it is a fan-out event, remembering its id to resume after.
+    pub(crate) fn event(&mut self, payload: &[u8], is_slow: bool, c: &FanoutCounters) {
+        if let Some((seq, sent)) = fanout_fields(payload) {
+            self.note(seq, sent, is_slow, c);
+            let id = payload.split(|&b| b == b':').next().unwrap_or_default();
+            self.last_id.clear();
+            self.last_id.extend_from_slice(id);
+        }
+    }
+
+    /// The subscription that resumes after the last event received.
+    pub(crate) fn resume_command(&self) -> Vec<u8> {
+        let mut command = b"#s#+/fan".to_vec();
+        command.extend_from_slice(&self.last_id);
+        command
+    }
+
+    pub(crate) fn note_resumed(&mut self) {
+        self.st.resumed += 1;
+    }
+
+    /// Records why it stopped (the first reason, if it is given more than one).
+    pub(crate) fn give_up(&mut self, reason: String) {
+        self.st.gave_up.get_or_insert(reason);
+    }
+
+    /// Deliveries not yet added to the shared counter, now taken.
+    pub(crate) fn take_uncounted(&mut self) -> u64 {
+        std::mem::take(&mut self.uncounted)
+    }
+
+    pub(crate) fn into_stats(self) -> SubStats {
+        self.st
     }
 
     /// Counts event `seq`, sent at `sent` (ns since the epoch). No set, no clock read and no
@@ -180,6 +242,10 @@ impl Seen {
         self.uncounted += 1;
         if self.uncounted == 16 {
             c.delivered.fetch_add(self.uncounted, Ordering::Relaxed);
+            if !is_slow {
+                c.fast_delivered
+                    .fetch_add(self.uncounted, Ordering::Relaxed);
+            }
             self.uncounted = 0;
         }
         if !self.bits.insert(seq) {
@@ -210,24 +276,18 @@ enum Batch {
 async fn read_batch(
     frames: &mut FrameReader,
     w: &mut Writer,
-    is_slow: bool,
     c: &FanoutCounters,
     seen: &mut Seen,
 ) -> anyhow::Result<Batch> {
     while let Some(frame) = frames.next()? {
         match frame {
             ServerFrame::Text(payload) => {
-                if let Some((seq, sent)) = fanout_fields(payload) {
-                    seen.note(seq, sent, is_slow, c);
-                    let id = payload.split(|&b| b == b':').next().unwrap_or_default();
-                    seen.last_id.clear();
-                    seen.last_id.extend_from_slice(id);
-                    if is_slow && seen.st.received.is_multiple_of(16) {
-                        // At most 16 events per 2 ms, about 8,000/s: far below what the
-                        // publisher sends, so a slow subscriber falls behind and reads from the
-                        // log, yet a run's backlog drains in seconds, not minutes.
-                        tokio::time::sleep(Duration::from_millis(2)).await;
-                    }
+                seen.event(payload, true, c);
+                if seen.st.received.is_multiple_of(16) {
+                    // At most 16 events per 2 ms, about 8,000/s: far below what the publisher
+                    // sends, so a slow subscriber falls behind and reads from the log, yet a
+                    // run's backlog drains in seconds, not minutes.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
                 }
             }
             ServerFrame::Ping(payload) => pong(w, payload).await?,
@@ -248,7 +308,7 @@ async fn read_batch(
 /// Waits for the subscribers to finish and prints deliveries/s, losses and latencies.
 pub(crate) async fn report_fanout(
     label: &str,
-    subs: Vec<tokio::task::JoinHandle<(bool, SubStats)>>,
+    subs: Subscribers,
     slow_count: usize,
     c: &FanoutCounters,
     publish_secs: f64,
@@ -256,13 +316,13 @@ pub(crate) async fn report_fanout(
 ) -> anyhow::Result<()> {
     let seq = c.published.load(Ordering::Relaxed);
     let deliveries_during = c.delivered.load(Ordering::Relaxed);
+    let subs = subs.finish().await?;
     let subscribers = subs.len();
     let mut fast_lat = Vec::new();
     let (mut lost, mut dup, mut reorder, mut resumed) = (0u64, 0u64, 0u64, 0u64);
     let mut slow_done = 0;
     let (mut gave_up, mut first_reason) = (0, None);
-    for t in subs {
-        let (is_slow, st) = t.await?;
+    for (is_slow, st) in subs {
         if let Some(reason) = st.gave_up {
             gave_up += 1;
             first_reason.get_or_insert(reason);
@@ -296,6 +356,22 @@ pub(crate) async fn report_fanout(
     Ok(())
 }
 
+/// How far an unpaced publisher may run ahead of the average fast subscriber, in events. The
+/// server never slows a publisher for its subscribers, so without this bound a publisher that
+/// outruns them builds a backlog that takes minutes to drain (measured: 747,000 events published
+/// in 10 s, delivered over 70 s), and the run measures the catching up, not the fan-out. 10,000
+/// events is about a second of what 1,000 subscribers take, far more than keeps the server busy,
+/// and a tenth of the server's default lag limit.
+const AHEAD_MAX: u64 = 10_000;
+
+/// Events published that the average fast subscriber has not counted yet (0 without any).
+fn ahead_of_fast_subscribers(c: &FanoutCounters, published: u64, fast: usize) -> u64 {
+    if fast == 0 {
+        return 0;
+    }
+    published.saturating_sub(c.fast_delivered.load(Ordering::Relaxed) / fast as u64)
+}
+
 /// The time until the `seq`th event is due at `rate` per second, if it is not due yet.
 pub(crate) fn pace(started: Instant, rate: u64, seq: u64) -> Option<Duration> {
     if rate == 0 {
@@ -305,18 +381,62 @@ pub(crate) fn pace(started: Instant, rate: u64, seq: u64) -> Option<Duration> {
     due.checked_duration_since(Instant::now())
 }
 
+#[derive(clap::Args)]
+pub(crate) struct FanoutArgs {
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// Events per second from the publisher; 0 publishes as fast as acks allow.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    /// Unacknowledged publishes in flight when unpaced.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// Share of subscribers that read slowly (they must catch up from the log).
+    #[arg(long, default_value_t = 0.0)]
+    slow_fraction: f64,
+    #[command(flatten)]
+    receivers: ReceiverThreads,
+}
+
+/// How many threads read the fast subscribers' sockets (`receivers.rs`).
+#[derive(clap::Args)]
+pub(crate) struct ReceiverThreads {
+    /// Threads that read the subscribers' sockets; by default one per core but one, and at
+    /// least one: the tool shares the machine with the server, and a receiver on every core
+    /// preempts the server's fan-out thread, which the tool would then report as the server's
+    /// latency.
+    #[arg(long)]
+    receiver_threads: Option<usize>,
+}
+
+impl ReceiverThreads {
+    pub(crate) fn count(&self) -> usize {
+        self.receiver_threads.unwrap_or_else(|| {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            cores.saturating_sub(1).max(1)
+        })
+    }
+}
+
 pub(crate) async fn fanout(
     addr: SocketAddr,
     seconds: u64,
-    subscribers: usize,
-    size: usize,
-    rate: u64,
-    window: usize,
-    slow_fraction: f64,
+    args: &FanoutArgs,
 ) -> anyhow::Result<()> {
+    let FanoutArgs {
+        subscribers,
+        size,
+        rate,
+        window,
+        slow_fraction,
+        ref receivers,
+    } = *args;
     let slow_count = ((subscribers as f64) * slow_fraction).round() as usize;
     let c = FanoutCounters::new();
-    let subs = start_subscribers(addr, subscribers, slow_count, &c).await?;
+    let threads = receivers.count();
+    let subs = start_subscribers(addr, subscribers, slow_count, threads, &c).await?;
     let (mut pr, mut pw) = connect(addr).await?;
     let pad = "p".repeat(size.saturating_sub(40));
     let permits = Arc::new(tokio::sync::Semaphore::new(window));
@@ -353,6 +473,10 @@ pub(crate) async fn fanout(
             permits.acquire().await?.forget();
         } else {
             slot(&permits, &mut pw).await?;
+            while ahead_of_fast_subscribers(&c, seq, subscribers - slow_count) > AHEAD_MAX {
+                pw.flush().await?;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
         // The data: sequence number, send time, padding to about `size` bytes.
         let line = format!("#{seq}#:/fan:{seq}:{}:{pad}", now_nanos());

@@ -12,12 +12,13 @@ use std::time::{Duration, Instant};
 /// does, with no log, no commit and no dispatcher. Its latency, measured side by side with
 /// `fanout`, is what the kernel's loopback and the client cost on this machine; what `fanout`
 /// adds to it is the server's. (Sockets are blocking: the floor has no slow subscribers.)
-/// `rate` is at least 1 (the command line's range).
+/// `rate` is at least 1 (the command line's range); `threads` read the subscribers' sockets.
 pub(crate) async fn floor(
     seconds: u64,
     subscribers: usize,
     size: usize,
     rate: u64,
+    threads: usize,
 ) -> anyhow::Result<()> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
@@ -25,7 +26,7 @@ pub(crate) async fn floor(
         (0..subscribers).map(|_| floor_accept(&listener)).collect()
     });
     let c = FanoutCounters::new();
-    let subs = start_subscribers(addr, subscribers, 0, &c).await?;
+    let subs = start_subscribers(addr, subscribers, 0, threads, &c).await?;
     let mut sockets = accepting
         .join()
         .map_err(|_| anyhow::anyhow!("the floor's accept thread panicked"))??;

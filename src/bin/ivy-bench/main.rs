@@ -49,6 +49,7 @@ mod history_floor;
 mod idle;
 mod publish;
 mod publish_floor;
+mod receivers;
 
 #[derive(Parser)]
 #[command(name = "ivy-bench", about = "Load tool for ivy serve")]
@@ -76,21 +77,7 @@ enum Mode {
     Publish(publish::PublishArgs),
     /// 1 publisher to S subscribers of one channel: deliveries/s, latency, and lost, duplicated
     /// and reordered events
-    Fanout {
-        #[arg(long, default_value_t = 1000)]
-        subscribers: usize,
-        #[arg(long, default_value_t = 100)]
-        size: usize,
-        /// Events per second from the publisher; 0 publishes as fast as acks allow.
-        #[arg(long, default_value_t = 0)]
-        rate: u64,
-        /// Unacknowledged publishes in flight when unpaced.
-        #[arg(long, default_value_t = 256)]
-        window: usize,
-        /// Share of subscribers that read slowly (they must catch up from the log).
-        #[arg(long, default_value_t = 0.0)]
-        slow_fraction: f64,
-    },
+    Fanout(fanout::FanoutArgs),
     /// The machine's floor for `fanout` (no server; see `floor`).
     Floor {
         #[arg(long, default_value_t = 1000)]
@@ -100,6 +87,8 @@ enum Mode {
         /// Events per second (the floor is for paced runs).
         #[arg(long, default_value_t = 400, value_parser = clap::value_parser!(u64).range(1..))]
         rate: u64,
+        #[command(flatten)]
+        receivers: fanout::ReceiverThreads,
     },
     /// Last-N reads over keep-alive HTTP connections: requests/s and latency
     History {
@@ -265,9 +254,11 @@ fn main() -> anyhow::Result<()> {
         subscribers,
         size,
         rate,
+        receivers,
     } = cli.mode
     {
-        return runtime.block_on(floor::floor(cli.seconds, subscribers, size, rate));
+        let threads = receivers.count();
+        return runtime.block_on(floor::floor(cli.seconds, subscribers, size, rate, threads));
     }
     match cli.mode {
         Mode::HistoryFloor { connections, n } => {
@@ -310,24 +301,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.mode {
             Mode::Publish(args) => publish::publish(addr, cli.seconds, "publish", &args).await,
-            Mode::Fanout {
-                subscribers,
-                size,
-                rate,
-                window,
-                slow_fraction,
-            } => {
-                fanout::fanout(
-                    addr,
-                    cli.seconds,
-                    subscribers,
-                    size,
-                    rate,
-                    window,
-                    slow_fraction,
-                )
-                .await
-            }
+            Mode::Fanout(args) => fanout::fanout(addr, cli.seconds, &args).await,
             Mode::Floor { .. }
             | Mode::HistoryFloor { .. }
             | Mode::FixedAnswerServer { .. }
