@@ -1,10 +1,7 @@
 //! `fanout`: one publisher to S subscribers of one channel, every event numbered, so that each
 //! subscriber counts what it lost, saw twice or saw out of order.
 
-use crate::client::{
-    closed_by_server, connect, pong, send, send_buffered, slot, FrameReader, Refusals, ServerFrame,
-    Writer,
-};
+use crate::client::{connect, send, send_buffered, slot, Refusals, ServerFrame};
 use crate::cpu::{CpuMeter, CpuUse};
 use crate::receivers::Receivers;
 use crate::{now_nanos, percentiles};
@@ -84,99 +81,20 @@ impl FanoutCounters {
     }
 }
 
-/// The subscribers of a run: the fast ones on receiver threads, the slow ones as tokio tasks
-/// (each sleeps between reads, which a thread serving hundreds of sockets must not).
-pub(crate) struct Subscribers {
-    fast: Receivers,
-    slow: Vec<tokio::task::JoinHandle<SubStats>>,
-}
-
-impl Subscribers {
-    /// Waits for every subscriber to have every event (or give up); (is slow, stats) of each.
-    async fn finish(self) -> anyhow::Result<Vec<(bool, SubStats)>> {
-        let fast = self.fast;
-        let mut all: Vec<(bool, SubStats)> = tokio::task::spawn_blocking(move || fast.join())
-            .await??
-            .into_iter()
-            .map(|st| (false, st))
-            .collect();
-        for t in self.slow {
-            all.push((true, t.await?));
-        }
-        Ok(all)
-    }
-}
-
 /// Connects and subscribes `subscribers` clients to `/fan` (the first `slow_count` read slowly)
-/// and starts their reading: the fast ones on `threads` receiver threads, the slow ones as tasks.
+/// on `threads` receiver threads.
 pub(crate) async fn start_subscribers(
     addr: SocketAddr,
     subscribers: usize,
     slow_count: usize,
     threads: usize,
     c: &FanoutCounters,
-) -> anyhow::Result<Subscribers> {
-    let mut slow = Vec::new();
-    for _ in 0..slow_count.min(subscribers) {
-        let (frames, w) = subscribe(addr, b"#s#+/fan").await?;
-        let c = c.clone();
-        slow.push(tokio::spawn(subscriber(addr, frames, w, c)));
-    }
-    let fast_count = subscribers - slow.len();
+) -> anyhow::Result<Receivers> {
     let c = c.clone();
-    let fast = tokio::task::spawn_blocking(move || Receivers::start(addr, fast_count, threads, &c))
-        .await??;
-    Ok(Subscribers { fast, slow })
-}
-
-/// Connects and sends `command`, a subscription keyed `s`; returns once it is acknowledged.
-async fn subscribe(addr: SocketAddr, command: &[u8]) -> anyhow::Result<(FrameReader, Writer)> {
-    let (mut frames, mut w) = connect(addr).await?;
-    send(&mut w, command).await?;
-    while !frames.next_text(&mut w).await?.starts_with(b"#s#") {}
-    Ok((frames, w))
-}
-
-/// A slow subscriber's reading loop: until it has every published event, or 15 s of silence.
-/// Closed as lagging (1013), it resumes from the last event it had, as the protocol page tells
-/// clients to: slow subscribers fall that far behind whenever the publisher outruns them for long.
-async fn subscriber(
-    addr: SocketAddr,
-    mut frames: FrameReader,
-    mut w: Writer,
-    c: FanoutCounters,
-) -> SubStats {
-    let mut seen = Seen::default();
-    while !seen.has_all(&c) {
-        // One silence timer per read from the socket, not one per message: racing a timer
-        // against every message (and reading the clock to re-arm it) was a fifth of the
-        // subscribers' CPU, and they share the server's cores.
-        let batch = read_batch(&mut frames, &mut w, &c, &mut seen);
-        match tokio::time::timeout(Duration::from_secs(15), batch).await {
-            Ok(Ok(Batch::Read)) => {}
-            Ok(Ok(Batch::Lagging)) => match subscribe(addr, &seen.resume_command()).await {
-                Ok((f, writer)) => {
-                    (frames, w) = (f, writer);
-                    seen.note_resumed();
-                }
-                Err(e) => {
-                    seen.give_up(format!("resuming: {e:#}"));
-                    break;
-                }
-            },
-            Ok(Err(e)) => {
-                seen.give_up(format!("{e:#}"));
-                break;
-            }
-            Err(_) => {
-                seen.give_up("15 s without a message".to_string());
-                break;
-            }
-        }
-    }
-    c.delivered
-        .fetch_add(seen.take_uncounted(), Ordering::Relaxed);
-    seen.into_stats()
+    tokio::task::spawn_blocking(move || {
+        Receivers::start(addr, subscribers, slow_count, threads, &c)
+    })
+    .await?
 }
 
 /// What one subscriber has received so far.
@@ -198,14 +116,22 @@ impl Seen {
             && self.st.unique >= c.published.load(Ordering::Relaxed)
     }
 
-    /// Counts a text message if it is a fan-out event, remembering its id to resume after.
-    pub(crate) fn event(&mut self, payload: &[u8], is_slow: bool, c: &FanoutCounters) {
-        if let Some((seq, sent)) = fanout_fields(payload) {
-            self.note(seq, sent, is_slow, c);
-            let id = payload.split(|&b| b == b':').next().unwrap_or_default();
-            self.last_id.clear();
-            self.last_id.extend_from_slice(id);
-        }
+    /// Counts a text message if it is a fan-out event (true), remembering its id to resume
+    /// after.
+    pub(crate) fn event(&mut self, payload: &[u8], is_slow: bool, c: &FanoutCounters) -> bool {
+        let Some((seq, sent)) = fanout_fields(payload) else {
+            return false;
+        };
+        self.note(seq, sent, is_slow, c);
+        let id = payload.split(|&b| b == b':').next().unwrap_or_default();
+        self.last_id.clear();
+        self.last_id.extend_from_slice(id);
+        true
+    }
+
+    /// Fan-out events received, repeats included.
+    pub(crate) fn received(&self) -> u64 {
+        self.st.received
     }
 
     /// The subscription that resumes after the last event received.
@@ -263,52 +189,10 @@ impl Seen {
     }
 }
 
-/// How `read_batch` ended.
-enum Batch {
-    /// It counted what was buffered and read more.
-    Read,
-    /// The server closed the connection as lagging (1013).
-    Lagging,
-}
-
-/// Counts every fan-out event already buffered, then reads the socket once. Dropped mid-way
-/// (by the silence timer), it loses nothing already counted.
-async fn read_batch(
-    frames: &mut FrameReader,
-    w: &mut Writer,
-    c: &FanoutCounters,
-    seen: &mut Seen,
-) -> anyhow::Result<Batch> {
-    while let Some(frame) = frames.next()? {
-        match frame {
-            ServerFrame::Text(payload) => {
-                seen.event(payload, true, c);
-                if seen.st.received.is_multiple_of(16) {
-                    // At most 16 events per 2 ms, about 8,000/s: far below what the publisher
-                    // sends, so a slow subscriber falls behind and reads from the log, yet a
-                    // run's backlog drains in seconds, not minutes.
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
-            ServerFrame::Ping(payload) => pong(w, payload).await?,
-            ServerFrame::Close(payload) if payload.starts_with(&1013u16.to_be_bytes()) => {
-                return Ok(Batch::Lagging)
-            }
-            ServerFrame::Close(payload) => anyhow::bail!(closed_by_server(payload)),
-            ServerFrame::Other => {}
-        }
-        if seen.has_all(c) {
-            return Ok(Batch::Read);
-        }
-    }
-    frames.fill().await?;
-    Ok(Batch::Read)
-}
-
 /// Waits for the subscribers to finish and prints deliveries/s, losses and latencies.
 pub(crate) async fn report_fanout(
     label: &str,
-    subs: Subscribers,
+    subs: Receivers,
     slow_count: usize,
     c: &FanoutCounters,
     publish_secs: f64,
@@ -316,7 +200,7 @@ pub(crate) async fn report_fanout(
 ) -> anyhow::Result<()> {
     let seq = c.published.load(Ordering::Relaxed);
     let deliveries_during = c.delivered.load(Ordering::Relaxed);
-    let subs = subs.finish().await?;
+    let subs = tokio::task::spawn_blocking(move || subs.join()).await??;
     let subscribers = subs.len();
     let mut fast_lat = Vec::new();
     let (mut lost, mut dup, mut reorder, mut resumed) = (0u64, 0u64, 0u64, 0u64);

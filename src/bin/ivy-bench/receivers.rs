@@ -1,12 +1,13 @@
-//! `fanout`'s and `floor`'s subscribers that read as fast as they can: a few plain threads, each
-//! polling its share of the sockets with mio, rather than a tokio task per subscriber.
+//! `fanout`'s and `floor`'s subscribers: a few plain threads, each polling its share of the
+//! sockets with mio, rather than a tokio task per subscriber. A slow subscriber is one that the
+//! thread stops reading for a while after every few events.
 //!
-//! Why not tokio tasks, as the slow subscribers are: against the same paced writer, tokio
-//! subscribers measured the same CPU per delivery as plain threads but a longer tail, which the
-//! tool then reported as the server's (a tokio worker runs a batch of ready tasks before it polls
-//! the sockets again, and a preempted worker holds its queue of tasks). Side by side, one writer
-//! thread to 1,000 sockets at 400 events/s, p99 12.5-14.5 ms for tokio subscribers against
-//! 7.9-10.7 ms for these; the medians were within 1 ms.
+//! Why not tokio tasks: against the same paced writer, tokio subscribers measured the same CPU
+//! per delivery as plain threads but a longer tail, which the tool then reported as the server's
+//! (a tokio worker runs a batch of ready tasks before it polls the sockets again, and a preempted
+//! worker holds its queue of tasks). Side by side, one writer thread to 1,000 sockets at 400
+//! events/s, p99 12.5-14.5 ms for tokio subscribers against 7.9-10.7 ms for these; the medians
+//! were within 1 ms.
 
 use crate::client::{client_frame, closed_by_server, upgrade_blocking, FrameBuf, ServerFrame};
 use crate::fanout::{FanoutCounters, Seen, SubStats};
@@ -18,20 +19,31 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-/// A subscriber silent this long gives up (as the tokio subscribers do).
+/// A subscriber silent this long gives up.
 const SILENCE: Duration = Duration::from_secs(15);
 
-/// The running receiver threads; each ends with its subscribers' stats.
+/// A slow subscriber stops reading for `SLOW_PAUSE` after every `SLOW_EVENTS` events: about
+/// 8,000 events/s, far below what an unpaced publisher sends, so it falls behind and reads from
+/// the log, yet a run's backlog drains in seconds, not minutes.
+const SLOW_EVENTS: u64 = 16;
+const SLOW_PAUSE: Duration = Duration::from_millis(2);
+
+/// Each subscriber's (is slow, stats), as a receiver thread ends.
+type Ended = anyhow::Result<Vec<(bool, SubStats)>>;
+
+/// The running receiver threads.
 pub(crate) struct Receivers {
-    threads: Vec<std::thread::JoinHandle<anyhow::Result<Vec<SubStats>>>>,
+    threads: Vec<std::thread::JoinHandle<Ended>>,
 }
 
 impl Receivers {
     /// Connects and subscribes `subscribers` clients to `/fan` on `threads` threads (each
-    /// connects its own share), and returns once all are subscribed. Blocking.
+    /// connects its own share, the slow ones dealt out among them), and returns once all are
+    /// subscribed. Blocking.
     pub(crate) fn start(
         addr: SocketAddr,
         subscribers: usize,
+        slow_count: usize,
         threads: usize,
         c: &FanoutCounters,
     ) -> anyhow::Result<Receivers> {
@@ -39,13 +51,16 @@ impl Receivers {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let mut handles = Vec::new();
         for t in 0..threads {
-            // Shares as even as they can be.
-            let share = subscribers / threads + usize::from(t < subscribers % threads);
+            // Subscribers t, t + threads, t + 2 * threads, ...; the first `slow_count` are slow.
+            let slow: Vec<bool> = (t..subscribers)
+                .step_by(threads)
+                .map(|s| s < slow_count)
+                .collect();
             let (c, ready) = (c.clone(), ready_tx.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("receiver-{t}"))
-                .spawn(move || -> anyhow::Result<Vec<SubStats>> {
-                    let mut r = match Receiver::connect(addr, share) {
+                .spawn(move || -> Ended {
+                    let mut r = match Receiver::connect(addr, &slow) {
                         Ok(r) => r,
                         Err(e) => {
                             let _ = ready.send(Err(format!("{e:#}")));
@@ -56,7 +71,7 @@ impl Receivers {
                     r.run(addr, &c)?;
                     Ok(r.conns
                         .into_iter()
-                        .map(|conn| conn.seen.into_stats())
+                        .map(|conn| (conn.slow, conn.seen.into_stats()))
                         .collect())
                 })?;
             handles.push(handle);
@@ -72,8 +87,8 @@ impl Receivers {
         Ok(Receivers { threads: handles })
     }
 
-    /// Waits for every receiver (blocking) and returns their subscribers' stats.
-    pub(crate) fn join(self) -> anyhow::Result<Vec<SubStats>> {
+    /// Waits for every receiver (blocking) and returns each subscriber's (is slow, stats).
+    pub(crate) fn join(self) -> anyhow::Result<Vec<(bool, SubStats)>> {
         let mut all = Vec::new();
         for t in self.threads {
             let stats = t
@@ -90,6 +105,9 @@ struct Conn {
     tcp: TcpStream,
     frames: FrameBuf,
     seen: Seen,
+    slow: bool,
+    /// A slow subscriber's pause: when it reads again.
+    paused_until: Option<Instant>,
     /// When its socket last had something to read.
     heard: Instant,
     /// It has every event, or gave up.
@@ -110,13 +128,16 @@ enum Drained {
     Empty,
     /// The server closed the connection as lagging (1013): resume after the last event.
     Lagging,
+    /// A slow subscriber had its share for now (`SLOW_EVENTS`).
+    Paused,
 }
 
 impl Receiver {
-    fn connect(addr: SocketAddr, count: usize) -> anyhow::Result<Receiver> {
+    /// Subscribes one client per entry of `slow` (whether it is slow).
+    fn connect(addr: SocketAddr, slow: &[bool]) -> anyhow::Result<Receiver> {
         let poll = Poll::new()?;
-        let mut conns = Vec::with_capacity(count);
-        for i in 0..count {
+        let mut conns = Vec::with_capacity(slow.len());
+        for (i, &slow) in slow.iter().enumerate() {
             let (tcp, frames) = subscribe(addr, b"#s#+/fan")?;
             let mut tcp = TcpStream::from_std(tcp);
             poll.registry()
@@ -125,6 +146,8 @@ impl Receiver {
                 tcp,
                 frames,
                 seen: Seen::default(),
+                slow,
+                paused_until: None,
                 heard: Instant::now(),
                 done: false,
                 closed: false,
@@ -140,14 +163,19 @@ impl Receiver {
         let mut ready: Vec<usize> = (0..self.conns.len()).collect();
         let mut left = self.conns.len();
         let mut last_sweep = Instant::now();
+        // Slow subscribers in a pause.
+        let mut paused: Vec<usize> = Vec::new();
         while left > 0 {
             for &i in &ready {
                 let conn = &mut self.conns[i];
                 if conn.closed {
                     continue;
                 }
-                if !conn.done {
+                if !conn.done && conn.paused_until.is_none() {
                     self.read(addr, i, c);
+                    if self.conns[i].paused_until.is_some() {
+                        paused.push(i);
+                    }
                 }
                 let conn = &mut self.conns[i];
                 conn.done |= conn.seen.has_all(c);
@@ -162,14 +190,32 @@ impl Receiver {
                 }
             }
             ready.clear();
+            let first_due = paused
+                .iter()
+                .filter_map(|&i| self.conns[i].paused_until)
+                .min();
+            let timeout = first_due.map_or(Duration::from_millis(100), |due| {
+                due.saturating_duration_since(Instant::now())
+            });
             self.poll
-                .poll(&mut events, Some(Duration::from_millis(100)))?;
+                .poll(&mut events, Some(timeout.min(Duration::from_millis(100))))?;
             let now = Instant::now();
             for event in &events {
                 let i = event.token().0;
                 self.conns[i].heard = now;
                 ready.push(i);
             }
+            // Paused ones whose pause is over read again, whether or not more arrived.
+            paused.retain(|&i| {
+                let conn = &mut self.conns[i];
+                if conn.paused_until.is_some_and(|due| due > now) {
+                    return true;
+                }
+                conn.paused_until = None;
+                conn.heard = now;
+                ready.push(i);
+                false
+            });
             // Once in a while, the subscribers with nothing to read: they may have had every
             // event before the publisher said it was done, or have been silent too long.
             if now.duration_since(last_sweep) >= Duration::from_millis(100) {
@@ -195,6 +241,10 @@ impl Receiver {
         loop {
             match self.conns[i].drain(c) {
                 Ok(Drained::Empty) => return,
+                Ok(Drained::Paused) => {
+                    self.conns[i].paused_until = Some(Instant::now() + SLOW_PAUSE);
+                    return;
+                }
                 // What came with the new subscription's ack is read on the next turn.
                 Ok(Drained::Lagging) => match self.resume(addr, i) {
                     Ok(()) => {}
@@ -223,11 +273,12 @@ impl Receiver {
 }
 
 impl Conn {
-    /// Reads the socket until it would block, counting every event.
+    /// Reads the socket until it would block, counting every event (a slow subscriber stops
+    /// at its share).
     fn drain(&mut self, c: &FanoutCounters) -> anyhow::Result<Drained> {
         loop {
-            if let Some(lagging) = self.take_frames(c)? {
-                return Ok(lagging);
+            if let Some(stop) = self.take_frames(c)? {
+                return Ok(stop);
             }
             let space = self.frames.space()?;
             let room = space.len();
@@ -247,11 +298,17 @@ impl Conn {
         }
     }
 
-    /// Handles every whole frame buffered; `Some(Drained::Lagging)` at a lagging close.
+    /// Handles every whole frame buffered; `Some` at a lagging close, or when a slow subscriber
+    /// has had its share for now.
     fn take_frames(&mut self, c: &FanoutCounters) -> anyhow::Result<Option<Drained>> {
         while let Some(frame) = self.frames.next()? {
             match frame {
-                ServerFrame::Text(payload) => self.seen.event(payload, false, c),
+                ServerFrame::Text(payload) => {
+                    let counted = self.seen.event(payload, self.slow, c);
+                    if self.slow && counted && self.seen.received().is_multiple_of(SLOW_EVENTS) {
+                        return Ok(Some(Drained::Paused));
+                    }
+                }
                 ServerFrame::Ping(payload) => {
                     let pong = client_frame(OpCode::Pong, payload);
                     write_now(&mut self.tcp, &pong)?;
@@ -393,7 +450,7 @@ mod tests {
         let c = FanoutCounters::new();
         c.published.store(10, Ordering::Relaxed);
         c.done_publishing.store(true, Ordering::Relaxed);
-        let stats = Receivers::start(addr, 1, 1, &c)?.join()?;
+        let stats = Receivers::start(addr, 1, 0, 1, &c)?.join()?;
         let resume = server
             .join()
             .map_err(|_| anyhow::anyhow!("the server thread panicked"))??;
@@ -402,7 +459,8 @@ mod tests {
             "after the last event had"
         );
         assert_eq!(stats.len(), 1);
-        let st = &stats[0];
+        let (slow, st) = &stats[0];
+        assert!(!slow);
         assert_eq!(st.gave_up, None);
         assert_eq!((st.unique, st.duplicated, st.resumed), (10, 0, 1));
         assert_eq!(c.delivered.load(Ordering::Relaxed), 10);
