@@ -13,14 +13,16 @@
 //! - `publish-floor`: `publish`'s clients against a server that only group-commits their messages
 //!   to one file and acknowledges them, for the machine's floor of a durable publish.
 //!
-//! Each mode has its file; `client.rs` is the WebSocket client they share and `cpu.rs` the CPU
-//! report every run ends with. This file holds the command line, the spawned server and the
-//! report's common pieces.
+//! Each mode has its file; `client.rs` is the WebSocket client they share, `receivers.rs` the
+//! threads that read `fanout`'s and `floor`'s subscribers, and `cpu.rs` the CPU report every run
+//! ends with. This file holds the command line, the spawned server and the report's common pieces.
 //!
-//! The client side uses one tokio runtime, and does no per-message allocation beyond what parsing
-//! needs, so that it is not the bottleneck: each run reports the CPU the server and the tool
-//! used (`CpuMeter`). WebSocket clients write frames with fastwebsockets and parse what they read
-//! in place from large reads (`FrameReader`); history readers speak plain HTTP/1.1.
+//! The clients run on one tokio runtime, except the fan-out subscribers, which a few plain
+//! threads read with mio (`receivers.rs` says why). The tool does no per-message allocation
+//! beyond what parsing needs, so that it is not the bottleneck: each run reports the CPU the
+//! server and the tool used (`CpuMeter`). WebSocket clients write frames with fastwebsockets (or,
+//! on the receiver threads, as `client_frame`) and parse what they read in place from large reads
+//! (`FrameBuf`); history readers speak plain HTTP/1.1.
 
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;

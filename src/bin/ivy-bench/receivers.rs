@@ -245,7 +245,7 @@ impl Receiver {
                     self.conns[i].paused_until = Some(Instant::now() + SLOW_PAUSE);
                     return;
                 }
-                // What came with the new subscription's ack is read on the next turn.
+                // Read on at once: events may have come with the new subscription's ack.
                 Ok(Drained::Lagging) => match self.resume(addr, i) {
                     Ok(()) => {}
                     Err(e) => return self.conns[i].give_up(format!("resuming: {e:#}")),
