@@ -106,6 +106,37 @@ fn publish_and_history_report_a_rate_and_the_cpu_each_side_used() {
     assert!(!report.contains("server"), "{report}");
 }
 
+#[test]
+fn the_fan_out_floor_delivers_everything_and_no_subscriber_stops_short() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ivy-bench"))
+        .args([
+            "--seconds",
+            "1",
+            "floor",
+            "--subscribers",
+            "20",
+            "--rate",
+            "200",
+        ])
+        .args(["--receiver-threads", "2"])
+        .output()
+        .expect("run ivy-bench");
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{report}");
+    assert!(figure_after(&report, "(0 slow):") >= 100.0, "{report}");
+    assert!(
+        report.contains("lost 0, duplicated 0, reordered 0"),
+        "{report}"
+    );
+    // The floor closes its sockets once it has written everything: a subscriber must have
+    // counted the last event before it meets the end of its connection.
+    assert!(!report.contains("stopped before"), "{report}");
+    assert!(
+        report.contains("publish-to-delivery (fast subscribers): p50"),
+        "{report}"
+    );
+}
+
 /// Runs a floor mode, which starts its own server: its report, after checking that it exited 0,
 /// reported that server's CPU beside its own, and left no server (`marker` in its command line)
 /// and no file in the temporary directory behind.

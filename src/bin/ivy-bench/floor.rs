@@ -73,6 +73,9 @@ pub(crate) async fn floor(
                 }
                 next = (next + 1) % sockets.len();
             }
+            // Said before the last writes, so that each subscriber is done at its last event
+            // rather than meeting the end of its connection first.
+            c.done_publishing.store(true, Ordering::Relaxed);
             // The last events reach every socket.
             for (tcp, w) in sockets.iter_mut().zip(&written) {
                 std::io::Write::write_all(tcp, &frames[ends[*w]..])?;
@@ -85,7 +88,6 @@ pub(crate) async fn floor(
         .await?
         .map_err(|_| anyhow::anyhow!("the floor's writer panicked"))??;
     let cpu = cpu.stop();
-    c.done_publishing.store(true, Ordering::Relaxed);
     let label = format!("floor, {size} B, paced at {rate}/s");
     report_fanout(&label, subs, 0, &c, publish_secs, cpu).await
 }
