@@ -543,8 +543,8 @@ impl Hub {
 
     /// Sends a live session's queued events, when its turn in the flush list comes. When its
     /// writer task is idle and nothing else waits to go out, fan-out writes the frames to the
-    /// socket itself, without blocking (`try_write`); otherwise, or for what the socket does not
-    /// take, it wakes the writer. (Measured: at 1,000 subscribers, waking a task to make each
+    /// socket itself, with a non-blocking send; otherwise, or for what the socket does not take,
+    /// it wakes the writer. (Measured: at 1,000 subscribers, waking a task to make each
     /// write cost more than the write.) The session lock is held across the write, and the
     /// writer sets `is_writing` under it, so the two never write at once.
     fn flush(&self, session: &Session, out: &mut Vec<u8>) {
@@ -569,7 +569,17 @@ impl Hub {
         }
         let taken_upto = st.last_taken;
         st.prune_own(taken_upto);
-        let sent = match st.direct.as_ref().map(|tcp| tcp.try_write(out)) {
+        // A plain non-blocking send, not tokio's `try_write`: that one first reads the socket's
+        // readiness, one more cache miss per write on a thread that walks a thousand sockets
+        // (3% of its time in a profile), and nothing needs it. A send that finds the socket
+        // full leaves tokio's readiness stale, which only costs the writer task one extra try.
+        // (Measured with `ivy-bench fanout --rate 400`, 10 alternating pairs: p99 median 10.4
+        // against 12.2 ms, lower in 7 pairs.)
+        let sent = match st
+            .direct
+            .as_ref()
+            .map(|tcp| socket2::SockRef::from(&**tcp).send(out))
+        {
             Some(Ok(n)) => n,
             // Nothing went; on an error the writer meets it too and ends the connection.
             _ => 0,

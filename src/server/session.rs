@@ -15,7 +15,7 @@
 //! sets `is_writing` under the same lock when it takes anything, and clears it once written.
 //!
 //! **Lock order:** the hub's state (`fanout.rs`), then a session's state. Nothing awaits while
-//! holding either; fan-out's direct write under a session's lock never blocks (`try_write`).
+//! holding either; fan-out's direct write under a session's lock is a non-blocking send.
 
 use super::budget::{self, Budget, Charge};
 use crate::channel::ChannelPath;
