@@ -81,22 +81,6 @@ impl FanoutCounters {
     }
 }
 
-/// Connects and subscribes `subscribers` clients to `/fan` (the first `slow_count` read slowly)
-/// on `threads` receiver threads.
-pub(crate) async fn start_subscribers(
-    addr: SocketAddr,
-    subscribers: usize,
-    slow_count: usize,
-    threads: usize,
-    c: &FanoutCounters,
-) -> anyhow::Result<Receivers> {
-    let c = c.clone();
-    tokio::task::spawn_blocking(move || {
-        Receivers::start(addr, subscribers, slow_count, threads, &c)
-    })
-    .await?
-}
-
 /// What one subscriber has received so far.
 #[derive(Default)]
 pub(crate) struct Seen {
@@ -200,7 +184,7 @@ pub(crate) async fn report_fanout(
 ) -> anyhow::Result<()> {
     let seq = c.published.load(Ordering::Relaxed);
     let deliveries_during = c.delivered.load(Ordering::Relaxed);
-    let subs = tokio::task::spawn_blocking(move || subs.join()).await??;
+    let subs = subs.join().await?;
     let subscribers = subs.len();
     let mut fast_lat = Vec::new();
     let (mut lost, mut dup, mut reorder, mut resumed) = (0u64, 0u64, 0u64, 0u64);
@@ -320,7 +304,7 @@ pub(crate) async fn fanout(
     let slow_count = ((subscribers as f64) * slow_fraction).round() as usize;
     let c = FanoutCounters::new();
     let threads = receivers.count();
-    let subs = start_subscribers(addr, subscribers, slow_count, threads, &c).await?;
+    let subs = Receivers::start(addr, subscribers, slow_count, threads, &c).await?;
     let (mut pr, mut pw) = connect(addr).await?;
     let pad = "p".repeat(size.saturating_sub(40));
     let permits = Arc::new(tokio::sync::Semaphore::new(window));

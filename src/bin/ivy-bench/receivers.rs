@@ -38,9 +38,9 @@ pub(crate) struct Receivers {
 
 impl Receivers {
     /// Connects and subscribes `subscribers` clients to `/fan` on `threads` threads (each
-    /// connects its own share, the slow ones dealt out among them), and returns once all are
-    /// subscribed. Blocking.
-    pub(crate) fn start(
+    /// connects its own share, the first `slow_count` dealt out among them as slow ones), and
+    /// returns once all are subscribed.
+    pub(crate) async fn start(
         addr: SocketAddr,
         subscribers: usize,
         slow_count: usize,
@@ -48,7 +48,7 @@ impl Receivers {
         c: &FanoutCounters,
     ) -> anyhow::Result<Receivers> {
         let threads = threads.clamp(1, subscribers.max(1));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut handles = Vec::new();
         for t in 0..threads {
             // Subscribers t, t + threads, t + 2 * threads, ...; the first `slow_count` are slow.
@@ -78,17 +78,21 @@ impl Receivers {
         }
         drop(ready_tx);
         for _ in 0..threads {
-            match ready_rx.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => anyhow::bail!("a receiver could not subscribe: {e}"),
-                Err(_) => anyhow::bail!("a receiver thread ended before it subscribed"),
+            match ready_rx.recv().await {
+                Some(Ok(())) => {}
+                Some(Err(e)) => anyhow::bail!("a receiver could not subscribe: {e}"),
+                None => anyhow::bail!("a receiver thread ended before it subscribed"),
             }
         }
         Ok(Receivers { threads: handles })
     }
 
-    /// Waits for every receiver (blocking) and returns each subscriber's (is slow, stats).
-    pub(crate) fn join(self) -> anyhow::Result<Vec<(bool, SubStats)>> {
+    /// Waits for every receiver and returns each subscriber's (is slow, stats).
+    pub(crate) async fn join(self) -> anyhow::Result<Vec<(bool, SubStats)>> {
+        tokio::task::spawn_blocking(move || self.join_blocking()).await?
+    }
+
+    fn join_blocking(self) -> anyhow::Result<Vec<(bool, SubStats)>> {
         let mut all = Vec::new();
         for t in self.threads {
             let stats = t
@@ -431,8 +435,8 @@ mod tests {
         out
     }
 
-    #[test]
-    fn a_receiver_answers_pings_and_resumes_after_a_lagging_close() -> anyhow::Result<()> {
+    #[tokio::test]
+    async fn a_receiver_answers_pings_and_resumes_after_a_lagging_close() -> anyhow::Result<()> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
         let server = std::thread::spawn(move || -> anyhow::Result<String> {
@@ -453,9 +457,9 @@ mod tests {
         let c = FanoutCounters::new();
         c.published.store(10, Ordering::Relaxed);
         c.done_publishing.store(true, Ordering::Relaxed);
-        let stats = Receivers::start(addr, 1, 0, 1, &c)?.join()?;
-        let resume = server
-            .join()
+        let stats = Receivers::start(addr, 1, 0, 1, &c).await?.join().await?;
+        let resume = tokio::task::spawn_blocking(move || server.join())
+            .await?
             .map_err(|_| anyhow::anyhow!("the server thread panicked"))??;
         assert_eq!(
             resume, "#s#+/fan@0000000005.000000000",
