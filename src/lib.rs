@@ -27,14 +27,14 @@
 //!   connections, and the machine's own limits: `floor`, fan-out's clients against a bare socket
 //!   writer; `history-floor`, history's readers against hyper with one fixed answer;
 //!   `publish-floor`, publish's clients against a bare group commit to one file), beside the
-//!   WebSocket client and the CPU report they share.
+//!   WebSocket client, the CPU report and the subscribers' receiver threads they share.
 //!
 //! ## Code map
 //!
 //! Layers, each using only the ones below it:
 //!
 //! ```text
-//! binary   main.rs, cli/, bin/ivy-bench/                  clap, anyhow, indicatif
+//! binary   main.rs, cli/, bin/ivy-bench/                  clap, anyhow, indicatif, mio
 //! serve    server/                                        hyper, fastwebsockets, tokio
 //! config   config.rs  metrics.rs                          prometheus-client
 //! core     storage/                wire/                  memmap2, crc32fast, parking_lot | pure
