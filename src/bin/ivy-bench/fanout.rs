@@ -82,8 +82,10 @@ impl FanoutCounters {
 }
 
 /// What one subscriber has received so far.
-#[derive(Default)]
 pub(crate) struct Seen {
+    /// A slow subscriber's latency is not sampled, and its deliveries do not hold the unpaced
+    /// publisher back (`ahead_of_fast_subscribers`).
+    is_slow: bool,
     st: SubStats,
     bits: SeqBits,
     /// One past the largest sequence number seen.
@@ -95,6 +97,21 @@ pub(crate) struct Seen {
 }
 
 impl Seen {
+    pub(crate) fn new(is_slow: bool) -> Seen {
+        Seen {
+            is_slow,
+            st: SubStats::default(),
+            bits: SeqBits::default(),
+            next: 0,
+            uncounted: 0,
+            last_id: Vec::new(),
+        }
+    }
+
+    pub(crate) fn is_slow(&self) -> bool {
+        self.is_slow
+    }
+
     pub(crate) fn has_all(&self, c: &FanoutCounters) -> bool {
         c.done_publishing.load(Ordering::Relaxed)
             && self.st.unique >= c.published.load(Ordering::Relaxed)
@@ -102,11 +119,11 @@ impl Seen {
 
     /// Counts a text message if it is a fan-out event (true), remembering its id to resume
     /// after.
-    pub(crate) fn event(&mut self, payload: &[u8], is_slow: bool, c: &FanoutCounters) -> bool {
+    pub(crate) fn event(&mut self, payload: &[u8], c: &FanoutCounters) -> bool {
         let Some((seq, sent)) = fanout_fields(payload) else {
             return false;
         };
-        self.note(seq, sent, is_slow, c);
+        self.note(seq, sent, c);
         let id = payload.split(|&b| b == b':').next().unwrap_or_default();
         self.last_id.clear();
         self.last_id.extend_from_slice(id);
@@ -134,9 +151,18 @@ impl Seen {
         self.st.gave_up.get_or_insert(reason);
     }
 
-    /// Deliveries not yet added to the shared counter, now taken.
-    pub(crate) fn take_uncounted(&mut self) -> u64 {
-        std::mem::take(&mut self.uncounted)
+    /// It has every event, or has given up.
+    pub(crate) fn is_finished(&self, c: &FanoutCounters) -> bool {
+        self.st.gave_up.is_some() || self.has_all(c)
+    }
+
+    /// Adds the deliveries not yet counted to the shared counters.
+    pub(crate) fn count_deliveries(&mut self, c: &FanoutCounters) {
+        let n = std::mem::take(&mut self.uncounted);
+        c.delivered.fetch_add(n, Ordering::Relaxed);
+        if !self.is_slow {
+            c.fast_delivered.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn into_stats(self) -> SubStats {
@@ -146,18 +172,13 @@ impl Seen {
     /// Counts event `seq`, sent at `sent` (ns since the epoch). No set, no clock read and no
     /// shared counter update per message (each showed in a profile of this loop): latency is
     /// sampled and deliveries are published every 16th message.
-    fn note(&mut self, seq: u64, sent: u64, is_slow: bool, c: &FanoutCounters) {
-        let st = &mut self.st;
-        st.received += 1;
+    fn note(&mut self, seq: u64, sent: u64, c: &FanoutCounters) {
         self.uncounted += 1;
         if self.uncounted == 16 {
-            c.delivered.fetch_add(self.uncounted, Ordering::Relaxed);
-            if !is_slow {
-                c.fast_delivered
-                    .fetch_add(self.uncounted, Ordering::Relaxed);
-            }
-            self.uncounted = 0;
+            self.count_deliveries(c);
         }
+        let st = &mut self.st;
+        st.received += 1;
         if !self.bits.insert(seq) {
             st.duplicated += 1;
         } else {
@@ -167,7 +188,7 @@ impl Seen {
             }
             self.next = self.next.max(seq + 1);
         }
-        if !is_slow && st.received.is_multiple_of(16) {
+        if !self.is_slow && st.received.is_multiple_of(16) {
             st.latencies.push(now_nanos().saturating_sub(sent) / 1000);
         }
     }
@@ -391,9 +412,9 @@ mod tests {
     #[test]
     fn a_subscriber_counts_duplicates_and_reordering() {
         let c = FanoutCounters::new();
-        let mut seen = Seen::default();
+        let mut seen = Seen::new(false);
         for seq in [0, 1, 3, 2, 3] {
-            seen.note(seq, 0, false, &c);
+            seen.note(seq, 0, &c);
         }
         assert_eq!(seen.st.received, 5);
         assert_eq!(seen.st.unique, 4);

@@ -16,7 +16,6 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// A subscriber silent this long gives up.
@@ -71,7 +70,7 @@ impl Receivers {
                     r.run(addr, &c)?;
                     Ok(r.conns
                         .into_iter()
-                        .map(|conn| (conn.slow, conn.seen.into_stats()))
+                        .map(|conn| (conn.seen.is_slow(), conn.seen.into_stats()))
                         .collect())
                 })?;
             handles.push(handle);
@@ -109,14 +108,11 @@ struct Conn {
     tcp: TcpStream,
     frames: FrameBuf,
     seen: Seen,
-    slow: bool,
     /// A slow subscriber's pause: when it reads again.
     paused_until: Option<Instant>,
     /// When its socket last had something to read.
     heard: Instant,
-    /// It has every event, or gave up.
-    done: bool,
-    /// Done, and its socket closed.
+    /// Finished (`Seen::is_finished`), and its socket closed.
     closed: bool,
 }
 
@@ -149,11 +145,9 @@ impl Receiver {
             conns.push(Conn {
                 tcp,
                 frames,
-                seen: Seen::default(),
-                slow,
+                seen: Seen::new(slow),
                 paused_until: None,
                 heard: Instant::now(),
-                done: false,
                 closed: false,
             });
         }
@@ -171,27 +165,17 @@ impl Receiver {
         let mut paused: Vec<usize> = Vec::new();
         while left > 0 {
             for &i in &ready {
-                let conn = &mut self.conns[i];
+                let conn = &self.conns[i];
                 if conn.closed {
                     continue;
                 }
-                if !conn.done && conn.paused_until.is_none() {
+                if !conn.seen.is_finished(c) && conn.paused_until.is_none() {
                     self.read(addr, i, c);
                     if self.conns[i].paused_until.is_some() {
                         paused.push(i);
                     }
                 }
-                let conn = &mut self.conns[i];
-                conn.done |= conn.seen.has_all(c);
-                if conn.done {
-                    // Closed now: the server need not write more to a subscriber that is done.
-                    let _ = self.poll.registry().deregister(&mut conn.tcp);
-                    let _ = conn.tcp.shutdown(std::net::Shutdown::Both);
-                    c.delivered
-                        .fetch_add(conn.seen.take_uncounted(), Ordering::Relaxed);
-                    conn.closed = true;
-                    left -= 1;
-                }
+                left -= usize::from(self.close_if_finished(i, c));
             }
             ready.clear();
             let first_due = paused
@@ -224,20 +208,32 @@ impl Receiver {
             // event before the publisher said it was done, or have been silent too long.
             if now.duration_since(last_sweep) >= Duration::from_millis(100) {
                 last_sweep = now;
-                for (i, conn) in self.conns.iter_mut().enumerate() {
-                    if conn.closed {
-                        continue;
+                for i in 0..self.conns.len() {
+                    let conn = &mut self.conns[i];
+                    if !conn.closed
+                        && !conn.seen.has_all(c)
+                        && now.duration_since(conn.heard) >= SILENCE
+                    {
+                        conn.seen.give_up("15 s without a message".to_string());
                     }
-                    if !conn.seen.has_all(c) && now.duration_since(conn.heard) >= SILENCE {
-                        conn.give_up("15 s without a message".to_string());
-                    }
-                    if conn.done || conn.seen.has_all(c) {
-                        ready.push(i);
-                    }
+                    left -= usize::from(self.close_if_finished(i, c));
                 }
             }
         }
         Ok(())
+    }
+
+    /// Closes subscriber `i` if it has just finished: the server need not write more to it.
+    fn close_if_finished(&mut self, i: usize, c: &FanoutCounters) -> bool {
+        let conn = &mut self.conns[i];
+        if conn.closed || !conn.seen.is_finished(c) {
+            return false;
+        }
+        let _ = self.poll.registry().deregister(&mut conn.tcp);
+        let _ = conn.tcp.shutdown(std::net::Shutdown::Both);
+        conn.seen.count_deliveries(c);
+        conn.closed = true;
+        true
     }
 
     /// Reads subscriber `i`'s socket until it would block, through any number of resumptions.
@@ -252,9 +248,9 @@ impl Receiver {
                 // Read on at once: events may have come with the new subscription's ack.
                 Ok(Drained::Lagging) => match self.resume(addr, i) {
                     Ok(()) => {}
-                    Err(e) => return self.conns[i].give_up(format!("resuming: {e:#}")),
+                    Err(e) => return self.conns[i].seen.give_up(format!("resuming: {e:#}")),
                 },
-                Err(e) => return self.conns[i].give_up(format!("{e:#}")),
+                Err(e) => return self.conns[i].seen.give_up(format!("{e:#}")),
             }
         }
     }
@@ -311,8 +307,9 @@ impl Conn {
         while let Some(frame) = self.frames.next()? {
             match frame {
                 ServerFrame::Text(payload) => {
-                    let counted = self.seen.event(payload, self.slow, c);
-                    if self.slow && counted && self.seen.received().is_multiple_of(SLOW_EVENTS) {
+                    let counted = self.seen.event(payload, c);
+                    let is_slow = self.seen.is_slow();
+                    if is_slow && counted && self.seen.received().is_multiple_of(SLOW_EVENTS) {
                         return Ok(Some(Drained::Paused));
                     }
                 }
@@ -328,13 +325,6 @@ impl Conn {
             }
         }
         Ok(None)
-    }
-
-    fn give_up(&mut self, reason: String) {
-        if !self.done {
-            self.seen.give_up(reason);
-            self.done = true;
-        }
     }
 }
 
@@ -379,6 +369,7 @@ mod tests {
     use super::*;
     use crate::client::{parse_frame, server_text_frame};
     use std::net::TcpListener;
+    use std::sync::atomic::Ordering;
 
     /// The server side of one subscriber's connection, by hand: the upgrade, the intro, and the
     /// subscribe command, which it returns unmasked after acknowledging it.
