@@ -244,13 +244,19 @@ async fn a_frame_that_arrives_slowly_in_pieces_is_read_whole() {
     assert!(events.text().contains(&data), "{}", events.text());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slowloris_and_oversized_headers() {
+/// A server whose request headers (and a keep-alive connection's wait for the next request) are
+/// allowed `timeout`.
+async fn with_header_timeout(timeout: Duration) -> TestServer {
     let opts = ServerOptions {
-        header_timeout: Duration::from_millis(500),
+        header_timeout: timeout,
         ..ServerOptions::default()
     };
-    let server = start_with(opts, StoreOptions::default()).await;
+    start_with(opts, StoreOptions::default()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_and_oversized_headers() {
+    let server = with_header_timeout(Duration::from_millis(500)).await;
     let mut slow = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     slow.write_all(b"GET /events/x HTTP/1.1\r\nHost: a\r\n")
         .await
@@ -273,11 +279,7 @@ async fn slowloris_and_oversized_headers() {
 /// to 136 MiB), and one that keeps asking is served on the same socket past it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_connections_close_at_the_header_timeout() {
-    let opts = ServerOptions {
-        header_timeout: Duration::from_millis(500),
-        ..ServerOptions::default()
-    };
-    let server = start_with(opts, StoreOptions::default()).await;
+    let server = with_header_timeout(Duration::from_millis(500)).await;
     // One request and its answer (`/healthz`: 200, with a Content-Length).
     async fn ask(tcp: &mut tokio::net::TcpStream) -> HttpResponse {
         tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
