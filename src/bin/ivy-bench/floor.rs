@@ -33,7 +33,7 @@ pub(crate) async fn floor(
         .map_err(|_| anyhow::anyhow!("the floor's accept thread panicked"))??;
     let writer = {
         let c = c.clone();
-        std::thread::spawn(move || -> anyhow::Result<f64> {
+        std::thread::spawn(move || -> anyhow::Result<(f64, Vec<std::net::TcpStream>)> {
             let pad = "p".repeat(size.saturating_sub(40));
             let started = Instant::now();
             let started_nanos = now_nanos();
@@ -74,23 +74,25 @@ pub(crate) async fn floor(
                 }
                 next = (next + 1) % sockets.len();
             }
-            // Said before the last writes, so that each subscriber is done at its last event
-            // rather than meeting the end of its connection first.
             c.done_publishing.store(true, Ordering::Relaxed);
             // The last events reach every socket.
             for (tcp, w) in sockets.iter_mut().zip(&written) {
                 std::io::Write::write_all(tcp, &frames[ends[*w]..])?;
             }
-            Ok(started.elapsed().as_secs_f64())
+            Ok((started.elapsed().as_secs_f64(), sockets))
         })
     };
     let cpu = CpuMeter::start();
-    let publish_secs = tokio::task::spawn_blocking(move || writer.join())
+    let (publish_secs, sockets) = tokio::task::spawn_blocking(move || writer.join())
         .await?
         .map_err(|_| anyhow::anyhow!("the floor's writer panicked"))??;
     let cpu = cpu.stop();
     let label = format!("floor, {size} B, paced at {rate}/s");
-    report_fanout(&label, subs, 0, &c, publish_secs, cpu).await
+    // Open until every subscriber is done, as a server's connections stay: a subscriber that
+    // meets the end of its connection before its last event has stopped short.
+    let report = report_fanout(&label, subs, 0, &c, publish_secs, cpu).await;
+    drop(sockets);
+    report
 }
 
 /// The floor's side of one subscriber's handshake: the upgrade, the intro, the ack of its `+`.

@@ -283,9 +283,6 @@ impl Conn {
             let space = self.frames.space()?;
             let room = space.len();
             match self.tcp.read(space) {
-                // The end of a connection that brought every event (`floor` closes its sockets
-                // when done) is no failure.
-                Ok(0) if self.seen.has_all(c) => return Ok(Drained::Empty),
                 Ok(n) => {
                     self.frames.filled(n)?;
                     // A short read emptied the socket. What arrives later is a new readiness
