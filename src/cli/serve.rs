@@ -58,6 +58,11 @@ pub struct Args {
     /// from the log to catch up): past it, subscribers read from the log in bounded batches.
     #[arg(long, env = "IVY_QUEUE_BYTES_TOTAL_MAX", default_value_t = 256 * 1024 * 1024)]
     queue_bytes_total_max: usize,
+    /// The kernel's send buffer of each WebSocket connection (bytes; 0: the kernel's
+    /// autotuning, which lets a subscriber that stops reading hold up to 4 MiB in the kernel
+    /// before its backlog reaches the queue and the log, but absorbs fast subscribers' bursts).
+    #[arg(long, env = "IVY_WS_SEND_BUFFER_BYTES", default_value_t = 0)]
+    ws_send_buffer_bytes: usize,
     /// Largest HTTP request head (bytes).
     #[arg(long, env = "IVY_HEADER_BYTES_MAX", default_value_t = 16 * 1024)]
     header_bytes_max: usize,
@@ -147,6 +152,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         lag_events_max: args.lag_events_max,
         queue_bytes_max: args.queue_bytes_max,
         queue_bytes_total_max: args.queue_bytes_total_max,
+        ws_send_buffer_bytes: args.ws_send_buffer_bytes,
         header_bytes_max: args.header_bytes_max,
         header_timeout: Duration::from_secs(args.header_timeout_secs),
         body_timeout: Duration::from_secs(args.body_timeout_secs),

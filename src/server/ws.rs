@@ -46,6 +46,7 @@ pub async fn run(
 ) {
     match tcp::recover(io) {
         tcp::Upgraded::Tcp { tcp, read_ahead } => {
+            tcp::bound_send_buffer(&tcp, opts.ws_send_buffer_bytes);
             let tcp = Arc::new(tcp);
             session.state.lock().direct = Some(Arc::clone(&tcp));
             let read = std::io::Cursor::new(read_ahead).chain(SharedTcp(Arc::clone(&tcp)));

@@ -390,6 +390,43 @@ async fn slow_subscriber_catches_up_from_the_log() {
     );
 }
 
+/// A subscriber that stops reading holds little in the kernel (`ws_send_buffer_bytes`), so a
+/// backlog of 1 MiB, a quarter of what Linux's autotuning lets one loopback socket hold, still
+/// passes its queue and falls back to the log; read later, it arrives whole, in order, once.
+/// (With the bound off, the same run made no catch-up read: the kernel held it all.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscribers_backlog_goes_to_the_log_not_the_kernel() {
+    let opts = ServerOptions {
+        queue_bytes_max: 64 << 10,
+        ws_send_buffer_bytes: 32 << 10,
+        ..ServerOptions::default()
+    };
+    let server = start_with(opts, StoreOptions::default()).await;
+    let mut sub = ws(&server).await;
+    sub.request("s", "+/stall").await;
+    let mut p = ws(&server).await;
+    let total = 256;
+    let pad = "s".repeat(4000);
+    // One at a time, acknowledged: fan-out delivers each alone, so only the socket's refusal to
+    // take more can fill the queue.
+    for i in 0..total {
+        p.request(&i.to_string(), &format!(":/stall:{i}:{pad}"))
+            .await;
+    }
+    assert!(
+        metric(&server, "ivy_catchup_reads_total").await > 0,
+        "the stalled subscriber never fell back to the log"
+    );
+    let mut last = EventId(0);
+    for i in 0..total {
+        let m = sub.recv().await;
+        assert!(m.contains(&format!(":/stall:{i}:")), "event {i}: {m:.40}");
+        assert!(id_of(&m) > last);
+        last = id_of(&m);
+    }
+    assert_eq!(sub.quiet_for(Duration::from_millis(300)).await, None);
+}
+
 /// Fan-out writes to an idle connection's socket itself and leaves what the socket does not take
 /// to the connection's writer. Big events against a subscriber that does not read fill the socket
 /// mid-frame, while the subscriber's own keyed publishes give its writer acks to send; when it
