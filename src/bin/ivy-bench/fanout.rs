@@ -3,7 +3,7 @@
 
 use crate::client::{connect, send, send_buffered, slot, Refusals, ServerFrame};
 use crate::cpu::{CpuMeter, CpuUse};
-use crate::receivers::Receivers;
+use crate::receivers::{Receivers, Slow};
 use crate::{now_nanos, percentiles};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -261,6 +261,25 @@ fn ahead_of_fast_subscribers(c: &FanoutCounters, published: u64, fast: usize) ->
     published.saturating_sub(c.fast_delivered.load(Ordering::Relaxed) / fast as u64)
 }
 
+/// A counter or gauge from the server's `GET /metrics`, if it has one by that name.
+async fn server_metric(addr: SocketAddr, name: &str) -> anyhow::Result<Option<u64>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await?;
+    let mut answer = String::new();
+    tcp.read_to_string(&mut answer).await?;
+    Ok(metric_value(&answer, name))
+}
+
+/// `name`'s value in a Prometheus text answer (an integer, as counters and gauges here are).
+fn metric_value(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+        value.trim().parse::<f64>().ok().map(|v| v as u64)
+    })
+}
+
 /// The time until the `seq`th event is due at `rate` per second, if it is not due yet.
 pub(crate) fn pace(started: Instant, rate: u64, seq: u64) -> Option<Duration> {
     if rate == 0 {
@@ -285,6 +304,12 @@ pub(crate) struct FanoutArgs {
     /// Share of subscribers that read slowly (they must catch up from the log).
     #[arg(long, default_value_t = 0.0)]
     slow_fraction: f64,
+    /// Milliseconds that each slow subscriber reads nothing at all once subscribed. Paced, a
+    /// slow subscriber keeps up otherwise; a stall longer than the server's buffers take (its
+    /// queue, and the kernel's send buffer: see `ivy serve --ws-send-buffer-bytes`) makes it read
+    /// from the log.
+    #[arg(long, default_value_t = 0)]
+    slow_stall_ms: u64,
     #[command(flatten)]
     receivers: ReceiverThreads,
 }
@@ -320,12 +345,17 @@ pub(crate) async fn fanout(
         rate,
         window,
         slow_fraction,
+        slow_stall_ms,
         ref receivers,
     } = *args;
     let slow_count = ((subscribers as f64) * slow_fraction).round() as usize;
     let c = FanoutCounters::new();
     let threads = receivers.count();
-    let subs = Receivers::start(addr, subscribers, slow_count, threads, &c).await?;
+    let slow = Slow {
+        count: slow_count,
+        stall: Duration::from_millis(slow_stall_ms),
+    };
+    let subs = Receivers::start(addr, subscribers, slow, threads, &c).await?;
     let (mut pr, mut pw) = connect(addr).await?;
     let pad = "p".repeat(size.saturating_sub(40));
     let permits = Arc::new(tokio::sync::Semaphore::new(window));
@@ -388,6 +418,14 @@ pub(crate) async fn fanout(
     };
     report_fanout(&label, subs, slow_count, &c, publish_secs, cpu).await?;
     acker.abort();
+    if slow_count > 0 {
+        // Whether the slow ones did read from the log: the server's count says.
+        match server_metric(addr, "ivy_catchup_reads_total").await {
+            Ok(Some(reads)) => say!("{label}: the server's catch-up reads from the log: {reads}"),
+            Ok(None) => say!("{label}: the server has no ivy_catchup_reads_total metric"),
+            Err(e) => say!("{label}: cannot read the server's metrics: {e:#}"),
+        }
+    }
     refusals.check()
 }
 
@@ -407,6 +445,16 @@ mod tests {
         assert_eq!(decimal(b""), None);
         assert_eq!(decimal(b"12a"), None);
         assert_eq!(decimal(b"-1"), None);
+    }
+
+    #[test]
+    fn a_metric_is_found_by_its_whole_name() {
+        let text = "# HELP ivy_catchup_reads Log reads\n\
+                    ivy_catchup_reads_total_x 9\n\
+                    ivy_catchup_reads_total 42\n";
+        assert_eq!(metric_value(text, "ivy_catchup_reads_total"), Some(42));
+        assert_eq!(metric_value(text, "ivy_catchup_reads"), None);
+        assert_eq!(metric_value("ivy_x 1.5e3\n", "ivy_x"), Some(1500));
     }
 
     #[test]

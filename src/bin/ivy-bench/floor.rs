@@ -4,7 +4,7 @@ use crate::client::server_text_frame;
 use crate::cpu::CpuMeter;
 use crate::fanout::{pace, report_fanout, FanoutCounters};
 use crate::now_nanos;
-use crate::receivers::Receivers;
+use crate::receivers::{Receivers, Slow};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -27,7 +27,7 @@ pub(crate) async fn floor(
         (0..subscribers).map(|_| floor_accept(&listener)).collect()
     });
     let c = FanoutCounters::new();
-    let subs = Receivers::start(addr, subscribers, 0, threads, &c).await?;
+    let subs = Receivers::start(addr, subscribers, Slow::default(), threads, &c).await?;
     let mut sockets = accepting
         .join()
         .map_err(|_| anyhow::anyhow!("the floor's accept thread panicked"))??;

@@ -1,6 +1,7 @@
 //! `fanout`'s and `floor`'s subscribers: a few plain threads, each polling its share of the
 //! sockets with mio, rather than a tokio task per subscriber. A slow subscriber is one that the
-//! thread stops reading for a while after every few events.
+//! thread stops reading for a while after every few events, and, if asked, reads nothing at all
+//! for a while first (`Slow::stall`).
 //!
 //! Why not tokio tasks: against the same paced writer, tokio subscribers measured the same CPU
 //! per delivery as plain threads but a longer tail, which the tool then reported as the server's
@@ -27,6 +28,20 @@ const SILENCE: Duration = Duration::from_secs(15);
 const SLOW_EVENTS: u64 = 16;
 const SLOW_PAUSE: Duration = Duration::from_millis(2);
 
+/// Which subscribers are slow, and how.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Slow {
+    /// The first this many subscribers are slow.
+    pub(crate) count: usize,
+    /// How long each slow one reads nothing at all once subscribed. At a paced rate the pause
+    /// after every `SLOW_EVENTS` alone keeps up, and a stall is what builds a backlog past the
+    /// server's buffers, so that it reads from the log.
+    pub(crate) stall: Duration,
+}
+
+/// The receive buffer of a slow subscriber that stalls (`Slow::stall`), in bytes.
+const STALLED_RECEIVE_BUFFER: usize = 4096;
+
 /// Each subscriber's (is slow, stats), as a receiver thread ends.
 type Ended = anyhow::Result<Vec<(bool, SubStats)>>;
 
@@ -36,30 +51,37 @@ pub(crate) struct Receivers {
 }
 
 impl Receivers {
-    /// Connects and subscribes `subscribers` clients to `/fan` on `threads` threads (each
-    /// connects its own share, the first `slow_count` dealt out among them as slow ones), and
-    /// returns once all are subscribed.
+    /// Connects and subscribes `subscribers` clients to `/fan`: the fast ones dealt out among
+    /// `threads` threads, the slow ones on a thread of their own (each thread connects its own
+    /// share); returns once all are subscribed.
     pub(crate) async fn start(
         addr: SocketAddr,
         subscribers: usize,
-        slow_count: usize,
+        slow: Slow,
         threads: usize,
         c: &FanoutCounters,
     ) -> anyhow::Result<Receivers> {
-        let threads = threads.clamp(1, subscribers.max(1));
+        let slow_count = slow.count.min(subscribers);
+        let fast = subscribers - slow_count;
+        let threads = threads.clamp(1, fast.max(1));
+        // Whether each subscriber of a thread is slow. The slow ones' reading (a backlog after a
+        // stall, above all) would otherwise delay the fast ones on the same thread, and the tool
+        // would count that against the server.
+        let mut groups: Vec<Vec<bool>> = (0..threads)
+            .map(|t| vec![false; (t..fast).step_by(threads).count()])
+            .filter(|group| !group.is_empty())
+            .collect();
+        if slow_count > 0 {
+            groups.push(vec![true; slow_count]);
+        }
         let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
         let mut handles = Vec::new();
-        for t in 0..threads {
-            // Subscribers t, t + threads, t + 2 * threads, ...; the first `slow_count` are slow.
-            let slow: Vec<bool> = (t..subscribers)
-                .step_by(threads)
-                .map(|s| s < slow_count)
-                .collect();
+        for (t, is_slow) in groups.into_iter().enumerate() {
             let (c, ready) = (c.clone(), ready_tx.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("receiver-{t}"))
                 .spawn(move || -> Ended {
-                    let mut r = match Receiver::connect(addr, &slow) {
+                    let mut r = match Receiver::connect(addr, &is_slow, slow.stall) {
                         Ok(r) => r,
                         Err(e) => {
                             let _ = ready.send(Err(format!("{e:#}")));
@@ -76,7 +98,7 @@ impl Receivers {
             handles.push(handle);
         }
         drop(ready_tx);
-        for _ in 0..threads {
+        for _ in 0..handles.len() {
             match ready_rx.recv().await {
                 Some(Ok(())) => {}
                 Some(Err(e)) => anyhow::bail!("a receiver could not subscribe: {e}"),
@@ -133,12 +155,19 @@ enum Drained {
 }
 
 impl Receiver {
-    /// Subscribes one client per entry of `slow` (whether it is slow).
-    fn connect(addr: SocketAddr, slow: &[bool]) -> anyhow::Result<Receiver> {
+    /// Subscribes one client per entry of `is_slow`; slow ones start with a pause of `stall`.
+    fn connect(addr: SocketAddr, is_slow: &[bool], stall: Duration) -> anyhow::Result<Receiver> {
         let poll = Poll::new()?;
-        let mut conns = Vec::with_capacity(slow.len());
-        for (i, &slow) in slow.iter().enumerate() {
+        let mut conns = Vec::with_capacity(is_slow.len());
+        for (i, &slow) in is_slow.iter().enumerate() {
             let (tcp, frames) = subscribe(addr, b"#s#+/fan")?;
+            let stalls = slow && !stall.is_zero();
+            if stalls {
+                // A stalled client's backlog waits at the server, not in its own socket: without
+                // this, its receive buffer (128 KiB to start with, on Linux) took more than two
+                // seconds of a paced run's events.
+                socket2::SockRef::from(&tcp).set_recv_buffer_size(STALLED_RECEIVE_BUFFER)?;
+            }
             let mut tcp = TcpStream::from_std(tcp);
             poll.registry()
                 .register(&mut tcp, Token(i), Interest::READABLE)?;
@@ -146,7 +175,7 @@ impl Receiver {
                 tcp,
                 frames,
                 seen: Seen::new(slow),
-                paused_until: None,
+                paused_until: stalls.then(|| Instant::now() + stall),
                 heard: Instant::now(),
                 closed: false,
             });
@@ -161,8 +190,10 @@ impl Receiver {
         let mut ready: Vec<usize> = (0..self.conns.len()).collect();
         let mut left = self.conns.len();
         let mut last_sweep = Instant::now();
-        // Slow subscribers in a pause.
-        let mut paused: Vec<usize> = Vec::new();
+        // Slow subscribers in a pause (a stall, at first).
+        let mut paused: Vec<usize> = (0..self.conns.len())
+            .filter(|&i| self.conns[i].paused_until.is_some())
+            .collect();
         while left > 0 {
             for &i in &ready {
                 let conn = &self.conns[i];
@@ -453,7 +484,10 @@ mod tests {
         let c = FanoutCounters::new();
         c.published.store(10, Ordering::Relaxed);
         c.done_publishing.store(true, Ordering::Relaxed);
-        let stats = Receivers::start(addr, 1, 0, 1, &c).await?.join().await?;
+        let stats = Receivers::start(addr, 1, Slow::default(), 1, &c)
+            .await?
+            .join()
+            .await?;
         let resume = tokio::task::spawn_blocking(move || server.join())
             .await?
             .map_err(|_| anyhow::anyhow!("the server thread panicked"))??;
@@ -467,6 +501,36 @@ mod tests {
         assert_eq!(st.gave_up, None);
         assert_eq!((st.unique, st.duplicated, st.resumed), (10, 0, 1));
         assert_eq!(c.delivered.load(Ordering::Relaxed), 10);
+        Ok(())
+    }
+
+    /// A stalled slow subscriber reads nothing until its stall ends, then reads everything.
+    #[tokio::test]
+    async fn a_stalled_subscriber_reads_only_after_its_stall() -> anyhow::Result<()> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let server = std::thread::spawn(move || -> anyhow::Result<()> {
+            let (mut sub, _) = accept_subscriber(&listener)?;
+            sub.write_all(&events(0..40))?;
+            let mut rest = Vec::new();
+            sub.read_to_end(&mut rest)?;
+            Ok(())
+        });
+        let c = FanoutCounters::new();
+        c.published.store(40, Ordering::Relaxed);
+        c.done_publishing.store(true, Ordering::Relaxed);
+        let stall = Duration::from_millis(300);
+        let started = Instant::now();
+        let slow = Slow { count: 1, stall };
+        let stats = Receivers::start(addr, 1, slow, 1, &c).await?.join().await?;
+        assert!(started.elapsed() >= stall, "{:?}", started.elapsed());
+        tokio::task::spawn_blocking(move || server.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the server thread panicked"))??;
+        let (is_slow, st) = &stats[0];
+        assert!(is_slow);
+        assert_eq!(st.gave_up, None);
+        assert_eq!((st.unique, st.duplicated), (40, 0));
         Ok(())
     }
 }
