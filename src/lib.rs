@@ -119,7 +119,8 @@
 //!   and the bound on replies not yet written, past which the reader stops reading frames.
 //! - `tcp.rs`: the upgraded connection's socket, shared by its reader, its writer and the
 //!   dispatcher (recovered from hyper's upgrade; an embedder's other streams take the plain
-//!   path), and what the kernel tells of its sending (`TCP_INFO`), which the idle timeout reads.
+//!   path), what the kernel tells of its sending (`TCP_INFO`), which the idle timeout reads, and
+//!   the optional bound on its kernel send buffer (`ws_send_buffer_bytes`).
 //! - `budget.rs`: byte budgets shared by all connections: POST bodies being received, HTTP
 //!   answers built and not yet written (a read waits for its share, 503 past `answer_wait`), and
 //!   event bytes held for subscribers (queued, taken by a writer and not yet written, or read
