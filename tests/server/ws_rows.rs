@@ -11,6 +11,19 @@ fn id_of(line: &str) -> EventId {
     EventId::parse(ts).unwrap()
 }
 
+/// Receives `n` events, each passed to `check` with its index, in strictly increasing id order,
+/// and then nothing more for 300 ms.
+async fn recv_in_id_order(ws: &mut Ws, n: usize, check: impl Fn(usize, &str)) {
+    let mut last = EventId(0);
+    for i in 0..n {
+        let m = ws.recv().await;
+        check(i, &m);
+        assert!(id_of(&m) > last, "event {i} after {last:?}: {m:.60}");
+        last = id_of(&m);
+    }
+    assert_eq!(ws.quiet_for(Duration::from_millis(300)).await, None);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn intro_subprotocol_and_time() {
     let server = start().await;
@@ -210,14 +223,10 @@ async fn stalled_subscribers_share_a_server_wide_budget() {
     )
     .await;
     for sub in &mut subs {
-        let mut last = EventId(0);
-        for i in 0..events {
-            let m = sub.recv().await;
+        recv_in_id_order(sub, events, |i, m| {
             assert!(m.ends_with(&format!(":/budget:{i}:{data}")), "event {i}");
-            assert!(id_of(&m) > last);
-            last = id_of(&m);
-        }
-        assert_eq!(sub.quiet_for(Duration::from_millis(100)).await, None);
+        })
+        .await;
     }
     // Everything written: nothing is held any more.
     until_metric(
@@ -340,15 +349,11 @@ async fn events_given_back_to_the_log_still_skip_the_senders_own() {
         "the writer gave nothing back",
     )
     .await;
-    let mut last = EventId(0);
-    for i in 0..3000 {
-        let m = a.recv().await;
+    recv_in_id_order(&mut a, 3000, |i, m| {
         assert!(!m.contains(":/give:a"), "a got its own {m:.40}");
         assert!(m.contains(&format!(":/give:b{i}:")), "event {i}: {m:.40}");
-        assert!(id_of(&m) > last);
-        last = id_of(&m);
-    }
-    assert_eq!(a.quiet_for(Duration::from_millis(300)).await, None);
+    })
+    .await;
 }
 
 /// A subscriber far slower than the publisher: it falls back to the log and catches up with
@@ -368,9 +373,7 @@ async fn slow_subscriber_catches_up_from_the_log() {
         p.send(&format!(":/slow/c:{i}")).await;
     }
     p.request("done", ":/slow/c:end").await;
-    let mut last = EventId(0);
-    for i in 0..=total {
-        let m = sub.recv().await;
+    recv_in_id_order(&mut sub, total + 1, |i, m| {
         let expected = if i == total {
             "end".to_string()
         } else {
@@ -380,10 +383,8 @@ async fn slow_subscriber_catches_up_from_the_log() {
             m.ends_with(&format!(":/slow/c:{expected}")),
             "event {i}: {m}"
         );
-        assert!(id_of(&m) > last);
-        last = id_of(&m);
-    }
-    assert_eq!(sub.quiet_for(Duration::from_millis(300)).await, None);
+    })
+    .await;
     assert!(
         metric(&server, "ivy_catchup_reads_total").await > 0,
         "the subscriber never fell back to the log"
@@ -417,14 +418,10 @@ async fn a_stalled_subscribers_backlog_goes_to_the_log_not_the_kernel() {
         metric(&server, "ivy_catchup_reads_total").await > 0,
         "the stalled subscriber never fell back to the log"
     );
-    let mut last = EventId(0);
-    for i in 0..total {
-        let m = sub.recv().await;
+    recv_in_id_order(&mut sub, total, |i, m| {
         assert!(m.contains(&format!(":/stall:{i}:")), "event {i}: {m:.40}");
-        assert!(id_of(&m) > last);
-        last = id_of(&m);
-    }
-    assert_eq!(sub.quiet_for(Duration::from_millis(300)).await, None);
+    })
+    .await;
 }
 
 /// Fan-out writes to an idle connection's socket itself and leaves what the socket does not take
