@@ -414,14 +414,23 @@ async fn a_stalled_subscribers_backlog_goes_to_the_log_not_the_kernel() {
         p.request(&i.to_string(), &format!(":/stall:{i}:{pad}"))
             .await;
     }
-    assert!(
-        metric(&server, "ivy_catchup_reads_total").await > 0,
-        "the stalled subscriber never fell back to the log"
-    );
+    // Its writer reads the log only once the socket takes what it holds, after the reading
+    // below; the queue turns lagging now.
+    until_metric(
+        &server,
+        "ivy_lagging_subscribers",
+        |v| v > 0,
+        "the stalled subscriber's queue never gave way to the log",
+    )
+    .await;
     recv_in_id_order(&mut sub, total, |i, m| {
         assert!(m.contains(&format!(":/stall:{i}:")), "event {i}: {m:.40}");
     })
     .await;
+    assert!(
+        metric(&server, "ivy_catchup_reads_total").await > 0,
+        "the stalled subscriber never read from the log"
+    );
 }
 
 /// Fan-out writes to an idle connection's socket itself and leaves what the socket does not take
