@@ -11,8 +11,9 @@
 //! - **free space**: zeroes from there to the end of the file, the rest of a segment made from a
 //!   zero-filled spare (`spare.rs`). Kept: the writer goes on writing over it.
 //!
-//! A last segment that ends in a valid trailer is sealed only if its records, walked from the
-//! header, lead to that trailer's seal record (`is_written_seal`): an event's data may end with
+//! A last segment that ends in a valid trailer is sealed only if that trailer's seal record
+//! decodes and ends at the trailer, and its records, walked from the header, lead to that seal
+//! record (`is_written_seal`): an event's data may end with
 //! bytes that look like a seal and a trailer, and in a segment not made from a spare the last
 //! event's data is the end of the file.
 //!
@@ -82,14 +83,22 @@ pub(crate) fn is_torn_at_creation(bytes: &[u8]) -> bool {
 }
 
 /// Whether the trailer at the end of a stream's last segment is the writer's, not the end of an
-/// event's data. An event's bytes may end with anything, including a seal record with a valid
-/// CRC and a trailer pointing at it, and when the segment was not made from a spare they end the
-/// file. The writer's seal record starts where the records, walked from the header, end; an
-/// event's data lies inside its record, and the walk steps over it. A record before `seal_at`
-/// that does not decode is damage, not this rule's to judge: the segment is taken as sealed, and
-/// the checks of sealed segments report it (a live segment's scan could take it for a torn tail
-/// and cut sealed events). Recovery and verify share this rule.
+/// event's data or of a copy torn while the segment sealed. The seal record at `seal_at` must
+/// decode and end where the trailer begins: a copy taken while the segment filled and sealed
+/// can hold the trailer but not all of the seal record, and is then a live segment with a torn
+/// tail. An event's bytes may end with anything, including a seal record with a valid CRC and a
+/// trailer pointing at it, and when the segment was not made from a spare they end the file.
+/// The writer's seal record starts where the records, walked from the header, end; an event's
+/// data lies inside its record, and the walk steps over it. A record before `seal_at` that does
+/// not decode is damage, not this rule's to judge: the segment is taken as sealed, and the
+/// checks of sealed segments report it (a live segment's scan could take it for a torn tail and
+/// cut sealed events). Recovery and verify share this rule.
 pub(crate) fn is_written_seal(bytes: &[u8], seal_at: usize) -> bool {
+    let is_whole = record::decode(bytes, seal_at)
+        .is_ok_and(|rec| record::ends_at_trailer(&rec, seal_at, bytes.len()));
+    if !is_whole {
+        return false;
+    }
     let mut at = record::SEGMENT_HEADER_LEN;
     while at < seal_at {
         match record::decode(bytes, at) {

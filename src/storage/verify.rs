@@ -227,27 +227,18 @@ fn check_segment(job: &Job) -> SegmentCheck {
             return check;
         }
     }
-    // A stream's last segment is sealed only if its trailer points at a seal record that decodes
-    // and ends at the trailer (as recovery's `Sealed::open` requires, and the format page): a copy
-    // taken while the segment filled and sealed can hold the trailer but not all of the seal
-    // record or the records before it, and is then a live segment with a torn tail, which recovery
-    // cuts (before, verify took it for a damaged sealed segment: not torn, and not repaired).
-    // Every other segment is sealed by the write order, so its trailer alone says so.
-    let seal_at = record::decode_trailer(bytes).filter(|at| {
-        !job.is_last || (is_whole_seal(bytes, *at) && recovery::is_written_seal(bytes, *at))
-    });
+    // A stream's last segment is sealed only as recovery takes it (`is_written_seal`): a copy
+    // taken while the segment filled and sealed is a live segment with a torn tail, which
+    // recovery cuts (before, verify took it for a damaged sealed segment: not torn, and not
+    // repaired). Every other segment is sealed by the write order, so its trailer alone says so.
+    let seal_at = record::decode_trailer(bytes)
+        .filter(|at| !job.is_last || recovery::is_written_seal(bytes, *at));
     let records_end = seal_at.filter(|s| *s < bytes.len()).unwrap_or(bytes.len());
     let chains = scan_records(job, bytes, records_end, &mut check);
     if let Some(at) = seal_at {
         check_seal(job, bytes, at, &chains, &mut check);
     }
     check
-}
-
-/// Whether the record at `seal_at` is a seal that ends exactly where the trailer begins.
-fn is_whole_seal(bytes: &[u8], seal_at: usize) -> bool {
-    record::decode(bytes, seal_at)
-        .is_ok_and(|rec| record::ends_at_trailer(&rec, seal_at, bytes.len()))
 }
 
 /// Per-channel (first offset, last offset, count), as the records show them.
