@@ -301,6 +301,27 @@ fn parse_server_frame(bytes: &[u8]) -> anyhow::Result<Option<(u8, std::ops::Rang
     Ok(frame.map(|f| (f.opcode, f.payload)))
 }
 
+/// One whole client frame from a blocking socket, read byte by byte so that nothing after it is
+/// consumed: its opcode and unmasked payload (the server side of the tool's hand-made peers).
+pub(crate) fn read_client_frame(tcp: &mut std::net::TcpStream) -> anyhow::Result<(u8, Vec<u8>)> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        if let Some(f) = parse_frame(&bytes, true)? {
+            let key = f.mask.unwrap_or_default();
+            let payload = bytes[f.payload.clone()]
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ key[i % 4])
+                .collect();
+            return Ok((f.opcode, payload));
+        }
+        tcp.read_exact(&mut byte)?;
+        bytes.push(byte[0]);
+    }
+}
+
 /// Where a frame lies in a buffer (`parse_frame`).
 pub(crate) struct FrameAt {
     pub(crate) opcode: u8,

@@ -1,6 +1,6 @@
 //! `floor`: `fanout`'s subscribers served by no server at all, for the machine's floor.
 
-use crate::client::server_text_frame;
+use crate::client::{read_client_frame, server_text_frame};
 use crate::cpu::CpuMeter;
 use crate::fanout::{pace, report_fanout, FanoutCounters};
 use crate::now_nanos;
@@ -95,11 +95,20 @@ pub(crate) async fn floor(
     report
 }
 
-/// The floor's side of one subscriber's handshake: the upgrade, the intro, the ack of its `+`.
+/// The floor's side of one subscriber's handshake.
 fn floor_accept(listener: &std::net::TcpListener) -> anyhow::Result<std::net::TcpStream> {
-    use std::io::{Read, Write};
     let (mut tcp, _) = listener.accept()?;
     tcp.set_nodelay(true)?;
+    let command = handshake_subscriber(&mut tcp)?;
+    anyhow::ensure!(command == "#s#+/fan", "unexpected command {command}");
+    Ok(tcp)
+}
+
+/// A server's side of a subscriber's handshake, as the floor plays it: reads the upgrade
+/// request, answers 101 and the intro, reads one client frame (the subscribe command) and
+/// acknowledges it as key `s`. Returns the command, unmasked.
+pub(crate) fn handshake_subscriber(tcp: &mut std::net::TcpStream) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -114,19 +123,9 @@ fn floor_accept(listener: &std::net::TcpListener) -> anyhow::Result<std::net::Tc
     let mut out = Vec::new();
     server_text_frame(&mut out, b"@0000000000.000000000:~/sid:floor");
     tcp.write_all(&out)?;
-    // The subscribe command: one short masked text frame.
-    let mut header = [0u8; 6];
-    tcp.read_exact(&mut header)?;
-    let len = usize::from(header[1] & 0x7f);
-    anyhow::ensure!(len < 126, "unexpected subscribe frame");
-    let mut payload = vec![0u8; len];
-    tcp.read_exact(&mut payload)?;
-    for (i, b) in payload.iter_mut().enumerate() {
-        *b ^= header[2 + i % 4];
-    }
-    anyhow::ensure!(payload == b"#s#+/fan", "unexpected command");
+    let command = read_client_frame(tcp)?.1;
     out.clear();
     server_text_frame(&mut out, b"#s#@0000000000.000000000");
     tcp.write_all(&out)?;
-    Ok(tcp)
+    Ok(String::from_utf8(command)?)
 }

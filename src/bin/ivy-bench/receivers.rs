@@ -399,50 +399,19 @@ fn subscribe(addr: SocketAddr, command: &[u8]) -> anyhow::Result<(std::net::TcpS
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::{parse_frame, server_text_frame};
+    use crate::client::{read_client_frame, server_text_frame};
+    use crate::floor::handshake_subscriber;
     use std::net::TcpListener;
     use std::sync::atomic::Ordering;
 
-    /// The server side of one subscriber's connection, by hand: the upgrade, the intro, and the
-    /// subscribe command, which it returns unmasked after acknowledging it.
+    /// The server side of one subscriber's connection, by hand (the floor's handshake): returns
+    /// its subscribe command, acknowledged.
     fn accept_subscriber(listener: &TcpListener) -> anyhow::Result<(std::net::TcpStream, String)> {
         let (mut tcp, _) = listener.accept()?;
         // A receiver that never answers fails the test rather than hanging it.
         tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            tcp.read_exact(&mut byte)?;
-            head.push(byte[0]);
-        }
-        tcp.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n")?;
-        let mut out = Vec::new();
-        server_text_frame(&mut out, b"@0000000000.000000000:~/sid:t");
-        tcp.write_all(&out)?;
-        let command = read_client_frame(&mut tcp)?.1;
-        out.clear();
-        server_text_frame(&mut out, b"#s#@0000000000.000000000");
-        tcp.write_all(&out)?;
-        Ok((tcp, String::from_utf8(command)?))
-    }
-
-    /// One whole client frame: its opcode and unmasked payload.
-    fn read_client_frame(tcp: &mut std::net::TcpStream) -> anyhow::Result<(u8, Vec<u8>)> {
-        let mut bytes = Vec::new();
-        let mut byte = [0u8; 1];
-        loop {
-            if let Some(f) = parse_frame(&bytes, true)? {
-                let key = f.mask.unwrap_or_default();
-                let payload = bytes[f.payload.clone()]
-                    .iter()
-                    .enumerate()
-                    .map(|(i, b)| b ^ key[i % 4])
-                    .collect();
-                return Ok((f.opcode, payload));
-            }
-            tcp.read_exact(&mut byte)?;
-            bytes.push(byte[0]);
-        }
+        let command = handshake_subscriber(&mut tcp)?;
+        Ok((tcp, command))
     }
 
     fn events(seqs: std::ops::Range<u64>) -> Vec<u8> {
