@@ -18,6 +18,15 @@ pub(crate) fn fanout_fields(payload: &[u8]) -> Option<(u64, u64)> {
     number().zip(number())
 }
 
+/// An event's id, `@SECONDS.NANOS` at the start of its line, in ns since the epoch.
+pub(crate) fn event_id_nanos(payload: &[u8]) -> Option<u64> {
+    let id = payload.split(|&b| b == b':').next()?.strip_prefix(b"@")?;
+    let dot = id.iter().position(|&b| b == b'.')?;
+    let seconds = decimal(&id[..dot])?;
+    let nanos = decimal(&id[dot + 1..]).filter(|n| *n < 1_000_000_000)?;
+    seconds.checked_mul(1_000_000_000)?.checked_add(nanos)
+}
+
 /// A field of ASCII digits as a number (parsed from the bytes: going through `str` was 7% of
 /// the subscribers' CPU).
 fn decimal(field: &[u8]) -> Option<u64> {
@@ -40,8 +49,20 @@ pub(crate) struct SubStats {
     pub(crate) resumed: u64,
     /// Why it stopped before it had every event, if it did.
     pub(crate) gave_up: Option<String>,
-    /// Sampled latencies: (when the event was sent, ns since the epoch; latency in us).
-    pub(crate) latencies: Vec<(u64, u64)>,
+    pub(crate) latencies: Vec<Latency>,
+}
+
+/// One sampled event's way from the publisher to a subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Latency {
+    /// When it was sent, ns since the epoch.
+    pub(crate) sent: u64,
+    /// From sending to delivery, us.
+    pub(crate) total: u64,
+    /// From sending to its append, us: its id is the server's clock at the append (the same
+    /// clock as the tool's, on one machine). The rest of `total` is the commit, the fan-out and
+    /// the subscriber's reading.
+    pub(crate) to_append: u64,
 }
 
 /// The sequence numbers a subscriber has seen, one bit each (they are dense from 0).
@@ -124,7 +145,7 @@ impl Seen {
         let Some((seq, sent)) = fanout_fields(payload) else {
             return false;
         };
-        self.note(seq, sent, c);
+        self.note(seq, sent, event_id_nanos(payload).unwrap_or(0), c);
         let id = payload.split(|&b| b == b':').next().unwrap_or_default();
         self.last_id.clear();
         self.last_id.extend_from_slice(id);
@@ -170,10 +191,10 @@ impl Seen {
         self.st
     }
 
-    /// Counts event `seq`, sent at `sent` (ns since the epoch). No set, no clock read and no
-    /// shared counter update per message (each showed in a profile of this loop): latency is
-    /// sampled and deliveries are published every 16th message.
-    fn note(&mut self, seq: u64, sent: u64, c: &FanoutCounters) {
+    /// Counts event `seq`, sent at `sent` and appended at `appended` (ns since the epoch). No
+    /// set, no clock read and no shared counter update per message (each showed in a profile of
+    /// this loop): latency is sampled and deliveries are published every 16th message.
+    fn note(&mut self, seq: u64, sent: u64, appended: u64, c: &FanoutCounters) {
         self.uncounted += 1;
         if self.uncounted == 16 {
             self.count_deliveries(c);
@@ -190,8 +211,11 @@ impl Seen {
             self.next = self.next.max(seq + 1);
         }
         if !self.is_slow && st.received.is_multiple_of(16) {
-            st.latencies
-                .push((sent, now_nanos().saturating_sub(sent) / 1000));
+            st.latencies.push(Latency {
+                sent,
+                total: now_nanos().saturating_sub(sent) / 1000,
+                to_append: appended.saturating_sub(sent) / 1000,
+            });
         }
     }
 }
@@ -239,7 +263,18 @@ pub(crate) async fn report_fanout(
     let by_second = p99_by_second(&fast_lat);
     percentiles(
         "publish-to-delivery (fast subscribers)",
-        fast_lat.into_iter().map(|(_, micros)| micros).collect(),
+        fast_lat.iter().map(|l| l.total).collect(),
+    );
+    percentiles(
+        "  of which publish-to-append (the event's id)",
+        fast_lat.iter().map(|l| l.to_append).collect(),
+    );
+    percentiles(
+        "  and append-to-delivery (commit, fan-out, reading)",
+        fast_lat
+            .iter()
+            .map(|l| l.total.saturating_sub(l.to_append))
+            .collect(),
     );
     if by_second.len() > 1 {
         let ms: Vec<String> = by_second
@@ -262,17 +297,17 @@ pub(crate) async fn report_fanout(
 /// reader can tell a tail spread over the run from one made in a bad second or two (on the
 /// 2-core VM this was measured on, one paced run's seconds ranged from 6 to 15 ms). `None` for
 /// a second without samples.
-fn p99_by_second(samples: &[(u64, u64)]) -> Vec<Option<u64>> {
-    let Some(first) = samples.iter().map(|&(sent, _)| sent).min() else {
+fn p99_by_second(samples: &[Latency]) -> Vec<Option<u64>> {
+    let Some(first) = samples.iter().map(|l| l.sent).min() else {
         return Vec::new();
     };
     let mut seconds: Vec<Vec<u64>> = Vec::new();
-    for &(sent, micros) in samples {
+    for &Latency { sent, total, .. } in samples {
         let second = ((sent - first) / 1_000_000_000) as usize;
         if seconds.len() <= second {
             seconds.resize_with(second + 1, Vec::new);
         }
-        seconds[second].push(micros);
+        seconds[second].push(total);
     }
     seconds
         .into_iter()
@@ -488,9 +523,14 @@ mod tests {
     #[test]
     fn p99_is_taken_per_second_of_sending() {
         let second = 1_000_000_000;
-        let mut samples: Vec<(u64, u64)> = (0..100).map(|i| (5 * second + i, i)).collect();
-        samples.extend((0..100).map(|i| (6 * second + 7, 1000 + i)));
-        samples.push((8 * second, 42));
+        let at = |sent, total| Latency {
+            sent,
+            total,
+            to_append: 0,
+        };
+        let mut samples: Vec<Latency> = (0..100).map(|i| at(5 * second + i, i)).collect();
+        samples.extend((0..100).map(|i| at(6 * second + 7, 1000 + i)));
+        samples.push(at(8 * second, 42));
         assert_eq!(
             p99_by_second(&samples),
             vec![Some(98), Some(1098), None, Some(42)]
@@ -513,7 +553,7 @@ mod tests {
         let c = FanoutCounters::new();
         let mut seen = Seen::new(false);
         for seq in [0, 1, 3, 2, 3] {
-            seen.note(seq, 0, &c);
+            seen.note(seq, 0, 0, &c);
         }
         assert_eq!(seen.st.received, 5);
         assert_eq!(seen.st.unique, 4);
@@ -532,5 +572,37 @@ mod tests {
             Some((42, 1_795_982_068_662_161_665))
         );
         assert_eq!(fanout_fields(b"#s#@1795982068.662161665"), None);
+    }
+
+    #[test]
+    fn an_event_id_is_read_as_nanoseconds() {
+        let line = b"@1795982068.062161665:/fan:42:1795982068000000000:ppp";
+        assert_eq!(event_id_nanos(line), Some(1_795_982_068_062_161_665));
+        assert_eq!(event_id_nanos(b"1795982068.062161665:/fan"), None, "no @");
+        assert_eq!(event_id_nanos(b"@1795982068:/fan"), None, "no dot");
+        assert_eq!(
+            event_id_nanos(b"@1.1000000000:/fan"),
+            None,
+            "nanos past a second"
+        );
+    }
+
+    #[test]
+    fn a_sample_splits_at_the_append() {
+        let c = FanoutCounters::new();
+        let mut seen = Seen::new(false);
+        let sent = now_nanos() - 5_000_000;
+        for seq in 0..16 {
+            seen.note(seq, sent, sent + 2_000_000, &c);
+        }
+        let [sample] = seen.st.latencies[..] else {
+            panic!("one sample per 16 events: {:?}", seen.st.latencies);
+        };
+        assert_eq!(sample.sent, sent);
+        assert_eq!(sample.to_append, 2_000);
+        assert!(
+            sample.total >= 5_000,
+            "received at least 5 ms after sending"
+        );
     }
 }

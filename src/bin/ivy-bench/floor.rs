@@ -54,7 +54,10 @@ pub(crate) async fn floor(
                 }
                 for s in ends.len() - 1..due {
                     let sent = started_nanos + s as u64 * 1_000_000_000 / rate;
-                    let line = format!("@0000000001.000000000:/fan:{s}:{sent}:{pad}");
+                    // Its id is when it is framed, as a server's is when it is appended.
+                    let id = now_nanos();
+                    let (secs, nanos) = (id / 1_000_000_000, id % 1_000_000_000);
+                    let line = format!("@{secs:010}.{nanos:09}:/fan:{s}:{sent}:{pad}");
                     server_text_frame(&mut frames, line.as_bytes());
                     ends.push(frames.len());
                 }
