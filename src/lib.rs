@@ -59,8 +59,9 @@
 //!   segments holding no committed event removed, the in-memory view rebuilt.
 //! - `stream.rs`: one stream: its segments, the pending chunks, the in-memory channel heads and
 //!   index of its live segment, snapshots for readers.
-//! - `segment.rs`: one segment file: create (or take a spare), `pwrite`, sync, seal, its sealed
-//!   view and index.
+//! - `segment.rs`: one segment file: create (or take a spare), `pwrite`, the zeroes written a
+//!   step ahead of a segment's records (so that commits overwrite, as in a spare), sync, seal,
+//!   its sealed view and index.
 //! - `spare.rs`: the zero-filled spare segment a background thread keeps ready, so that a stream
 //!   that filled a segment writes its next one by overwriting (a faster `fdatasync`); its zeroes
 //!   go out in small pieces paced by the writer's bytes, so the writer's syncs never wait behind
@@ -68,7 +69,7 @@
 //! - `record.rs`: the byte codec (header, record, seal footer, trailer); no I/O.
 //! - `index.rs`: the sparse index: which records get an entry, the file codec, seek.
 //! - `read.rs`: `Reader` (a snapshot) and `Events` (lazy, merged by id, data borrowed from maps).
-//! - `recovery.rs`: opening a stream: cut a torn tail, keep a spare's zeroes as free space,
+//! - `recovery.rs`: opening a stream: cut a torn tail, keep zeroes after the records as free space,
 //!   refuse corruption in the middle, and tell the writer's seal from event data that ends like
 //!   one (a rule `verify.rs` shares).
 //! - `verify.rs`: the offline full check and the safe repairs.

@@ -551,3 +551,41 @@ fn a_slow_spare_rename_loses_nothing() {
     let store = Store::open(dir.path(), options(Arc::new(OsIo))).unwrap();
     assert_eq!(stored(&store), acked);
 }
+
+/// A write refused outright (a read-only filesystem) in a segment with zeroes written ahead of
+/// its records leaves nothing but those zeroes after the committed end: free space, so the
+/// rollback has nothing to cut, and appends resume by themselves instead of waiting for a
+/// restart (a cut would fail too, on that filesystem).
+#[test]
+fn a_write_refused_over_zeroes_ahead_needs_no_undo() {
+    let dir = tempfile::tempdir().unwrap();
+    let layer = Faulty::new();
+    let opts = StoreOptions {
+        segment_bytes_max: 1 << 20,
+        ..options(layer.clone())
+    };
+    let store = Store::open(dir.path(), opts.clone()).unwrap();
+    let a = common::path("/rooms/a");
+    let mut acked = Events::new();
+    for n in 0..20 {
+        let data = format!("before {n}").into_bytes();
+        acked.insert(store.append(&a, &data).unwrap(), ("/rooms/a".into(), data));
+    }
+    let seg = common::segments(dir.path()).pop().unwrap();
+    let bytes = std::fs::read(&seg).unwrap();
+    let records_end = bytes.iter().rposition(|&b| b != 0).unwrap() + 1;
+    assert!(bytes.len() > records_end, "zeroes ahead of the records");
+
+    layer.arm(0, EROFS);
+    match store.append(&a, b"refused") {
+        Err(Error::WriteFailed(f)) => assert!(!f.until_restart, "{f:?}"),
+        other => panic!("expected a write failure, got {other:?}"),
+    }
+    layer.clear();
+    let (id, _) = append_until_taken(&store, &a, b"after");
+    acked.insert(id, ("/rooms/a".into(), b"after".to_vec()));
+    assert_eq!(stored(&store), acked);
+    store.close().unwrap();
+    drop(store);
+    assert_verified(dir.path());
+}

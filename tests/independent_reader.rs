@@ -123,8 +123,8 @@ fn write_store(dir: &Path, rng: &mut Rng) -> Vec<EventId> {
         }
         append(&store, channel, &data);
     }
-    // A new stream, `/f/g`: a first segment is never made from a spare, so its last event's data
-    // ends the file. That data is a seal record with a valid CRC and a trailer pointing at it.
+    // A new stream, `/f/g`: its last event's data ends the file (once the zeroes after it are
+    // cut, below). That data is a seal record with a valid CRC and a trailer pointing at it.
     let (first, second) = ("/f/g", "/f/g/h");
     append(&store, first, b"real");
     let data_at = 32 + ivy::storage::encoded_len(first, b"real") as u64 + 28 + second.len() as u64;
@@ -160,6 +160,21 @@ fn write_store(dir: &Path, rng: &mut Rng) -> Vec<EventId> {
     }
     store.close().unwrap();
     drop(store);
+    // The writer keeps zeroes a step ahead of a live segment's records; cut them from `/f/g`
+    // and `/e/h`, which then end with their last event's data, as a store written with
+    // preallocation off (or by a writer that kept no zeroes ahead) leaves them. Neither event's
+    // data ends in a zero byte.
+    for stream in ["~f~g", "~e~h"] {
+        let seg = last_segment(dir, stream);
+        let bytes = std::fs::read(&seg).unwrap();
+        let records_end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        assert!(
+            records_end < bytes.len(),
+            "{stream}: zeroes after the records"
+        );
+        let file = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+        file.set_len(records_end as u64).unwrap();
+    }
     ids
 }
 
@@ -202,8 +217,8 @@ fn it_finds_the_damage_verify_finds() {
     write_store(written.path(), &mut rng);
     let relative = |p: PathBuf| p.strip_prefix(written.path()).unwrap().to_path_buf();
     let sealed_rel = relative(segments(&written.path().join("streams/~a~x"))[1].clone());
-    // Streams `/e/h` and `/f/g`: one live segment each, not made from a spare. The second ends
-    // in event data that looks like a seal and a trailer.
+    // Streams `/e/h` and `/f/g`: one live segment each, ending with its records. The second
+    // ends in event data that looks like a seal and a trailer.
     let live_rel = relative(last_segment(written.path(), "~e~h"));
     let forged_rel = relative(last_segment(written.path(), "~f~g"));
 

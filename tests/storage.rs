@@ -208,7 +208,7 @@ fn torn_tail_at_every_byte_of_the_last_record() {
 struct TornTail {
     base: tempfile::TempDir,
     ids: Vec<EventId>,
-    /// The segment's length, and that of its last record.
+    /// Where the segment's records end, and the length of its last record.
     full: u64,
     last_len: u64,
 }
@@ -225,9 +225,10 @@ impl TornTail {
             .collect();
         store.close().unwrap();
         drop(store);
-        let full = std::fs::metadata(segments(base.path()).pop().unwrap())
-            .unwrap()
-            .len();
+        // Where the records end: the writer keeps zeroes after them (`Segment::zero_ahead`),
+        // and the last event's data ends in a nonzero byte.
+        let bytes = std::fs::read(segments(base.path()).pop().unwrap()).unwrap();
+        let full = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1) as u64;
         TornTail {
             base,
             ids,
@@ -801,6 +802,67 @@ fn a_full_segment_rolls_into_a_zero_filled_spare() {
     let last = read(&store, "/s/a", &Query::last(1));
     assert_eq!(last[0].0, after);
     assert_eq!(last[0].2, b"after reopen");
+    drop(store);
+    check_clean(dir.path());
+}
+
+/// Where a segment file's records end, and its length: the writer keeps zeroes after the
+/// records (`Segment::zero_ahead`). Only for events whose data ends in a nonzero byte.
+fn records_end_and_len(seg: &std::path::Path) -> (u64, u64) {
+    let bytes = std::fs::read(seg).unwrap();
+    let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    (end as u64, bytes.len() as u64)
+}
+
+/// A segment not made from a spare keeps zeroes a step ahead of its records, so that a commit
+/// overwrites instead of extending the file: the file grows once per step, not per append. A
+/// cold stream holds no more zeroes than two pages past its records; reopening keeps them as
+/// free space and appends go on over them.
+#[test]
+fn a_live_segment_keeps_zeroes_ahead_of_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StoreOptions {
+        durability: Durability::Always,
+        segment_bytes_max: 1 << 20,
+        ..StoreOptions::default()
+    };
+    let store = Store::open(dir.path(), opts.clone()).unwrap();
+    let mut ids = vec![store.append(&path("/z/a"), b"first").unwrap()];
+    let seg = segments(dir.path()).pop().unwrap();
+    let (end, len) = records_end_and_len(&seg);
+    assert!(end < len && len <= 8192, "{end} bytes of records in {len}");
+
+    let mut lengths = std::collections::BTreeSet::new();
+    for i in 0..3000u32 {
+        let data = format!("{i:0>96}");
+        ids.push(store.append(&path("/z/a"), data.as_bytes()).unwrap());
+        lengths.insert(std::fs::metadata(&seg).unwrap().len());
+    }
+    let (end, len) = records_end_and_len(&seg);
+    assert!(end > 350_000, "{end}");
+    assert!(
+        lengths.len() < 20,
+        "3000 appends changed the length {} times: {lengths:?}",
+        lengths.len()
+    );
+    assert!(
+        len > end && len - end <= 256 * 1024 + 4096,
+        "{} bytes of zeroes after {end} of records",
+        len - end
+    );
+    store.close().unwrap();
+    drop(store);
+    check_clean(dir.path());
+
+    let store = Store::open(dir.path(), opts).unwrap();
+    assert_eq!(
+        std::fs::metadata(&seg).unwrap().len(),
+        len,
+        "recovery kept the zeroes as free space"
+    );
+    ids.push(store.append(&path("/z/a"), b"after reopen").unwrap());
+    assert_eq!(ids_of(&store, "/z/a"), ids);
+    store.close().unwrap();
     drop(store);
     check_clean(dir.path());
 }

@@ -31,8 +31,9 @@ pub struct Args {
     /// A segment is sealed before an event this much younger than its first (seconds; 0: never).
     #[arg(long, env = "IVY_SEGMENT_AGE_SECS", default_value_t = 0)]
     segment_age_secs: u64,
-    /// Zero-fill the next segment of a stream that filled one, in the background, so that
-    /// appends overwrite instead of extending the file (faster fsync on most filesystems).
+    /// Zero-fill the next segment of a stream that filled one, in the background, and keep
+    /// zeroes a step ahead of the records in other segments, so that appends overwrite instead
+    /// of extending the file (faster fsync on most filesystems).
     #[arg(long, env = "IVY_PREALLOCATE", default_value_t = true, action = clap::ArgAction::Set)]
     preallocate: bool,
     /// Events with at least this many bytes of data are announced, not sent inline (bytes).

@@ -602,6 +602,15 @@ impl Writer {
                 }
             }
         }
+        if opts.preallocate {
+            for seg in &written {
+                // Zeroes ahead are an optimisation: a disk too full for them is not a reason to
+                // refuse the records, which are written already.
+                if let Err(e) = seg.zero_ahead(&*opts.io, opts.segment_bytes_max) {
+                    tracing::debug!(error = %e, "cannot write zeroes ahead of a segment's records");
+                }
+            }
+        }
         let sync_now = opts.durability == Durability::Always || is_shutdown;
         if sync_now {
             sync_dirs(&*opts.io, dirs.iter().chain(new_files.iter()))?;

@@ -121,8 +121,10 @@ pub struct StoreOptions {
     pub segment_bytes_max: u64,
     /// A segment is sealed before an event more than this much younger than its first.
     pub segment_age_max: Option<Duration>,
-    /// Segments after a full one start as zero-filled files made in the background, so that
-    /// appends overwrite instead of extending (faster `fdatasync`; `spare.rs`).
+    /// Appends overwrite zeroes instead of extending the file (faster `fdatasync`): segments
+    /// after a full one start as zero-filled files made in the background (`spare.rs`), and
+    /// other live segments keep zeroes written a step ahead of their records
+    /// (`Segment::zero_ahead`).
     pub preallocate: bool,
     pub index_interval_bytes: u32,
     /// The largest event data accepted.

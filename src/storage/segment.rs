@@ -18,14 +18,45 @@ use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+/// Zeroes written ahead of a live segment's records (`Segment::zero_ahead`), at most: the step
+/// is the size of the records written so far, between these bounds, so a cold stream's segment
+/// holds no more zeroes than records (past the first page) and a busy one extends its file once
+/// per 128-256 KiB of appends instead of at every commit.
+const ZEROES_AHEAD_MAX: u64 = 256 * 1024;
+const ZEROES_AHEAD_MIN: u64 = 4096;
+
 pub struct Segment {
     path: PathBuf,
     first_id: EventId,
     /// The write handle, held only while live; taken by the writer thread alone.
-    file: Mutex<Option<File>>,
+    file: Mutex<Option<Writable>>,
     /// The map of a live segment, sized once at its maximum so it never needs remapping.
     live_map: OnceLock<Map>,
     sealed: OnceLock<Sealed>,
+}
+
+/// A live segment's write handle, and what the writer knows of the file.
+struct Writable {
+    file: File,
+    /// Where the records written through this handle end (0 until the first write).
+    records_end: u64,
+    /// The file's length as the writer made it: past `records_end` when zeroes follow the
+    /// records (a spare's, or `zero_ahead`'s).
+    len: u64,
+}
+
+impl Writable {
+    fn new(file: File, path: &Path) -> Result<Writable> {
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(path, "stat", e))?
+            .len();
+        Ok(Writable {
+            file,
+            records_end: 0,
+            len,
+        })
+    }
 }
 
 /// A sealed segment's checked structure.
@@ -77,7 +108,7 @@ impl Segment {
         let map = Map::with_len(&file, map_len).map_err(|e| Error::io(&path, "mmap", e))?;
         let seg = Segment::on_disk(path, first_id);
         if writable {
-            *seg.file.lock() = Some(file);
+            *seg.file.lock() = Some(Writable::new(file, &seg.path)?);
         }
         let _ = seg.live_map.set(map);
         Ok(seg)
@@ -102,28 +133,68 @@ impl Segment {
                 .map_err(|e| Error::io(&self.path, "create", e))?,
         };
         let map = Map::with_len(&file, map_len).map_err(|e| Error::io(&self.path, "mmap", e))?;
-        *self.file.lock() = Some(file);
+        *self.file.lock() = Some(Writable::new(file, &self.path)?);
         let _ = self.live_map.set(map);
         Ok(())
     }
 
     /// Writer only: writes `bytes` at `offset`.
     pub fn write_at(&self, io: &dyn FileIo, offset: u64, bytes: &[u8]) -> Result<()> {
-        let guard = self.file.lock();
-        let file = guard
-            .as_ref()
+        let mut guard = self.file.lock();
+        let w = guard
+            .as_mut()
             .ok_or_else(|| Error::NotWritable(self.path.clone()))?;
-        io.write_at(&self.path, file, offset, bytes)
-            .map_err(|e| Error::io(&self.path, "write", e))
+        io.write_at(&self.path, &w.file, offset, bytes)
+            .map_err(|e| Error::io(&self.path, "write", e))?;
+        let end = offset + bytes.len() as u64;
+        w.records_end = w.records_end.max(end);
+        w.len = w.len.max(end);
+        Ok(())
+    }
+
+    /// Writer only, after a round's writes and before their sync: keeps zeroes written ahead
+    /// of the records, so that the next appends overwrite blocks instead of extending the file
+    /// (an overwrite's `fdatasync` commits no new size or block map: `spare.rs`). Under
+    /// `always` a commit of an extending write costs more and varies more; with zeroes ahead,
+    /// the file grows once per step. Each step, the size of the records so far (between
+    /// `ZEROES_AHEAD_MIN` and `ZEROES_AHEAD_MAX`, never past `cap`), is written when less than
+    /// half a step is left. The zeroes are free space in the format's terms; sealing cuts them.
+    /// Returns the bytes written; on an error the file holds some of them at most, which is
+    /// free space as well.
+    pub fn zero_ahead(&self, io: &dyn FileIo, cap: u64) -> Result<u64> {
+        let mut guard = self.file.lock();
+        let w = guard
+            .as_mut()
+            .ok_or_else(|| Error::NotWritable(self.path.clone()))?;
+        let step = w.records_end.clamp(ZEROES_AHEAD_MIN, ZEROES_AHEAD_MAX);
+        if w.len >= cap || w.len.saturating_sub(w.records_end) >= step / 2 {
+            return Ok(0);
+        }
+        // Whole pages: the last one is not left half written.
+        let target = (w.records_end + step)
+            .next_multiple_of(ZEROES_AHEAD_MIN)
+            .min(cap);
+        if target <= w.len {
+            return Ok(0);
+        }
+        static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+        let from = w.len;
+        while w.len < target {
+            let n = (target - w.len).min(ZEROES.len() as u64);
+            io.write_at(&self.path, &w.file, w.len, &ZEROES[..n as usize])
+                .map_err(|e| Error::io(&self.path, "write", e))?;
+            w.len += n;
+        }
+        Ok(target - from)
     }
 
     /// Writer only: makes the written bytes durable (`fdatasync`).
     pub fn sync_data(&self, io: &dyn FileIo) -> Result<()> {
         let guard = self.file.lock();
-        let file = guard
+        let w = guard
             .as_ref()
             .ok_or_else(|| Error::NotWritable(self.path.clone()))?;
-        io.sync_data(&self.path, file)
+        io.sync_data(&self.path, &w.file)
             .map_err(|source| Error::SyncFailed {
                 path: self.path.clone(),
                 source,
@@ -131,53 +202,82 @@ impl Segment {
     }
 
     /// Writer only, rolling back a failed write: cuts the file to `len` and syncs the cut. A file
-    /// no longer than `len` is left alone, so that a write refused outright (a read-only
-    /// filesystem) needs no write to undo. The write handle is reopened if a failed seal had
-    /// already closed it. Readers never look past the committed end, which `len` is, so no map
-    /// access can fall beyond the new end of file.
+    /// that holds nothing but zeroes after `len` (none at all, or the zeroes of a spare or of
+    /// `zero_ahead` that the failed write did not reach) is left alone: those are free space,
+    /// and a write refused outright (a read-only filesystem) then needs no write to undo. The
+    /// write handle is reopened if a failed seal had already closed it. Readers never look past
+    /// the committed end, which `len` is, so no map access can fall beyond the new end of file.
     pub fn truncate(&self, io: &dyn FileIo, len: u64) -> Result<()> {
         let on_disk = fs::metadata(&self.path)
             .map_err(|e| Error::io(&self.path, "stat", e))?
             .len();
-        if on_disk <= len {
+        let mut guard = self.file.lock();
+        if on_disk <= len || self.is_zeroes_from(len, on_disk)? {
+            if let Some(w) = guard.as_mut() {
+                w.records_end = w.records_end.min(len);
+                w.len = on_disk;
+            }
             return Ok(());
         }
-        let mut guard = self.file.lock();
-        let file = match &mut *guard {
-            Some(file) => file,
-            closed => closed.insert(
-                OpenOptions::new()
+        let w = match &mut *guard {
+            Some(w) => w,
+            closed => {
+                let file = OpenOptions::new()
                     .read(true)
                     .write(true)
                     .open(&self.path)
-                    .map_err(|e| Error::io(&self.path, "open", e))?,
-            ),
+                    .map_err(|e| Error::io(&self.path, "open", e))?;
+                closed.insert(Writable::new(file, &self.path)?)
+            }
         };
-        io.truncate(&self.path, file, len)
+        io.truncate(&self.path, &w.file, len)
             .map_err(|e| Error::io(&self.path, "truncate", e))?;
-        io.sync_data(&self.path, file)
+        w.records_end = w.records_end.min(len);
+        w.len = len;
+        io.sync_data(&self.path, &w.file)
             .map_err(|source| Error::SyncFailed {
                 path: self.path.clone(),
                 source,
             })
     }
 
-    /// Writer only, after writing the seal record that ends at `end`: cuts the zeroes a spare
-    /// left after it, so that the trailer is the file's last bytes. The seal's sync that follows
-    /// makes the new length durable with the record.
+    /// Whether the file's bytes in `[from, to)` are all zero (read from the file: only rolling
+    /// back a failed write asks, which is rare).
+    fn is_zeroes_from(&self, from: u64, to: u64) -> Result<bool> {
+        use std::os::unix::fs::FileExt;
+        let file = File::open(&self.path).map_err(|e| Error::io(&self.path, "open", e))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut at = from;
+        while at < to {
+            let n = usize::try_from(to - at).map_or(buf.len(), |left| left.min(buf.len()));
+            file.read_exact_at(&mut buf[..n], at)
+                .map_err(|e| Error::io(&self.path, "read", e))?;
+            if !super::recovery::is_zeroes(&buf[..n]) {
+                return Ok(false);
+            }
+            at += n as u64;
+        }
+        Ok(true)
+    }
+
+    /// Writer only, after writing the seal record that ends at `end`: cuts the zeroes a spare or
+    /// `zero_ahead` left after it, so that the trailer is the file's last bytes. The seal's sync
+    /// that follows makes the new length durable with the record.
     pub fn cut_after_seal(&self, io: &dyn FileIo, end: u64) -> Result<()> {
-        let guard = self.file.lock();
-        let file = guard
-            .as_ref()
+        let mut guard = self.file.lock();
+        let w = guard
+            .as_mut()
             .ok_or_else(|| Error::NotWritable(self.path.clone()))?;
-        let len = file
+        let len = w
+            .file
             .metadata()
             .map_err(|e| Error::io(&self.path, "stat", e))?
             .len();
         if len > end {
-            io.truncate(&self.path, file, end)
+            io.truncate(&self.path, &w.file, end)
                 .map_err(|e| Error::io(&self.path, "truncate", e))?;
         }
+        w.len = end;
         Ok(())
     }
 
@@ -208,7 +308,8 @@ impl Segment {
             .file
             .lock()
             .take()
-            .ok_or_else(|| Error::NotWritable(self.path.clone()))?;
+            .ok_or_else(|| Error::NotWritable(self.path.clone()))?
+            .file;
         let sealed = Sealed::open(&self.path, &file, self.first_id)?;
         let _ = self.sealed.set(sealed);
         Ok(())
