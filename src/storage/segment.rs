@@ -38,7 +38,8 @@ pub struct Segment {
 /// A live segment's write handle, and what the writer knows of the file.
 struct Writable {
     file: File,
-    /// Where the records written through this handle end (0 until the first write).
+    /// Where the records written through this handle end (0 until the first write), counting
+    /// a write that failed: no byte past it was ever written but zeroes.
     records_end: u64,
     /// The file's length as the writer made it: past `records_end` when zeroes follow the
     /// records (a spare's, or `zero_ahead`'s).
@@ -144,10 +145,11 @@ impl Segment {
         let w = guard
             .as_mut()
             .ok_or_else(|| Error::NotWritable(self.path.clone()))?;
+        let end = offset + bytes.len() as u64;
+        // Before the write: a rollback must look at whatever a failed one may have left.
+        w.records_end = w.records_end.max(end);
         io.write_at(&self.path, &w.file, offset, bytes)
             .map_err(|e| Error::io(&self.path, "write", e))?;
-        let end = offset + bytes.len() as u64;
-        w.records_end = w.records_end.max(end);
         w.len = w.len.max(end);
         Ok(())
     }
@@ -212,7 +214,13 @@ impl Segment {
             .map_err(|e| Error::io(&self.path, "stat", e))?
             .len();
         let mut guard = self.file.lock();
-        if on_disk <= len || self.is_zeroes_from(len, on_disk)? {
+        // Past the records written through the handle there are only zeroes (a spare's, or
+        // `zero_ahead`'s, or those recovery kept), so only up to there need be read: a spare's
+        // 64 MiB are not read again at every failed retry on a full disk.
+        let written_to = guard
+            .as_ref()
+            .map_or(on_disk, |w| w.records_end.clamp(len, on_disk));
+        if on_disk <= len || self.is_zeroes_from(len, written_to)? {
             if let Some(w) = guard.as_mut() {
                 w.records_end = w.records_end.min(len);
                 w.len = on_disk;
