@@ -19,6 +19,15 @@ fn small(durability: Durability) -> StoreOptions {
     }
 }
 
+/// Segments of 1 MiB: a test's appends stay in one.
+fn mib_segments(durability: Durability) -> StoreOptions {
+    StoreOptions {
+        durability,
+        segment_bytes_max: 1 << 20,
+        ..StoreOptions::default()
+    }
+}
+
 fn check_clean(dir: &std::path::Path) {
     let report = verify::verify(dir, verify::Mode::Check, &|_| {}).expect("verify runs");
     assert!(report.findings.is_empty(), "{:#?}", report.findings);
@@ -461,11 +470,7 @@ fn an_unknown_format_version_is_refused() {
 #[test]
 fn many_channels_do_not_make_many_files() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = StoreOptions {
-        durability: Durability::Never,
-        segment_bytes_max: 1 << 20,
-        ..StoreOptions::default()
-    };
+    let opts = mib_segments(Durability::Never);
     let store = Store::open(dir.path(), opts.clone()).unwrap();
     let channels: Vec<_> = (0..100_000)
         .map(|i| path(&format!("/rooms/r{i}")))
@@ -821,11 +826,7 @@ fn records_end_and_len(seg: &std::path::Path) -> (u64, u64) {
 #[test]
 fn a_live_segment_keeps_zeroes_ahead_of_its_records() {
     let dir = tempfile::tempdir().unwrap();
-    let opts = StoreOptions {
-        durability: Durability::Always,
-        segment_bytes_max: 1 << 20,
-        ..StoreOptions::default()
-    };
+    let opts = mib_segments(Durability::Always);
     let store = Store::open(dir.path(), opts.clone()).unwrap();
     let mut ids = vec![store.append(&path("/z/a"), b"first").unwrap()];
     let seg = segments(dir.path()).pop().unwrap();
