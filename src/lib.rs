@@ -133,6 +133,8 @@
 //!   connection's socket itself.
 //! - `catchup.rs`: log reads for `+/path@TS` and for lagging sessions, a bounded batch at a
 //!   time (events and bytes), however many subscriptions a session has.
+//! - `recent.rs`: the frames the dispatcher encoded last (8 MiB), which those reads take
+//!   instead of encoding each event again for every session that fell behind.
 //! - `linger.rs`: lingering close, so that an answer sent before the request was read whole (a
 //!   413) reaches the client instead of being erased by a TCP reset; at most a 32nd of the
 //!   descriptor limit lingers at once.

@@ -51,6 +51,7 @@ pub fn read_after(
         };
         let mut n = 0;
         let mut last = start;
+        let mut hint = 0;
         for event in reader.events(&query) {
             let event = event?;
             // A full batch takes nothing above its largest id: that can wait for the next one,
@@ -64,7 +65,7 @@ pub fn read_after(
             n += 1;
             last = event.id;
             if own.binary_search(&event.id).is_err() && !found.contains_key(&event.id) {
-                let frame = hub.encode(event.id, event.path, event.data);
+                let frame = hub.frame(event.id, event.path, event.data, &mut hint);
                 found_bytes += frame.len() + ENTRY_BYTES;
                 found.insert(event.id, frame);
                 // Over either bound, the largest ids go (never the last frame: a batch always

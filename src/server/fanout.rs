@@ -32,6 +32,7 @@
 //! above it are delivered under the new state, none at or below it are.
 
 use super::budget::Budget;
+use super::recent::RecentFrames;
 use super::session::{Mode, Session, SessionId, SessionState};
 use crate::channel::{ChannelPath, Selector};
 use crate::event_id::EventId;
@@ -51,6 +52,10 @@ use std::time::Duration;
 /// dispatcher delivers under one hold of the hub lock. (When the dispatcher falls behind, this
 /// is how many events one write to a subscriber carries at most.)
 const DISPATCH_BATCH_EVENTS: usize = 256;
+
+/// Frame bytes kept for sessions that read the log back (`recent.rs`): about 50,000 frames of
+/// 100-byte events, seconds of the busiest fan-out measured.
+const RECENT_FRAMES_BYTES: usize = 8 << 20;
 
 /// Sessions flushed between two looks at the commit watermark.
 const FLUSH_SLICE_SESSIONS: usize = 32;
@@ -110,6 +115,8 @@ pub struct Hub {
     queue_bytes_max: usize,
     /// Event bytes held for all subscribers together (`budget.rs`).
     pub outbound: Arc<Budget>,
+    /// The frames dispatched last, for sessions that read the log back (`recent.rs`).
+    recent: RecentFrames,
     lag_events_max: u64,
     subscriptions_total_max: usize,
     is_stopping: AtomicBool,
@@ -158,6 +165,7 @@ impl Hub {
             large_event_bytes: opts.large_event_bytes,
             queue_bytes_max: opts.queue_bytes_max,
             outbound: Arc::new(Budget::new(opts.queue_bytes_total_max)),
+            recent: RecentFrames::new(RECENT_FRAMES_BYTES),
             lag_events_max: opts.lag_events_max,
             subscriptions_total_max: opts.subscriptions_total_max,
             is_stopping: AtomicBool::new(false),
@@ -312,6 +320,15 @@ impl Hub {
     }
 
     /// The frame of an event: its line, or the large-event notice.
+    /// An event's frame for a session reading the log back: the one fan-out encoded, if it is
+    /// still kept, else encoded now. `hint` follows a run of increasing ids
+    /// (`RecentFrames::get`).
+    pub fn frame(&self, id: EventId, path: &str, data: &[u8], hint: &mut usize) -> Bytes {
+        self.recent
+            .get(id, hint)
+            .unwrap_or_else(|| self.encode(id, path, data))
+    }
+
     pub fn encode(&self, id: EventId, path: &str, data: &[u8]) -> Bytes {
         let mut out = Vec::with_capacity(32 + path.len() + data.len().min(self.large_event_bytes));
         if data.len() >= self.large_event_bytes {
@@ -420,6 +437,7 @@ impl Hub {
             };
             if event.path != run_path {
                 queued += self.deliver_run(&hub, &run_path, &run, &mut touched);
+                self.recent.extend(&run);
                 run.clear();
                 run_path.clear();
                 run_path.push_str(event.path);
@@ -432,6 +450,7 @@ impl Hub {
             n += 1;
         }
         queued += self.deliver_run(&hub, &run_path, &run, &mut touched);
+        self.recent.extend(&run);
         if read.is_ok() && n < max {
             // Everything up to `to` was read, and `to` (the watermark) need not be an event's id:
             // the position moves to it.

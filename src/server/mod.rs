@@ -17,6 +17,7 @@ mod error;
 mod fanout;
 pub mod http;
 mod linger;
+mod recent;
 mod session;
 mod stall;
 mod tcp;
