@@ -736,6 +736,68 @@ mod tests {
         assert!(batch.frames.iter().all(|(id, _)| !own.contains(id)));
     }
 
+    /// A read of the log back takes the frames the dispatcher encoded, the same bytes (shared,
+    /// not copied), and encodes what it no longer keeps or never dispatched, identically.
+    #[test]
+    fn a_catch_up_read_shares_the_dispatched_frames() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::unsynced(dir.path());
+        let hub = Hub::new(
+            store,
+            Arc::new(Metrics::new()),
+            &crate::config::ServerOptions::default(),
+        );
+        let path = ChannelPath::parse("/r").unwrap();
+        let publish = |hub: &Hub, i: usize| {
+            let data = format!("event {i}: \"quoted\"\nline");
+            let id = hub.publish(&path, data.as_bytes(), None).unwrap();
+            hub.store.wait_committed(id).unwrap();
+            id
+        };
+        // Before anyone subscribes, events are not even encoded.
+        let undispatched: Vec<EventId> = (0..3).map(|i| publish(&hub, i)).collect();
+        let everything = Selector::Subtree(ChannelPath::root());
+        let mut dirty = Dirty::default();
+        hub.dispatch_some(&everything, hub.store.committed(), 256, &mut dirty)
+            .unwrap();
+        let a = Arc::new(Session::new(1, "a".into(), Arc::clone(&hub.outbound)));
+        hub.subscribe(&a, path.clone(), None, 10).unwrap();
+        let dispatched: Vec<EventId> = (3..10).map(|i| publish(&hub, i)).collect();
+        hub.dispatch_some(&everything, hub.store.committed(), 256, &mut dirty)
+            .unwrap();
+        let queued: Vec<(EventId, Bytes)> = a.state.lock().queue.iter().cloned().collect();
+        assert_eq!(
+            queued.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+            dispatched
+        );
+
+        let subscriptions = [(path.clone(), EventId(0))];
+        let batch = super::super::catchup::read_after(
+            &hub,
+            &subscriptions,
+            &VecDeque::new(),
+            EventId(0),
+            hub.dispatched(),
+            1024,
+            1 << 20,
+        )
+        .unwrap();
+        let ids: Vec<EventId> = batch.frames.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, [undispatched, dispatched].concat());
+        let reader = hub.store.reader(&everything);
+        for ((id, frame), event) in batch.frames.iter().zip(reader.events(&Query::all())) {
+            let event = event.unwrap();
+            assert_eq!(*frame, hub.encode(*id, event.path, event.data), "{id:?}");
+        }
+        for ((_, read), (_, sent)) in batch.frames[3..].iter().zip(&queued) {
+            assert_eq!(
+                read.as_ptr(),
+                sent.as_ptr(),
+                "the dispatcher's bytes, shared"
+            );
+        }
+    }
+
     #[test]
     fn a_session_waits_for_its_flush_once() {
         let mut dirty = Dirty::default();
