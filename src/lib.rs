@@ -132,7 +132,8 @@
 //!   dispatcher thread that delivers committed events in id order, writing them to an idle
 //!   connection's socket itself.
 //! - `catchup.rs`: log reads for `+/path@TS` and for lagging sessions, a bounded batch at a
-//!   time (events and bytes), however many subscriptions a session has.
+//!   time (events and bytes), however many subscriptions a session has (merged by id; one is
+//!   read as it comes).
 //! - `recent.rs`: the frames the dispatcher encoded last (8 MiB), which those reads take
 //!   instead of encoding each event again for every session that fell behind.
 //! - `linger.rs`: lingering close, so that an answer sent before the request was read whole (a
