@@ -12,7 +12,7 @@ use super::budget::ENTRY_BYTES;
 use super::fanout::Hub;
 use crate::channel::{ChannelPath, Selector};
 use crate::event_id::EventId;
-use crate::storage::{Query, Result};
+use crate::storage::{Query, Reader, Result};
 use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
@@ -33,7 +33,13 @@ pub fn read_after(
     bytes_max: usize,
 ) -> Result<Batch> {
     if let [(path, since)] = subscriptions {
-        return read_one(hub, path, *since, own, cursor, upto, max, bytes_max);
+        return match subscription_read(hub, path, *since, cursor, upto, max) {
+            Some(read) => read_in_order(hub, read, own, upto, max, bytes_max),
+            None => Ok(Batch {
+                frames: Vec::new(),
+                cursor: upto,
+            }),
+        };
     }
     let mut found: BTreeMap<EventId, Bytes> = BTreeMap::new();
     let mut found_bytes = 0;
@@ -41,16 +47,9 @@ pub fn read_after(
     // it that was seen is in `found`.
     let mut cut = upto;
     for (path, since) in subscriptions {
-        let start = cursor.max(*since);
-        if start >= upto {
+        let Some((reader, query, start)) = subscription_read(hub, path, *since, cursor, upto, max)
+        else {
             continue;
-        }
-        let reader = hub.store.reader(&Selector::Subtree(path.clone()));
-        let query = Query {
-            start: Bound::Excluded(start),
-            end: Bound::Included(upto),
-            limit: Some(max),
-            ..Query::all()
         };
         let mut n = 0;
         let mut last = start;
@@ -99,35 +98,45 @@ pub fn read_after(
     Ok(Batch { frames, cursor })
 }
 
-/// `read_after` for a session with one subscription, the usual case: one reader gives its
-/// events in id order, once each, so they need no merging (the map's inserts and allocations
-/// were a twentieth of a catching-up server's time), and the read stops at the first frame that
-/// does not fit.
-#[allow(clippy::too_many_arguments)]
-fn read_one(
+/// One subscription's read: at most `max` events after `cursor` and after the subscription's
+/// own start `since`, up to `upto`, with where it starts; `None` when that is nothing.
+fn subscription_read(
     hub: &Hub,
     path: &ChannelPath,
     since: EventId,
-    own: &VecDeque<EventId>,
     cursor: EventId,
     upto: EventId,
     max: usize,
-    bytes_max: usize,
-) -> Result<Batch> {
+) -> Option<(Reader, Query, EventId)> {
     let start = cursor.max(since);
     if start >= upto {
-        return Ok(Batch {
-            frames: Vec::new(),
-            cursor: upto,
-        });
+        return None;
     }
-    let reader = hub.store.reader(&Selector::Subtree(path.clone()));
     let query = Query {
         start: Bound::Excluded(start),
         end: Bound::Included(upto),
         limit: Some(max),
         ..Query::all()
     };
+    Some((
+        hub.store.reader(&Selector::Subtree(path.clone())),
+        query,
+        start,
+    ))
+}
+
+/// `read_after` for a session with one subscription, the usual case: one reader gives its
+/// events in id order, once each, so they need no merging (the map's inserts and allocations
+/// were a twentieth of a catching-up server's time), and the read stops at the first frame that
+/// does not fit.
+fn read_in_order(
+    hub: &Hub,
+    (reader, query, start): (Reader, Query, EventId),
+    own: &VecDeque<EventId>,
+    upto: EventId,
+    max: usize,
+    bytes_max: usize,
+) -> Result<Batch> {
     let mut frames: Vec<(EventId, Bytes)> = Vec::new();
     let mut bytes = 0;
     let mut hint = 0;
