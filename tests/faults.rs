@@ -572,9 +572,8 @@ fn a_write_refused_over_zeroes_ahead_needs_no_undo() {
         acked.insert(store.append(&a, &data).unwrap(), ("/rooms/a".into(), data));
     }
     let seg = common::segments(dir.path()).pop().unwrap();
-    let bytes = std::fs::read(&seg).unwrap();
-    let records_end = bytes.iter().rposition(|&b| b != 0).unwrap() + 1;
-    assert!(bytes.len() > records_end, "zeroes ahead of the records");
+    let (records_end, len) = common::records_end_and_len(&seg);
+    assert!(len > records_end, "zeroes ahead of the records");
 
     layer.arm(0, EROFS);
     match store.append(&a, b"refused") {

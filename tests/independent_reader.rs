@@ -10,7 +10,10 @@
 
 mod common;
 
-use common::{copy_dir, independent_read, lines, path, read, segments, verify_findings, Rng};
+use common::{
+    copy_dir, independent_read, lines, path, read, records_end_and_len, segments, verify_findings,
+    Rng,
+};
 use ivy::event_id::EventId;
 use ivy::storage::{codec, Durability, Query, Store, StoreOptions};
 use std::ops::Bound;
@@ -166,14 +169,10 @@ fn write_store(dir: &Path, rng: &mut Rng) -> Vec<EventId> {
     // data ends in a zero byte.
     for stream in ["~f~g", "~e~h"] {
         let seg = last_segment(dir, stream);
-        let bytes = std::fs::read(&seg).unwrap();
-        let records_end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-        assert!(
-            records_end < bytes.len(),
-            "{stream}: zeroes after the records"
-        );
+        let (records_end, len) = records_end_and_len(&seg);
+        assert!(records_end < len, "{stream}: zeroes after the records");
         let file = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
-        file.set_len(records_end as u64).unwrap();
+        file.set_len(records_end).unwrap();
     }
     ids
 }

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{copy_dir, path, read, segments, sel, wait_for_spare};
+use common::{copy_dir, path, read, records_end_and_len, segments, sel, wait_for_spare};
 use ivy::clock::ManualClock;
 use ivy::event_id::EventId;
 use ivy::storage::{verify, Direction, Durability, Error, Query, Store, StoreOptions};
@@ -234,10 +234,8 @@ impl TornTail {
             .collect();
         store.close().unwrap();
         drop(store);
-        // Where the records end: the writer keeps zeroes after them (`Segment::zero_ahead`),
-        // and the last event's data ends in a nonzero byte.
-        let bytes = std::fs::read(segments(base.path()).pop().unwrap()).unwrap();
-        let full = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1) as u64;
+        // Where the records end, not the file: the writer keeps zeroes after them.
+        let (full, _) = records_end_and_len(&segments(base.path()).pop().unwrap());
         TornTail {
             base,
             ids,
@@ -809,14 +807,6 @@ fn a_full_segment_rolls_into_a_zero_filled_spare() {
     assert_eq!(last[0].2, b"after reopen");
     drop(store);
     check_clean(dir.path());
-}
-
-/// Where a segment file's records end, and its length: the writer keeps zeroes after the
-/// records (`Segment::zero_ahead`). Only for events whose data ends in a nonzero byte.
-fn records_end_and_len(seg: &std::path::Path) -> (u64, u64) {
-    let bytes = std::fs::read(seg).unwrap();
-    let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
-    (end as u64, bytes.len() as u64)
 }
 
 /// A segment not made from a spare keeps zeroes a step ahead of its records, so that a commit

@@ -53,6 +53,14 @@ pub fn segments(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Copies a data directory (files only; no lock is copied as held).
+/// Where a segment file's records end, and its length: the writer keeps zeroes after the
+/// records (`Segment::zero_ahead`). Only for events whose data ends in a nonzero byte.
+pub fn records_end_and_len(seg: &Path) -> (u64, u64) {
+    let bytes = std::fs::read(seg).unwrap();
+    let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    (end as u64, bytes.len() as u64)
+}
+
 pub fn copy_dir(from: &Path, to: &Path) {
     for file in files(from) {
         let rel = file.strip_prefix(from).expect("under from");
