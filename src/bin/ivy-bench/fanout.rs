@@ -5,6 +5,7 @@ use crate::client::{connect, send, send_buffered, slot, Refusals, ServerFrame};
 use crate::cpu::{CpuMeter, CpuUse};
 use crate::receivers::{Receivers, Slow};
 use crate::{now_nanos, percentiles};
+use ivy::event_id::EventId;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,13 +19,16 @@ pub(crate) fn fanout_fields(payload: &[u8]) -> Option<(u64, u64)> {
     number().zip(number())
 }
 
-/// An event's id, `@SECONDS.NANOS` at the start of its line, in ns since the epoch.
+/// An event's id, `@SECONDS.NANOS` at the start of its line as the server writes it, in ns since
+/// the epoch (only for the sampled events: `Seen::note`).
 pub(crate) fn event_id_nanos(payload: &[u8]) -> Option<u64> {
-    let id = payload.split(|&b| b == b':').next()?.strip_prefix(b"@")?;
-    let dot = id.iter().position(|&b| b == b'.')?;
-    let seconds = decimal(&id[..dot])?;
-    let nanos = decimal(&id[dot + 1..]).filter(|n| *n < 1_000_000_000)?;
-    seconds.checked_mul(1_000_000_000)?.checked_add(nanos)
+    let field = payload.split(|&b| b == b':').next()?;
+    let id = std::str::from_utf8(field).ok()?.strip_prefix('@')?;
+    // `EventId::parse` also takes the shorter forms a client may send; a line has the dot.
+    if !id.contains('.') {
+        return None;
+    }
+    EventId::parse(id).ok().map(EventId::as_nanos)
 }
 
 /// A field of ASCII digits as a number (parsed from the bytes: going through `str` was 7% of
@@ -595,11 +599,7 @@ mod tests {
         let mut seen = Seen::new(false);
         let sent = now_nanos() - 5_000_000;
         let appended = sent + 2_000_000;
-        let line = format!(
-            "@{}.{:09}:/fan:0:{sent}:p",
-            appended / 1_000_000_000,
-            appended % 1_000_000_000
-        );
+        let line = format!("@{}:/fan:0:{sent}:p", EventId(appended));
         for seq in 0..16 {
             seen.note(seq, sent, line.as_bytes(), &c);
         }

@@ -5,6 +5,7 @@ use crate::cpu::CpuMeter;
 use crate::fanout::{pace, report_fanout, FanoutCounters};
 use crate::now_nanos;
 use crate::receivers::{Receivers, Slow};
+use ivy::event_id::EventId;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -55,9 +56,8 @@ pub(crate) async fn floor(
                 for s in ends.len() - 1..due {
                     let sent = started_nanos + s as u64 * 1_000_000_000 / rate;
                     // Its id is when it is framed, as a server's is when it is appended.
-                    let id = now_nanos();
-                    let (secs, nanos) = (id / 1_000_000_000, id % 1_000_000_000);
-                    let line = format!("@{secs:010}.{nanos:09}:/fan:{s}:{sent}:{pad}");
+                    let id = EventId(now_nanos());
+                    let line = format!("@{id}:/fan:{s}:{sent}:{pad}");
                     server_text_frame(&mut frames, line.as_bytes());
                     ends.push(frames.len());
                 }
