@@ -203,7 +203,7 @@ mod tests {
             sub("/c", late),
         ];
         let own: VecDeque<EventId> = ids.iter().step_by(5).map(|(id, _)| *id).collect();
-        // All four at once (merged), and each alone (`read_one`).
+        // All four at once (merged), and each alone (`read_in_order`).
         let mut sets = vec![&subscriptions[..]];
         sets.extend(subscriptions.chunks(1));
         for subscriptions in sets {

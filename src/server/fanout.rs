@@ -319,7 +319,6 @@ impl Hub {
         true
     }
 
-    /// The frame of an event: its line, or the large-event notice.
     /// An event's frame for a session reading the log back: the one fan-out encoded, if it is
     /// still kept, else encoded now. `hint` follows a run of increasing ids
     /// (`RecentFrames::get`).
@@ -329,6 +328,7 @@ impl Hub {
             .unwrap_or_else(|| self.encode(id, path, data))
     }
 
+    /// The frame of an event: its line, or the large-event notice.
     pub fn encode(&self, id: EventId, path: &str, data: &[u8]) -> Bytes {
         let mut out = Vec::with_capacity(32 + path.len() + data.len().min(self.large_event_bytes));
         if data.len() >= self.large_event_bytes {
@@ -437,7 +437,6 @@ impl Hub {
             };
             if event.path != run_path {
                 queued += self.deliver_run(&hub, &run_path, &run, &mut touched);
-                self.recent.extend(&run);
                 run.clear();
                 run_path.clear();
                 run_path.push_str(event.path);
@@ -450,7 +449,6 @@ impl Hub {
             n += 1;
         }
         queued += self.deliver_run(&hub, &run_path, &run, &mut touched);
-        self.recent.extend(&run);
         if read.is_ok() && n < max {
             // Everything up to `to` was read, and `to` (the watermark) need not be an event's id:
             // the position moves to it.
@@ -468,7 +466,8 @@ impl Hub {
 
     /// Delivers a run of events of channel `path`, in id order, to every session subscribed to
     /// it or an ancestor, once each (a session reached through two ancestors is skipped the
-    /// second time: `last_considered` is already the run's last id).
+    /// second time: `last_considered` is already the run's last id), and keeps its frames for
+    /// sessions that read the log back (`recent.rs`).
     fn deliver_run(
         &self,
         hub: &HubState,
@@ -479,6 +478,7 @@ impl Hub {
         let (Some((first, _)), Some((last, _))) = (run.first(), run.last()) else {
             return 0;
         };
+        self.recent.extend(run);
         let mut queued = 0;
         for ancestor in crate::channel::ancestors_of(path) {
             let Some(sessions) = hub.index.get(ancestor) else {
