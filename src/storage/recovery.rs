@@ -8,14 +8,15 @@
 //!   off, and the cut is logged with file, offset and byte count;
 //! - **corruption in the middle** (a damaged record followed by a valid one, or ids that do not
 //!   increase): refused with an error naming file and offset. Nothing is cut;
-//! - **free space**: zeroes from there to the end of the file, the rest of a segment made from a
-//!   zero-filled spare (`spare.rs`). Kept: the writer goes on writing over it.
+//! - **free space**: zeroes from there to the end of the file: the rest of a segment made from a
+//!   zero-filled spare (`spare.rs`), or the zeroes the writer keeps ahead of any other live
+//!   segment's records (`Segment::zero_ahead`). Kept: the writer goes on writing over it.
 //!
 //! A last segment that ends in a valid trailer is sealed only if that trailer's seal record
 //! decodes and ends at the trailer, and its records, walked from the header, lead to that seal
 //! record (`is_written_seal`): an event's data may end with
-//! bytes that look like a seal and a trailer, and in a segment not made from a spare the last
-//! event's data is the end of the file.
+//! bytes that look like a seal and a trailer, and in a segment with no zeroes after its records
+//! the last event's data is the end of the file.
 //!
 //! A last segment whose header does not decode is **torn at creation** when nothing but zeroes
 //! follows the header's place (a file shorter than a header, or a spare renamed into place whose
@@ -87,7 +88,7 @@ pub(crate) fn is_torn_at_creation(bytes: &[u8]) -> bool {
 /// decode and end where the trailer begins: a copy taken while the segment filled and sealed
 /// can hold the trailer but not all of the seal record, and is then a live segment with a torn
 /// tail. An event's bytes may end with anything, including a seal record with a valid CRC and a
-/// trailer pointing at it, and when the segment was not made from a spare they end the file.
+/// trailer pointing at it, and when no zeroes follow the records they end the file.
 /// The writer's seal record starts where the records, walked from the header, end; an event's
 /// data lies inside its record, and the walk steps over it. A record before `seal_at` that does
 /// not decode is damage, not this rule's to judge: the segment is taken as sealed, and the

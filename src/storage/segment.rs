@@ -217,10 +217,15 @@ impl Segment {
         // Past the records written through the handle there are only zeroes (a spare's, or
         // `zero_ahead`'s, or those recovery kept), so only up to there need be read: a spare's
         // 64 MiB are not read again at every failed retry on a full disk.
-        let written_to = guard
-            .as_ref()
-            .map_or(on_disk, |w| w.records_end.clamp(len, on_disk));
-        if on_disk <= len || self.is_zeroes_from(len, written_to)? {
+        let is_free = match guard.as_ref() {
+            _ if on_disk <= len => true,
+            Some(w) => is_zeroes_from(&self.path, &w.file, len, w.records_end.clamp(len, on_disk))?,
+            None => {
+                let file = File::open(&self.path).map_err(|e| Error::io(&self.path, "open", e))?;
+                is_zeroes_from(&self.path, &file, len, on_disk)?
+            }
+        };
+        if is_free {
             if let Some(w) = guard.as_mut() {
                 w.records_end = w.records_end.min(len);
                 w.len = on_disk;
@@ -247,25 +252,6 @@ impl Segment {
                 path: self.path.clone(),
                 source,
             })
-    }
-
-    /// Whether the file's bytes in `[from, to)` are all zero (read from the file: only rolling
-    /// back a failed write asks, which is rare).
-    fn is_zeroes_from(&self, from: u64, to: u64) -> Result<bool> {
-        use std::os::unix::fs::FileExt;
-        let file = File::open(&self.path).map_err(|e| Error::io(&self.path, "open", e))?;
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut at = from;
-        while at < to {
-            let n = usize::try_from(to - at).map_or(buf.len(), |left| left.min(buf.len()));
-            file.read_exact_at(&mut buf[..n], at)
-                .map_err(|e| Error::io(&self.path, "read", e))?;
-            if !super::recovery::is_zeroes(&buf[..n]) {
-                return Ok(false);
-            }
-            at += n as u64;
-        }
-        Ok(true)
     }
 
     /// Writer only, after writing the seal record that ends at `end`: cuts the zeroes a spare or
@@ -366,6 +352,24 @@ impl Segment {
         record::decode_event_of(bytes, at, channel)
             .map_err(|k| Error::corrupt(&self.path, offset, k))
     }
+}
+
+/// Whether `file`'s bytes in `[from, to)` are all zero (read from the file: only rolling back a
+/// failed write asks, which is rare).
+fn is_zeroes_from(path: &Path, file: &File, from: u64, to: u64) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut at = from;
+    while at < to {
+        let n = usize::try_from(to - at).map_or(buf.len(), |left| left.min(buf.len()));
+        file.read_exact_at(&mut buf[..n], at)
+            .map_err(|e| Error::io(path, "read", e))?;
+        if !super::recovery::is_zeroes(&buf[..n]) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
 }
 
 /// Removes a file if it is there. Existence is checked first because `unlink` on a read-only
